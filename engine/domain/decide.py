@@ -1,0 +1,242 @@
+"""From a validated signal to a verdict: checks in DESIGN §4.1 order, then order intents.
+
+Pure: the book, the market rules, the last price and `now` come in as arguments.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from decimal import Decimal
+
+from engine.domain.book import PositionBook, StrategyPosition
+from engine.domain.conflicts import Conflict, ConflictPolicy, resolve_conflicts
+from engine.domain.model import (
+    ZERO,
+    Action,
+    CloseReason,
+    Market,
+    OrderSide,
+    Outcome,
+    PositionKey,
+    PositionMode,
+    SignalId,
+    StrategyPositionId,
+    derive_client_order_id,
+    derive_id,
+)
+from engine.domain.orders import CloseLeg, Leg, OpenLeg, OrderIntent
+from engine.domain.signals import Signal
+from engine.domain.tpsl import LevelSpec
+
+
+@dataclass(frozen=True, slots=True)
+class Rules:
+    conflicts: ConflictPolicy = field(default_factory=ConflictPolicy)
+    min_confidence: Decimal = Decimal("0.6")
+    max_signal_age: timedelta = timedelta(seconds=300)
+    allowed_strategies: frozenset[str] = frozenset()
+    allowed_symbols: frozenset[str] = frozenset()
+    max_notional_per_key: Decimal | None = None
+    max_total_notional: Decimal | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    orders: tuple[OrderIntent, ...]
+    strategy_position_ids: tuple[str, ...]
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    outcome: Outcome
+    reason_code: str
+    reason: str
+
+
+Verdict = Accepted | Refused
+
+
+def strategy_position_id_for(signal: Signal) -> StrategyPositionId:
+    return StrategyPositionId(derive_id("strategy-position", signal.strategy_id, signal.id))
+
+
+def decide(
+    signal: Signal,
+    book: PositionBook,
+    market: Market | None,
+    last_price: Decimal | None,
+    now: datetime,
+    rules: Rules,
+) -> Verdict:
+    if rules.allowed_strategies and signal.strategy_id not in rules.allowed_strategies:
+        return _reject("strategy_not_allowed", f"strategy {signal.strategy_id} is not on the allow-list")
+    if rules.allowed_symbols and signal.symbol not in rules.allowed_symbols:
+        return _reject("symbol_not_allowed", f"symbol {signal.symbol} is not on the allow-list")
+    if market is None:
+        return _reject("unknown_symbol", f"the venue has no market {signal.symbol}")
+    if signal.timestamp is not None and now - signal.timestamp > rules.max_signal_age:
+        age = (now - signal.timestamp).total_seconds()
+        return _reject(
+            "stale", f"signal is {age:.0f}s old; limit {rules.max_signal_age.total_seconds():.0f}s"
+        )
+    if signal.action is Action.HOLD:
+        return Refused(Outcome.IGNORED, "hold", "hold recorded; nothing to do")
+    price = last_price or signal.reference_price
+    if signal.action is Action.CLOSE:
+        return _decide_close(signal, book, market, price)
+    return _decide_open(signal, book, market, price, rules)
+
+
+def _reject(code: str, reason: str) -> Refused:
+    return Refused(Outcome.REJECTED, code, reason)
+
+
+def _decide_close(signal: Signal, book: PositionBook, market: Market, price: Decimal | None) -> Verdict:
+    targets = book.open_of(signal.strategy_id, signal.symbol, signal.position_side)
+    if not targets:
+        return Refused(Outcome.IGNORED, "nothing_to_close", "the strategy has no open position here")
+    if price is None:
+        return _reject("no_price", "no price tick seen and the signal carries no price")
+    wanted = signal.quantity
+    orders = []
+    for sp in targets:
+        qty = sp.remaining if wanted is None else min(sp.remaining, market.round_quantity(wanted))
+        if qty <= 0:
+            break
+        orders.append(close_intent(sp, qty, CloseReason.SIGNAL, price, signal.id))
+        if wanted is not None:
+            wanted -= qty
+    if not orders:
+        return _reject("below_min_quantity", f"close quantity rounds to zero at step {market.quantity_step}")
+    ids = tuple(str(o.legs[0].position_id) for o in orders)
+    return Accepted(tuple(orders), ids, f"closing {len(orders)} position(s)")
+
+
+def close_intent(
+    sp: StrategyPosition,
+    qty: Decimal,
+    reason: CloseReason,
+    price: Decimal,
+    signal_id: SignalId | None,
+) -> OrderIntent:
+    """One order closing one strategy's slice. Without a signal (TP/SL, reconciliation) the
+    client order id comes from the slice and its close count, so a retry reuses it."""
+    cause = signal_id if signal_id is not None else f"{reason.value}#{sp.closes + 1}"
+    return OrderIntent(
+        client_order_id=derive_client_order_id(cause, sp.id, "close"),
+        symbol=sp.symbol,
+        side=OrderSide.closing(sp.side),
+        quantity=qty,
+        position_side=sp.side,
+        reduce_only=True,
+        legs=(CloseLeg(sp.id, qty, reason),),
+        reference_price=price,
+        signal_id=signal_id,
+    )
+
+
+def _decide_open(
+    signal: Signal, book: PositionBook, market: Market, price: Decimal | None, rules: Rules
+) -> Verdict:
+    side = signal.opening_side
+    assert side is not None
+    if signal.confidence < rules.min_confidence:
+        return _reject(
+            "low_confidence", f"confidence {signal.confidence} below minimum {rules.min_confidence}"
+        )
+    if price is None:
+        return _reject("no_price", "no price tick seen and the signal carries no price")
+    if signal.quantity is not None:
+        raw_qty = signal.quantity
+    else:
+        assert signal.quote_quantity is not None  # the signal model requires one of the two
+        raw_qty = signal.quote_quantity / price
+    qty = market.round_quantity(raw_qty)
+    if qty < market.min_quantity or qty <= 0:
+        return _reject("below_min_quantity", f"quantity {qty} below minimum {market.min_quantity}")
+    if qty * price < market.min_notional:
+        return _reject("below_min_notional", f"notional {qty * price} below minimum {market.min_notional}")
+    levels = LevelSpec(signal.take_profit, signal.stop_loss, signal.take_profit_pct, signal.stop_loss_pct)
+    misplaced = levels.misplaced(side, price)
+    if misplaced:
+        return _reject("invalid_tp_sl", misplaced)
+
+    key = PositionKey(signal.symbol, side)
+    verdict = resolve_conflicts(
+        signal.confidence,
+        book.open_on(key),
+        book.open_on(PositionKey(signal.symbol, side.opposite)),
+        rules.conflicts,
+    )
+    if isinstance(verdict, Conflict):
+        return _reject(verdict.reason_code, verdict.reason)
+
+    added = qty * price
+    if rules.max_notional_per_key is not None and book.key_cost(key) + added > rules.max_notional_per_key:
+        return _reject("risk_limit_key", f"{key} notional would exceed {rules.max_notional_per_key}")
+    released = sum((sp.entry_price * sp.remaining for sp in verdict.reverse), ZERO)
+    if (
+        rules.max_total_notional is not None
+        and book.total_cost() - released + added > rules.max_total_notional
+    ):
+        return _reject("risk_limit_total", f"total notional would exceed {rules.max_total_notional}")
+
+    open_leg = OpenLeg(
+        position_id=strategy_position_id_for(signal),
+        strategy_id=signal.key_strategy,
+        signal_id=signal.id,
+        symbol=signal.symbol,
+        side=side,
+        quantity=qty,
+        levels=levels,
+        price_tick=market.price_tick,
+        confidence=signal.confidence,
+        timeframe=signal.timeframe,
+        metadata=signal.metadata,
+    )
+    orders = _open_orders(signal, open_leg, verdict.reverse, price, rules.conflicts.position_mode)
+    reason = f"opened {qty} {side.value}" + (f", reversed {len(verdict.reverse)}" if verdict.reverse else "")
+    return Accepted(orders, (open_leg.position_id, *(sp.id for sp in verdict.reverse)), reason)
+
+
+def _open_orders(
+    signal: Signal,
+    open_leg: OpenLeg,
+    reverse: tuple[StrategyPosition, ...],
+    price: Decimal,
+    mode: PositionMode,
+) -> tuple[OrderIntent, ...]:
+    side = open_leg.side
+    if mode is PositionMode.ONE_WAY:
+        # The venue nets: one order takes the symbol from the old side to the new one.
+        legs: list[Leg] = [CloseLeg(sp.id, sp.remaining, CloseReason.REVERSED) for sp in reverse]
+        legs.append(open_leg)
+        total = sum((leg.quantity for leg in legs), ZERO)
+        return (
+            OrderIntent(
+                client_order_id=derive_client_order_id(signal.id, signal.strategy_id, "open"),
+                symbol=signal.symbol,
+                side=OrderSide.opening(side),
+                quantity=total,
+                position_side=None,
+                reduce_only=False,
+                legs=tuple(legs),
+                reference_price=price,
+                signal_id=signal.id,
+            ),
+        )
+    closes = [close_intent(sp, sp.remaining, CloseReason.REVERSED, price, signal.id) for sp in reverse]
+    opening = OrderIntent(
+        client_order_id=derive_client_order_id(signal.id, signal.strategy_id, "open"),
+        symbol=signal.symbol,
+        side=OrderSide.opening(side),
+        quantity=open_leg.quantity,
+        position_side=side,
+        reduce_only=False,
+        legs=(open_leg,),
+        reference_price=price,
+        signal_id=signal.id,
+    )
+    return (*closes, opening)

@@ -1,0 +1,151 @@
+"""Events the worker publishes (DESIGN §3.3). Amounts are decimal strings on the wire."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, TypeAdapter
+
+from engine.domain.model import Action, CloseReason, Outcome, PositionSide
+
+SCHEMA_VERSION = 1
+
+
+def _iso_z(value: datetime) -> str:
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+Amount = Annotated[Decimal, PlainSerializer(lambda d: format(d, "f"), return_type=str)]
+UtcTime = Annotated[datetime, PlainSerializer(_iso_z, return_type=str)]
+
+
+class _Event(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    event_id: str
+    schema_version: int = SCHEMA_VERSION
+    occurred_at: UtcTime
+
+
+class ExchangePositionRef(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    exchange_position_id: str
+    key: str
+    quantity_before: Amount
+    quantity_after: Amount
+    avg_entry_price: Amount
+
+
+class ContributionRef(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    contribution_id: str
+    sequence: int
+
+
+class SignalDecided(_Event):
+    type: Literal["signal.decided"] = "signal.decided"
+    signal_id: str
+    strategy_id: str
+    symbol: str
+    action: Action
+    outcome: Outcome
+    reason_code: str
+    reason: str
+    strategy_position_ids: list[str] = Field(default_factory=list)
+    confidence: Amount | None = None
+    signal_sequence: int | None = None
+
+
+class PositionOpened(_Event):
+    type: Literal["position.opened"] = "position.opened"
+    strategy_position_id: str
+    strategy_id: str
+    signal_id: str
+    symbol: str
+    side: PositionSide
+    quantity: Amount
+    entry_price: Amount
+    take_profit_price: Amount | None
+    stop_loss_price: Amount | None
+    fee: Amount
+    client_order_id: str
+    exchange_order_id: str
+    confidence: Amount
+    exchange_position: ExchangePositionRef
+    contribution: ContributionRef
+    timeframe: str | None = None
+    metadata: dict[str, Any] | None = None
+
+
+class PositionClosed(_Event):
+    type: Literal["position.closed"] = "position.closed"
+    strategy_position_id: str
+    strategy_id: str
+    symbol: str
+    side: PositionSide
+    closed_quantity: Amount
+    remaining_quantity: Amount
+    entry_price: Amount
+    exit_price: Amount
+    gross_pnl: Amount
+    entry_fee_share: Amount
+    exit_fee: Amount
+    fee: Amount
+    realized_pnl: Amount
+    close_reason: CloseReason
+    client_order_id: str
+    exchange_order_id: str
+    exchange_position: ExchangePositionRef
+    signal_id: str | None = None
+
+
+class SignalDead(_Event):
+    type: Literal["signal.dead"] = "signal.dead"
+    subject: str
+    reason_code: str
+    errors: list[str]
+    payload: str
+    payload_truncated: bool
+    headers: dict[str, str] = Field(default_factory=dict)
+    received_at: UtcTime
+    strategy_id: str | None = None
+    symbol: str | None = None
+    signal_id: str | None = None
+
+
+class PriceTick(BaseModel):
+    """`prices.<symbol>` (DESIGN §3.2)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    symbol: str
+    price: Annotated[Decimal, Field(gt=0, allow_inf_nan=False)]
+    timestamp: Any = None
+
+
+Event = Annotated[SignalDecided | PositionOpened | PositionClosed | SignalDead, Field(discriminator="type")]
+EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
+
+
+def event_subject(event: Event) -> str:
+    match event:
+        case SignalDecided():
+            return f"decisions.{event.symbol}"
+        case PositionOpened():
+            return f"positions.opened.{event.symbol}.{event.side.value}"
+        case PositionClosed():
+            return f"positions.closed.{event.symbol}.{event.side.value}"
+        case SignalDead():
+            return "deadletter.signals"
+
+
+def encode_event(event: Event) -> bytes:
+    return event.model_dump_json().encode()
+
+
+def decode_event(data: bytes) -> Event:
+    return EVENT_ADAPTER.validate_json(data)

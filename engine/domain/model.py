@@ -1,0 +1,118 @@
+"""Value types shared by the whole domain: sides, keys, identifiers and market rules."""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from dataclasses import dataclass
+from decimal import ROUND_DOWN, Decimal
+from enum import StrEnum
+from typing import NewType
+
+StrategyId = NewType("StrategyId", str)
+SignalId = NewType("SignalId", str)
+StrategyPositionId = NewType("StrategyPositionId", str)
+ExchangePositionId = NewType("ExchangePositionId", str)
+ContributionId = NewType("ContributionId", str)
+ClientOrderId = NewType("ClientOrderId", str)
+EventId = NewType("EventId", str)
+
+# Every identifier we derive is a UUIDv5 under this namespace, so a replay after a crash
+# derives the very same ids and JetStream / MySQL deduplicate them.
+ID_NAMESPACE = uuid.UUID("6f1c7a52-3d0b-4c55-9a44-1f8e2b7d9c10")
+
+ZERO = Decimal(0)
+
+
+def derive_id(*parts: str) -> str:
+    return str(uuid.uuid5(ID_NAMESPACE, "\x1f".join(parts)))
+
+
+def derive_client_order_id(*parts: str) -> ClientOrderId:
+    """Venue-safe (Binance: [.A-Za-z0-9:/_-]{1,36}) and deterministic: 'te' + 32 hex chars."""
+    digest = hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:32]
+    return ClientOrderId(f"te{digest}")
+
+
+class Action(StrEnum):
+    BUY = "buy"
+    SELL = "sell"
+    CLOSE = "close"
+    HOLD = "hold"
+
+
+class PositionSide(StrEnum):
+    LONG = "LONG"
+    SHORT = "SHORT"
+
+    @property
+    def opposite(self) -> PositionSide:
+        return PositionSide.SHORT if self is PositionSide.LONG else PositionSide.LONG
+
+    @property
+    def sign(self) -> int:
+        return 1 if self is PositionSide.LONG else -1
+
+
+class OrderSide(StrEnum):
+    BUY = "buy"
+    SELL = "sell"
+
+    @staticmethod
+    def opening(side: PositionSide) -> OrderSide:
+        return OrderSide.BUY if side is PositionSide.LONG else OrderSide.SELL
+
+    @staticmethod
+    def closing(side: PositionSide) -> OrderSide:
+        return OrderSide.SELL if side is PositionSide.LONG else OrderSide.BUY
+
+
+class PositionMode(StrEnum):
+    HEDGE = "hedge"
+    ONE_WAY = "one-way"
+
+
+class SameDirectionPolicy(StrEnum):
+    ACCUMULATE = "accumulate"
+    STRONGEST_WINS = "strongest_wins"
+    REJECT_DUPLICATES = "reject_duplicates"
+
+
+class CloseReason(StrEnum):
+    TAKE_PROFIT = "take_profit"
+    STOP_LOSS = "stop_loss"
+    SIGNAL = "signal"
+    MANUAL = "manual"
+    LIQUIDATION = "liquidation"
+    REVERSED = "reversed"
+
+
+class Outcome(StrEnum):
+    ACCEPTED = "accepted"
+    REJECTED = "rejected"
+    DUPLICATE = "duplicate"
+    IGNORED = "ignored"
+
+
+@dataclass(frozen=True, slots=True)
+class PositionKey:
+    symbol: str
+    side: PositionSide
+
+    def __str__(self) -> str:
+        return f"{self.symbol}_{self.side.value}"
+
+
+@dataclass(frozen=True, slots=True)
+class Market:
+    """What a venue allows for one symbol; quantities are rounded down to the step."""
+
+    symbol: str
+    quantity_step: Decimal
+    min_quantity: Decimal
+    min_notional: Decimal
+    price_tick: Decimal
+
+    def round_quantity(self, quantity: Decimal) -> Decimal:
+        steps = (quantity / self.quantity_step).to_integral_value(rounding=ROUND_DOWN)
+        return (steps * self.quantity_step).normalize() if steps else ZERO

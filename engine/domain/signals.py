@@ -1,0 +1,236 @@
+"""The signal contract (DESIGN §3.1): parsing raw bytes into a validated `Signal`.
+
+Parsing is pure: it never raises for bad input; it returns a `MalformedSignal` carrying a
+precise list of errors, which the worker turns into a dead letter.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Annotated, Any, Self
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from engine.domain.model import Action, PositionSide, SignalId, StrategyId
+
+TOKEN_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+_TOKEN = re.compile(TOKEN_PATTERN)
+MAX_SIGNAL_BYTES = 64 * 1024
+_EPOCH_MS_THRESHOLD = 100_000_000_000  # epochs above this are milliseconds (year 5138 in s)
+
+
+def _no_bool_or_nan(value: Any) -> Any:
+    """JSON `true` is not a number, and NaN/Infinity are never prices."""
+    if isinstance(value, bool):
+        raise ValueError("must be a number, not a boolean")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError("must be a finite number")
+    if isinstance(value, float):
+        return repr(value)  # Decimal from the shortest repr: 0.1 stays 0.1
+    return value
+
+
+Number = Annotated[Decimal, BeforeValidator(_no_bool_or_nan), Field(allow_inf_nan=False)]
+PositiveNumber = Annotated[Decimal, BeforeValidator(_no_bool_or_nan), Field(gt=0, allow_inf_nan=False)]
+Fraction = Annotated[Decimal, BeforeValidator(_no_bool_or_nan), Field(gt=0, lt=1, allow_inf_nan=False)]
+
+
+def parse_timestamp(value: Any) -> datetime:
+    """ISO-8601 (naive means UTC) or epoch seconds / milliseconds, as number or digits."""
+    if isinstance(value, bool):
+        raise ValueError("timestamp must be ISO-8601 or epoch seconds/milliseconds")
+    if isinstance(value, str) and re.fullmatch(r"\d+(\.\d+)?", value.strip()):
+        value = Decimal(value.strip())
+    if isinstance(value, int | float | Decimal):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError("timestamp must be finite")
+        seconds = Decimal(repr(value)) if isinstance(value, float) else Decimal(value)
+        if seconds > _EPOCH_MS_THRESHOLD:
+            seconds /= 1000
+        return datetime.fromtimestamp(float(seconds), tz=UTC)
+    if isinstance(value, datetime):
+        parsed = value
+    elif isinstance(value, str):
+        try:
+            parsed = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+        except ValueError as exc:
+            raise ValueError(f"timestamp {value!r} is not ISO-8601 or an epoch") from exc
+    else:
+        raise ValueError("timestamp must be ISO-8601 or epoch seconds/milliseconds")
+    if parsed.tzinfo is None:
+        return parsed.replace(tzinfo=UTC)
+    return parsed.astimezone(UTC)
+
+
+class Signal(BaseModel):
+    """A strategy's instruction. Unknown fields are ignored so petrosa payloads are accepted."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True, str_strip_whitespace=True)
+
+    strategy_id: Annotated[str, Field(pattern=TOKEN_PATTERN)]
+    symbol: Annotated[str, Field(pattern=TOKEN_PATTERN)]
+    action: Action
+    signal_id: Annotated[str, Field(min_length=1, max_length=128)] | None = None
+    confidence: Annotated[Number, Field(ge=0, le=1)] = Decimal(1)
+    quantity: PositiveNumber | None = None
+    quote_quantity: PositiveNumber | None = None
+    take_profit: PositiveNumber | None = None
+    stop_loss: PositiveNumber | None = None
+    take_profit_pct: Fraction | None = None
+    stop_loss_pct: Fraction | None = None
+    position_side: PositionSide | None = None
+    price: PositiveNumber | None = None
+    current_price: PositiveNumber | None = None
+    timestamp: Annotated[datetime, BeforeValidator(parse_timestamp)] | None = None
+    timeframe: str | None = None
+    strategy: str | None = None
+    source: str | None = None
+    strength: str | None = None
+    metadata: dict[str, Any] | None = None
+
+    @field_validator("action", mode="before")
+    @classmethod
+    def _lower_action(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("position_side", mode="before")
+    @classmethod
+    def _upper_side(cls, value: Any) -> Any:
+        return value.strip().upper() if isinstance(value, str) else value
+
+    @field_validator("strength", mode="before")
+    @classmethod
+    def _strength_as_text(cls, value: Any) -> Any:
+        # petrosa sends "weak"/"strong"; others send a number. Both are kept as text.
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)
+        return value
+
+    @model_validator(mode="after")
+    def _sized_when_opening(self) -> Self:
+        if self.action in (Action.BUY, Action.SELL):
+            if self.quantity is None and self.quote_quantity is None:
+                raise ValueError(f"{self.action.value} needs quantity or quote_quantity")
+        return self
+
+    @property
+    def key_strategy(self) -> StrategyId:
+        return StrategyId(self.strategy_id)
+
+    @property
+    def id(self) -> SignalId:
+        assert self.signal_id is not None, "parse_signal always sets signal_id"
+        return SignalId(self.signal_id)
+
+    @property
+    def opening_side(self) -> PositionSide | None:
+        if self.action is Action.BUY:
+            return PositionSide.LONG
+        if self.action is Action.SELL:
+            return PositionSide.SHORT
+        return None
+
+    @property
+    def reference_price(self) -> Decimal | None:
+        return self.price or self.current_price
+
+
+@dataclass(frozen=True, slots=True)
+class MalformedSignal:
+    """Input that cannot be a signal. `errors` are 'field: message' lines for humans."""
+
+    reason_code: str
+    errors: tuple[str, ...]
+    strategy_id: str | None = None
+    symbol: str | None = None
+    signal_id: str | None = None
+
+
+def derive_signal_id(payload: dict[str, Any]) -> SignalId:
+    """Deterministic from the content, so a republished id-less signal is still a duplicate."""
+    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
+    return SignalId("d-" + hashlib.sha256(canonical.encode()).hexdigest()[:40])
+
+
+def subject_tokens(subject: str) -> tuple[str, str] | None:
+    parts = subject.split(".")
+    if len(parts) != 3 or parts[0] != "signals":
+        return None
+    strategy, symbol = parts[1], parts[2]
+    if not (_TOKEN.match(strategy) and _TOKEN.match(symbol)):
+        return None
+    return strategy, symbol
+
+
+def _format_errors(exc: ValidationError) -> tuple[str, ...]:
+    lines = []
+    for err in exc.errors():
+        where = ".".join(str(part) for part in err["loc"]) or "payload"
+        lines.append(f"{where}: {err['msg']}")
+    return tuple(lines)
+
+
+def parse_signal(subject: str, data: bytes, max_bytes: int = MAX_SIGNAL_BYTES) -> Signal | MalformedSignal:
+    if len(data) > max_bytes:
+        return MalformedSignal("oversize", (f"payload is {len(data)} bytes; limit {max_bytes}",))
+    tokens = subject_tokens(subject)
+    if tokens is None:
+        return MalformedSignal("bad_subject", (f"subject {subject!r} is not signals.<strategy_id>.<symbol>",))
+    try:
+        payload = json.loads(data, parse_float=Decimal, parse_constant=_reject_constant)
+    except (ValueError, UnicodeDecodeError) as exc:
+        return MalformedSignal("bad_json", (f"payload: not valid JSON ({exc})",))
+    if not isinstance(payload, dict):
+        return MalformedSignal("bad_json", ("payload: must be a JSON object",))
+    raw_id = payload.get("signal_id")
+    try:
+        signal = Signal.model_validate(payload)
+    except ValidationError as exc:
+        return MalformedSignal(
+            "invalid_field",
+            _format_errors(exc),
+            strategy_id=_text_or_none(payload.get("strategy_id")),
+            symbol=_text_or_none(payload.get("symbol")),
+            signal_id=_text_or_none(raw_id),
+        )
+    if signal.strategy_id != tokens[0]:
+        return MalformedSignal(
+            "subject_mismatch",
+            (f"strategy_id: {signal.strategy_id!r} does not match subject token {tokens[0]!r}",),
+            strategy_id=signal.strategy_id,
+            symbol=signal.symbol,
+            signal_id=signal.signal_id,
+        )
+    if signal.symbol != tokens[1]:
+        return MalformedSignal(
+            "subject_mismatch",
+            (f"symbol: {signal.symbol!r} does not match subject token {tokens[1]!r}",),
+            strategy_id=signal.strategy_id,
+            symbol=signal.symbol,
+            signal_id=signal.signal_id,
+        )
+    if signal.signal_id is None:
+        signal = signal.model_copy(update={"signal_id": derive_signal_id(payload)})
+    return signal
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number")
+
+
+def _text_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
