@@ -1,0 +1,1 @@
+"""Thin adapters: NATS, exchanges and MySQL. They translate; the domain decides."""

@@ -1,0 +1,155 @@
+"""NATS JetStream: streams, the ordered event publisher, replay, consumers and price ticks."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any
+
+import nats
+import structlog
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
+from nats.js.client import JetStreamContext
+from nats.js.errors import NotFoundError
+
+from engine.domain.events import Event, decode_event, encode_event, event_subject
+
+log = structlog.get_logger(__name__)
+
+SIGNALS_STREAM = "SIGNALS"
+EVENTS_STREAM = "EVENTS"
+SIGNAL_SUBJECTS = ["signals.>"]
+EVENT_SUBJECTS = ["decisions.>", "positions.>", "deadletter.>"]
+PRICE_SUBJECT = "prices.>"
+MSG_ID = "Nats-Msg-Id"
+DAY = 86_400.0
+
+
+class NatsBus:
+    def __init__(self, nc: Client) -> None:
+        self.nc = nc
+        self.js: JetStreamContext = nc.jetstream(publish_async_max_pending=8192)
+        self._publish_lock = asyncio.Lock()
+
+    @classmethod
+    async def connect(cls, url: str, name: str) -> NatsBus:
+        async def on_disconnect() -> None:
+            log.warning("nats.disconnected")
+
+        async def on_reconnect() -> None:
+            log.info("nats.reconnected")
+
+        async def on_error(exc: Exception) -> None:
+            log.warning("nats.error", error=str(exc))
+
+        nc = await nats.connect(
+            url,
+            name=name,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5,
+            disconnected_cb=on_disconnect,
+            reconnected_cb=on_reconnect,
+            error_cb=on_error,
+        )
+        return cls(nc)
+
+    async def close(self) -> None:
+        if not self.nc.is_closed:
+            await self.nc.drain()
+
+    async def ensure_streams(self) -> None:
+        """Create or update both streams; safe to call from every process on every start."""
+        for config in (
+            StreamConfig(
+                name=SIGNALS_STREAM,
+                subjects=SIGNAL_SUBJECTS,
+                storage=StorageType.FILE,
+                duplicate_window=300.0,
+                max_age=30 * DAY,
+            ),
+            StreamConfig(
+                name=EVENTS_STREAM,
+                subjects=EVENT_SUBJECTS,
+                storage=StorageType.FILE,
+                duplicate_window=900.0,
+            ),
+        ):
+            try:
+                await self.js.stream_info(config.name or "")
+                await self.js.update_stream(config)
+            except NotFoundError:
+                await self.js.add_stream(config)
+
+    async def publish_events(self, events: Sequence[Event]) -> None:
+        """Publish in order and return once JetStream has stored every one of them.
+
+        The lock keeps stream order equal to production order across concurrent callers,
+        which replay relies on (an open is stored before its close)."""
+        if not events:
+            return
+        async with self._publish_lock:
+            futures = [
+                await self.js.publish_async(
+                    event_subject(event), encode_event(event), headers={MSG_ID: event.event_id}
+                )
+                for event in events
+            ]
+        for ack in await asyncio.gather(*futures):
+            if ack.stream != EVENTS_STREAM:
+                raise RuntimeError(f"event stored in {ack.stream}, expected {EVENTS_STREAM}")
+
+    async def publish_signal(self, subject: str, payload: bytes, signal_id: str | None) -> bool:
+        """Returns False when JetStream recognised a duplicate Nats-Msg-Id."""
+        headers = {MSG_ID: signal_id} if signal_id else None
+        ack = await self.js.publish(subject, payload, headers=headers)
+        return not ack.duplicate
+
+    async def replay_events(self, batch: int = 2000) -> AsyncIterator[Event]:
+        """Every event stored so far, oldest first (an ephemeral consumer, deleted after)."""
+        info = await self.js.stream_info(EVENTS_STREAM)
+        last = info.state.last_seq
+        if info.state.messages == 0:
+            return
+        consumer = await self.js.add_consumer(
+            EVENTS_STREAM,
+            ConsumerConfig(
+                deliver_policy=DeliverPolicy.ALL,
+                ack_policy=AckPolicy.NONE,
+                inactive_threshold=120.0,
+                max_waiting=1,
+            ),
+        )
+        name = consumer.name or ""
+        sub = await self.js.pull_subscribe_bind(consumer=name, stream=EVENTS_STREAM)
+        try:
+            seen = 0
+            while seen < last:
+                msgs = await sub.fetch(batch, timeout=5.0)
+                for msg in msgs:
+                    seen = msg.metadata.sequence.stream
+                    yield decode_event(msg.data)
+                    if seen >= last:
+                        break
+        finally:
+            await sub.unsubscribe()
+            with contextlib.suppress(NotFoundError):
+                await self.js.delete_consumer(EVENTS_STREAM, name)
+
+    async def durable_pull(
+        self, stream: str, durable: str, subject: str, max_ack_pending: int = 4096
+    ) -> JetStreamContext.PullSubscription:
+        config = ConsumerConfig(
+            durable_name=durable,
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_wait=60.0,
+            max_ack_pending=max_ack_pending,
+            filter_subject=subject,
+        )
+        return await self.js.pull_subscribe(subject, durable=durable, stream=stream, config=config)
+
+    async def subscribe_prices(self, handler: Callable[[Msg], Awaitable[None]]) -> Any:
+        return await self.nc.subscribe(PRICE_SUBJECT, cb=handler, pending_msgs_limit=65_536)

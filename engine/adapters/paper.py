@@ -1,0 +1,144 @@
+"""The in-process paper exchange (the embedded default, `EXCHANGE=paper`).
+
+Fills market orders in full at the last tick (or the order's reference price), charges a taker
+fee, applies optional slippage, and keeps hedge or one-way positions. No random failures.
+Realized PnL is tracked as cash flow per position life (flat to flat), which is exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import Decimal
+
+from engine.adapters.gateway import OrderRejected
+from engine.domain.book import PositionBook
+from engine.domain.model import ZERO, ClientOrderId, Market, OrderSide, PositionMode, PositionSide
+from engine.domain.orders import Fill, OrderIntent
+
+D = Decimal
+DEFAULT_TAKER_FEE = D("0.0005")
+BUILTIN_MARKETS: dict[str, Market] = {
+    m.symbol: m
+    for m in (
+        Market("BTCUSDT", D("0.001"), D("0.001"), D("5"), D("0.1")),
+        Market("ETHUSDT", D("0.001"), D("0.001"), D("5"), D("0.01")),
+        Market("BNBUSDT", D("0.01"), D("0.01"), D("5"), D("0.01")),
+        Market("SOLUSDT", D("0.01"), D("0.01"), D("5"), D("0.01")),
+        Market("XRPUSDT", D("0.1"), D("0.1"), D("5"), D("0.0001")),
+        Market("ADAUSDT", D("1"), D("1"), D("5"), D("0.0001")),
+        Market("DOGEUSDT", D("1"), D("1"), D("5"), D("0.00001")),
+    )
+}
+
+
+@dataclass(slots=True)
+class PaperPosition:
+    quantity: Decimal = ZERO  # signed in one-way mode, positive in hedge mode
+    cash: Decimal = ZERO  # sell notional minus buy notional over the current life
+
+
+class PaperExchange:
+    name = "paper"
+
+    def __init__(
+        self,
+        mode: PositionMode = PositionMode.HEDGE,
+        taker_fee: Decimal = DEFAULT_TAKER_FEE,
+        slippage: Decimal = ZERO,
+        markets: dict[str, Market] | None = None,
+    ) -> None:
+        self.mode = mode
+        self.taker_fee = taker_fee
+        self.slippage = slippage
+        self.markets = dict(markets or BUILTIN_MARKETS)
+        self.last_prices: dict[str, Decimal] = {}
+        self.positions: dict[tuple[str, PositionSide | None], PaperPosition] = {}
+        self.orders: dict[ClientOrderId, Fill] = {}
+        self.realized_pnl = ZERO
+        self.fees_paid = ZERO
+
+    def market(self, symbol: str) -> Market | None:
+        return self.markets.get(symbol)
+
+    def on_price(self, symbol: str, price: Decimal) -> None:
+        self.last_prices[symbol] = price
+
+    async def find_order(self, client_order_id: ClientOrderId) -> Fill | None:
+        return self.orders.get(client_order_id)
+
+    async def close(self) -> None:
+        return None
+
+    async def execute(self, intent: OrderIntent) -> Fill:
+        known = self.orders.get(intent.client_order_id)
+        if known is not None:
+            return known
+        market = self.markets.get(intent.symbol)
+        if market is None:
+            raise OrderRejected("unknown_symbol", f"paper: no market {intent.symbol}")
+        if market.round_quantity(intent.quantity) != intent.quantity or intent.quantity < market.min_quantity:
+            raise OrderRejected("invalid_quantity", f"paper: quantity {intent.quantity} off step/minimum")
+        price = self.last_prices.get(intent.symbol, intent.reference_price)
+        if self.slippage:
+            price *= 1 + self.slippage if intent.side is OrderSide.BUY else 1 - self.slippage
+        signed = intent.quantity if intent.side is OrderSide.BUY else -intent.quantity
+        if self.mode is PositionMode.HEDGE:
+            if intent.position_side is None:
+                raise OrderRejected("position_side_required", "paper: hedge mode needs positionSide")
+            self._trade_hedge(intent, signed, price)
+        else:
+            self._trade_one_way(intent, signed, price)
+        fee = intent.quantity * price * self.taker_fee
+        self.fees_paid += fee
+        fill = Fill(
+            client_order_id=intent.client_order_id,
+            exchange_order_id=f"paper-{intent.client_order_id[2:18]}",
+            quantity=intent.quantity,
+            average_price=price,
+            fee=fee,
+        )
+        self.orders[intent.client_order_id] = fill
+        return fill
+
+    def _trade_hedge(self, intent: OrderIntent, signed: Decimal, price: Decimal) -> None:
+        assert intent.position_side is not None
+        pos = self.positions.setdefault((intent.symbol, intent.position_side), PaperPosition())
+        delta = signed * intent.position_side.sign  # + grows the leg, - shrinks it
+        if delta < 0 and -delta > pos.quantity:
+            raise OrderRejected("reduce_exceeds_position", f"paper: {intent.quantity} exceeds {pos.quantity}")
+        self._move(pos, delta, signed, price)
+
+    def _trade_one_way(self, intent: OrderIntent, signed: Decimal, price: Decimal) -> None:
+        pos = self.positions.setdefault((intent.symbol, None), PaperPosition())
+        if intent.reduce_only and (pos.quantity == 0 or (pos.quantity > 0) == (signed > 0)):
+            raise OrderRejected("reduce_only_rejected", "paper: reduce-only order would increase")
+        if pos.quantity and (pos.quantity > 0) != (signed > 0) and abs(signed) > abs(pos.quantity):
+            # Crossing zero: close the old side (its life ends), then open the rest.
+            closing = -pos.quantity
+            self._move(pos, closing, closing, price)
+            signed -= closing
+        self._move(pos, signed, signed, price)
+
+    def _move(self, pos: PaperPosition, delta: Decimal, signed: Decimal, price: Decimal) -> None:
+        pos.quantity += delta
+        pos.cash -= signed * price
+        if pos.quantity == 0:
+            self.realized_pnl += pos.cash
+            pos.cash = ZERO
+
+    def restore(self, book: PositionBook) -> None:
+        """After a restart, the paper venue holds what the replayed book says it holds."""
+        self.positions.clear()
+        for key, ep in book.exchange.items():
+            if self.mode is PositionMode.HEDGE:
+                self.positions[(key.symbol, key.side)] = PaperPosition(ep.quantity, -ep.cost * key.side.sign)
+            else:
+                self.positions[(key.symbol, None)] = PaperPosition(
+                    ep.quantity * key.side.sign, -ep.cost * key.side.sign
+                )
+
+    def position(self, symbol: str, side: PositionSide) -> Decimal:
+        if self.mode is PositionMode.HEDGE:
+            return self.positions.get((symbol, side), PaperPosition()).quantity
+        net = self.positions.get((symbol, None), PaperPosition()).quantity
+        return max(net * side.sign, ZERO)

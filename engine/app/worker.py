@@ -1,0 +1,316 @@
+"""The signal worker: consume signals, decide, execute, publish events, ack (DESIGN §2, §4.3).
+
+Handlers read like the use cases; the arithmetic and the rules live in `engine.domain`.
+Every event goes through one ordered outbox, so the EVENTS stream holds them in the order
+the book applied them, and a signal is acked only after its events are stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from datetime import UTC, datetime
+from decimal import Decimal
+
+import nats.errors
+import structlog
+from nats.aio.msg import Msg
+from pydantic import ValidationError
+
+from engine import metrics
+from engine.adapters.gateway import ExchangeGateway, OrderRejected
+from engine.adapters.nats_bus import SIGNALS_STREAM, NatsBus
+from engine.adapters.paper import PaperExchange
+from engine.config import Settings
+from engine.domain.book import PositionBook
+from engine.domain.decide import Accepted, close_intent, decide, strategy_position_id_for
+from engine.domain.events import (
+    Event,
+    PositionClosed,
+    PositionOpened,
+    PriceTick,
+    SignalDead,
+    SignalDecided,
+)
+from engine.domain.ledger import SignalLedger
+from engine.domain.model import Outcome, derive_id
+from engine.domain.signals import MalformedSignal, Signal, parse_signal
+
+log = structlog.get_logger(__name__)
+DEAD_LETTER_PAYLOAD_LIMIT = 64 * 1024
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Worker:
+    def __init__(
+        self,
+        settings: Settings,
+        bus: NatsBus,
+        gateway: ExchangeGateway,
+        clock: Callable[[], datetime] = utc_now,
+    ) -> None:
+        self.settings = settings
+        self.bus = bus
+        self.gateway = gateway
+        self.clock = clock
+        self.rules = settings.rules()
+        self.book = PositionBook()
+        self.ledger = SignalLedger()
+        self.last_prices: dict[str, Decimal] = {}
+        self.ready = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._outbox: list[Event] = []
+        self._symbol_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._price_sub: object | None = None
+
+    # --- lifecycle -----------------------------------------------------------------------
+    async def run(self) -> None:
+        await self.bus.ensure_streams()
+        await self.recover()
+        self._price_sub = await self.bus.subscribe_prices(self.on_price_message)
+        sub = await self.bus.durable_pull(SIGNALS_STREAM, self.settings.worker_durable, "signals.>")
+        self.ready.set()
+        log.info("worker.ready", open_positions=len(self.book.positions), venue=self.gateway.name)
+        try:
+            while not self._stopping.is_set():
+                try:
+                    msgs = await sub.fetch(self.settings.fetch_batch, timeout=0.5)
+                except nats.errors.TimeoutError:
+                    continue
+                await self.process_batch(msgs)
+        finally:
+            self.ready.clear()
+            await self._flush()
+            log.info("worker.stopped")
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def recover(self) -> None:
+        """Rebuild the book and the dedupe ledger from our own events (DESIGN §2)."""
+        count = 0
+        async for event in self.bus.replay_events():
+            self._remember(event, replay=True)
+            count += 1
+        if isinstance(self.gateway, PaperExchange):
+            self.gateway.restore(self.book)
+        metrics.OPEN_STRATEGY_POSITIONS.set(len(self.book.positions))
+        log.info("worker.recovered", events=count, open_positions=len(self.book.positions))
+
+    # --- signals -------------------------------------------------------------------------
+    async def process_batch(self, msgs: list[Msg]) -> None:
+        started = time.perf_counter()
+        for msg in msgs:
+            await self.on_signal_message(msg)
+        await self._flush()
+        for msg in msgs:
+            await msg.ack()
+        elapsed = time.perf_counter() - started
+        for _ in msgs:
+            metrics.DECISION_LATENCY.observe(elapsed)
+
+    async def on_signal_message(self, msg: Msg) -> None:
+        parsed = parse_signal(msg.subject, msg.data, self.settings.max_signal_bytes)
+        sequence = msg.metadata.sequence.stream
+        if isinstance(parsed, MalformedSignal):
+            self._emit(self._dead_letter(msg, parsed, sequence))
+            return
+        with structlog.contextvars.bound_contextvars(
+            signal_id=parsed.signal_id, strategy_id=parsed.strategy_id, symbol=parsed.symbol
+        ):
+            async with self._symbol_locks[parsed.symbol]:
+                await self.on_signal(parsed, sequence)
+
+    async def on_signal(self, signal: Signal, sequence: int) -> None:
+        prior = self.ledger.decided_at(signal.strategy_id, signal.id)
+        if prior is not False:
+            if prior == sequence:
+                log.info("signal.redelivered")  # its events are already stored
+                return
+            self._decide(
+                signal,
+                sequence,
+                Outcome.DUPLICATE,
+                "duplicate_signal_id",
+                "signal_id was already decided; not executed again",
+                (),
+                event_id=derive_id("signal.duplicate", signal.strategy_id, signal.id, str(sequence)),
+            )
+            return
+        if self.ledger.was_executed(signal.strategy_id, signal.id):
+            # A crash fell between the fill's events and the decision: finish the record.
+            self._decide(
+                signal,
+                sequence,
+                Outcome.ACCEPTED,
+                "recovered",
+                "executed before a restart; decision recorded now",
+                (strategy_position_id_for(signal),),
+            )
+            return
+
+        verdict = decide(
+            signal,
+            self.book,
+            self.gateway.market(signal.symbol),
+            self.last_prices.get(signal.symbol),
+            self.clock(),
+            self.rules,
+        )
+        if not isinstance(verdict, Accepted):
+            self._decide(signal, sequence, verdict.outcome, verdict.reason_code, verdict.reason, ())
+            return
+        refused = await self._execute(verdict)
+        if refused is None:
+            self._decide(
+                signal, sequence, Outcome.ACCEPTED, "accepted", verdict.reason, verdict.strategy_position_ids
+            )
+        else:
+            self._decide(signal, sequence, Outcome.REJECTED, refused.reason_code, str(refused), ())
+
+    async def _execute(self, verdict: Accepted) -> OrderRejected | None:
+        for intent in verdict.orders:
+            started = time.perf_counter()
+            try:
+                fill = await self.gateway.execute(intent)
+            except OrderRejected as exc:
+                metrics.ORDER_ERRORS.labels(self.gateway.name, exc.reason_code).inc()
+                log.warning("order.rejected", reason_code=exc.reason_code, error=str(exc))
+                return exc
+            metrics.ORDER_LATENCY.labels(self.gateway.name).observe(time.perf_counter() - started)
+            for event in self.book.settle(intent, fill, self.clock()):
+                self._remember(event)
+                self._emit(event)
+        return None
+
+    def _decide(
+        self,
+        signal: Signal,
+        sequence: int,
+        outcome: Outcome,
+        reason_code: str,
+        reason: str,
+        position_ids: tuple[str, ...],
+        event_id: str | None = None,
+    ) -> None:
+        decided = SignalDecided(
+            event_id=event_id or derive_id("signal.decided", signal.strategy_id, signal.id),
+            occurred_at=self.clock(),
+            signal_id=signal.id,
+            strategy_id=signal.strategy_id,
+            symbol=signal.symbol,
+            action=signal.action,
+            outcome=outcome,
+            reason_code=reason_code,
+            reason=reason,
+            strategy_position_ids=list(position_ids),
+            confidence=signal.confidence,
+            signal_sequence=sequence,
+        )
+        metrics.SIGNALS.labels(outcome.value, reason_code).inc()
+        log.info("signal.decided", outcome=outcome.value, reason_code=reason_code, reason=reason)
+        self._remember(decided)
+        self._emit(decided)
+
+    def _dead_letter(self, msg: Msg, bad: MalformedSignal, sequence: int) -> SignalDead:
+        metrics.DEAD_LETTERS.labels(bad.reason_code).inc()
+        log.warning("signal.dead", subject=msg.subject, reason_code=bad.reason_code, errors=list(bad.errors))
+        raw = msg.data[:DEAD_LETTER_PAYLOAD_LIMIT]
+        now = self.clock()
+        return SignalDead(
+            event_id=derive_id("signal.dead", msg.subject, str(sequence)),
+            occurred_at=now,
+            subject=msg.subject,
+            reason_code=bad.reason_code,
+            errors=list(bad.errors),
+            payload=raw.decode("utf-8", errors="replace"),
+            payload_truncated=len(msg.data) > DEAD_LETTER_PAYLOAD_LIMIT,
+            headers={k: v for k, v in (msg.headers or {}).items() if not k.lower().startswith("auth")},
+            received_at=now,
+            strategy_id=bad.strategy_id,
+            symbol=bad.symbol,
+            signal_id=bad.signal_id,
+        )
+
+    # --- prices and TP/SL ----------------------------------------------------------------
+    async def on_price_message(self, msg: Msg) -> None:
+        try:
+            tick = PriceTick.model_validate_json(msg.data)
+        except ValidationError as exc:
+            metrics.BAD_TICKS.inc()
+            log.warning("price.invalid", subject=msg.subject, error=str(exc).splitlines()[0])
+            return
+        await self.on_price(tick.symbol, tick.price)
+
+    async def on_price(self, symbol: str, price: Decimal) -> None:
+        metrics.PRICE_TICKS.inc()
+        async with self._symbol_locks[symbol]:
+            self.last_prices[symbol] = price
+            self.gateway.on_price(symbol, price)
+            fired = self.book.fire_triggers(symbol, price)
+            for sp, reason in fired:
+                intent = close_intent(sp, sp.remaining, reason, price, None)
+                try:
+                    fill = await self.gateway.execute(intent)
+                except OrderRejected as exc:
+                    metrics.ORDER_ERRORS.labels(self.gateway.name, exc.reason_code).inc()
+                    log.warning("trigger.close_refused", strategy_position_id=sp.id, error=str(exc))
+                    self.book.rearm(sp)
+                    continue
+                for event in self.book.settle(intent, fill, self.clock()):
+                    self._remember(event)
+                    self._emit(event)
+        if fired:
+            await self._flush()
+
+    # --- events --------------------------------------------------------------------------
+    def _remember(self, event: Event, replay: bool = False) -> None:
+        """Fold an event into the ledger (and, on replay, the book); count it once."""
+        match event:
+            case SignalDecided():
+                self.ledger.apply(event)
+            case PositionOpened():
+                if replay:
+                    self.book.apply(event)
+                self.ledger.apply(event)
+                if not replay:
+                    metrics.STRATEGY_POSITIONS_OPENED.labels(event.strategy_id).inc()
+                    if event.exchange_position.quantity_before == 0:
+                        metrics.EXCHANGE_POSITIONS_OPENED.labels(event.side.value).inc()
+            case PositionClosed():
+                if replay:
+                    self.book.apply(event)
+                else:
+                    metrics.STRATEGY_POSITIONS_CLOSED.labels(
+                        event.strategy_id, event.close_reason.value
+                    ).inc()
+                    if event.realized_pnl >= 0:
+                        metrics.REALIZED_PNL.labels(event.strategy_id).inc(float(event.realized_pnl))
+                    else:
+                        metrics.REALIZED_LOSS.labels(event.strategy_id).inc(float(-event.realized_pnl))
+            case SignalDead():
+                pass
+        if not replay:
+            metrics.OPEN_STRATEGY_POSITIONS.set(len(self.book.positions))
+
+    def _emit(self, event: Event) -> None:
+        self._outbox.append(event)
+
+    async def _flush(self) -> None:
+        """Store every pending event; on failure keep them and retry: nothing is dropped."""
+        delay = 0.05
+        while self._outbox:
+            pending, self._outbox = self._outbox, []
+            try:
+                await self.bus.publish_events(pending)
+            except (nats.errors.Error, TimeoutError, RuntimeError) as exc:
+                self._outbox[:0] = pending
+                metrics.PUBLISH_RETRIES.inc()
+                log.warning("events.publish_failed", error=repr(exc), pending=len(self._outbox))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)

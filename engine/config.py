@@ -1,0 +1,130 @@
+"""All settings in one place (DESIGN §6). An invalid value stops start-up naming the variable."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from decimal import Decimal
+from enum import StrEnum
+from typing import Annotated, Any
+from urllib.parse import unquote, urlparse
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from engine.domain.conflicts import ConflictPolicy
+from engine.domain.decide import Rules
+from engine.domain.model import PositionMode, SameDirectionPolicy
+
+DEFAULT_MYSQL_URL = "mysql://root@127.0.0.1:3306/tradeengine"
+DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
+
+
+class LogFormat(StrEnum):
+    JSON = "json"
+    CONSOLE = "console"
+
+
+class ConfigError(ValueError):
+    """A setting is wrong; the message names the environment variable."""
+
+
+CommaList = Annotated[frozenset[str], NoDecode]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", frozen=True)
+
+    position_mode: PositionMode = PositionMode.HEDGE
+    position_mode_aware_conflicts: bool = True
+    same_direction_conflict_resolution: SameDirectionPolicy = SameDirectionPolicy.ACCUMULATE
+    max_accumulations_per_position: Annotated[int, Field(ge=1)] = 10
+    min_confidence: Annotated[Decimal, Field(ge=0, le=1)] = Decimal("0.6")
+    max_signal_age_seconds: Annotated[float, Field(gt=0)] = 300.0
+    allowed_strategies: CommaList = frozenset()
+    allowed_symbols: CommaList = frozenset()
+    max_notional_per_key: Annotated[Decimal, Field(gt=0)] | None = None
+    max_total_notional: Annotated[Decimal, Field(gt=0)] | None = None
+    max_signal_bytes: Annotated[int, Field(ge=256)] = 64 * 1024
+
+    nats_url: str | None = None
+    mysql_url: str | None = None
+    exchange: str = "paper"
+    paper_taker_fee: Annotated[Decimal, Field(ge=0, lt=1)] = Decimal("0.0005")
+    paper_slippage: Annotated[Decimal, Field(ge=0, lt=1)] = Decimal("0")
+
+    http_port: Annotated[int, Field(ge=0, le=65535)] | None = None
+    log_format: LogFormat | None = None
+    log_level: str = "INFO"
+    data_dir: str = ".tradeengine"
+    embedded_nats_port: Annotated[int, Field(ge=1, le=65535)] = 4223
+
+    worker_durable: str = "tradeengine-worker"
+    attribution_durable: str = "tradeengine-attribution"
+    fetch_batch: Annotated[int, Field(ge=1, le=10_000)] = 256
+
+    @field_validator("allowed_strategies", "allowed_symbols", mode="before")
+    @classmethod
+    def _split_commas(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return frozenset(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("mysql_url")
+    @classmethod
+    def _mysql_url_shape(cls, value: str | None) -> str | None:
+        if value is not None:
+            MysqlTarget.parse(value)
+        return value
+
+    def rules(self) -> Rules:
+        return Rules(
+            conflicts=ConflictPolicy(
+                position_mode=self.position_mode,
+                mode_aware=self.position_mode_aware_conflicts,
+                same_direction=self.same_direction_conflict_resolution,
+                max_accumulations=self.max_accumulations_per_position,
+            ),
+            min_confidence=self.min_confidence,
+            max_signal_age=timedelta(seconds=self.max_signal_age_seconds),
+            allowed_strategies=self.allowed_strategies,
+            allowed_symbols=self.allowed_symbols,
+            max_notional_per_key=self.max_notional_per_key,
+            max_total_notional=self.max_total_notional,
+        )
+
+
+class MysqlTarget:
+    """`mysql://user:pass@host:port/db`, parsed once."""
+
+    def __init__(self, host: str, port: int, user: str, password: str, database: str) -> None:
+        self.host, self.port, self.user, self.password, self.database = host, port, user, password, database
+
+    @classmethod
+    def parse(cls, url: str) -> MysqlTarget:
+        parsed = urlparse(url)
+        if parsed.scheme not in ("mysql", "mariadb") or not parsed.hostname:
+            raise ValueError("must look like mysql://user:pass@host:port/database")
+        database = parsed.path.lstrip("/")
+        if not database or not database.replace("_", "").isalnum():
+            raise ValueError("needs a database name of letters, digits and underscores")
+        return cls(
+            host=parsed.hostname,
+            port=parsed.port or 3306,
+            user=unquote(parsed.username or "root"),
+            password=unquote(parsed.password or ""),
+            database=database,
+        )
+
+    def __repr__(self) -> str:  # never show the password
+        return f"MysqlTarget({self.user}@{self.host}:{self.port}/{self.database})"
+
+
+def load_settings(**overrides: Any) -> Settings:
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            name = str(err["loc"][0]).upper() if err["loc"] else "settings"
+            problems.append(f"{name}: {err['msg']}")
+        raise ConfigError("invalid configuration: " + "; ".join(problems)) from None

@@ -1,0 +1,46 @@
+"""Prometheus metrics (DESIGN §7). Label sets are bounded: no signal or position ids."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+SIGNALS = Counter("tradeengine_signals_total", "Signals decided, by outcome", ["outcome", "reason_code"])
+DEAD_LETTERS = Counter("tradeengine_dead_letters_total", "Malformed signals dead-lettered", ["reason_code"])
+DECISION_LATENCY = Histogram(
+    "tradeengine_decision_latency_seconds",
+    "Signal received to its events stored in JetStream",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
+STRATEGY_POSITIONS_OPENED = Counter(
+    "tradeengine_strategy_positions_opened_total", "Strategy positions opened", ["strategy_id"]
+)
+STRATEGY_POSITIONS_CLOSED = Counter(
+    "tradeengine_strategy_positions_closed_total",
+    "Strategy position closes (partial closes count)",
+    ["strategy_id", "close_reason"],
+)
+EXCHANGE_POSITIONS_OPENED = Counter(
+    "tradeengine_positions_opened_total", "Exchange positions opened from flat", ["position_side"]
+)
+ORDER_LATENCY = Histogram(
+    "tradeengine_order_latency_seconds",
+    "Order placement to fill",
+    ["venue"],
+    buckets=(0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+ORDER_ERRORS = Counter("tradeengine_order_errors_total", "Orders refused or failed", ["venue", "error"])
+PUBLISH_RETRIES = Counter("tradeengine_event_publish_retries_total", "Event publish attempts that failed")
+PRICE_TICKS = Counter("tradeengine_price_ticks_total", "Price ticks applied")
+BAD_TICKS = Counter("tradeengine_bad_price_ticks_total", "Price ticks that could not be parsed")
+OPEN_STRATEGY_POSITIONS = Gauge("tradeengine_open_strategy_positions", "Open strategy positions")
+CONSUMER_PENDING = Gauge("tradeengine_consumer_pending", "Messages not yet delivered", ["consumer"])
+REALIZED_PNL = Counter("tradeengine_realized_pnl_total", "Net realized PnL (positive part)", ["strategy_id"])
+REALIZED_LOSS = Counter(
+    "tradeengine_realized_loss_total", "Net realized loss (absolute value)", ["strategy_id"]
+)
+EVENTS_PERSISTED = Counter("tradeengine_attribution_events_total", "Events written to MySQL", ["type"])
+ATTRIBUTION_BATCH = Histogram(
+    "tradeengine_attribution_batch_size",
+    "Events per MySQL transaction",
+    buckets=(1, 5, 10, 50, 100, 250, 500, 1000, 2500),
+)
