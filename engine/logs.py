@@ -19,6 +19,8 @@ def configure_logging(fmt: LogFormat | None, level: str = "INFO") -> None:
         else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
     )
     logging.basicConfig(level=level.upper(), stream=sys.stderr, format="%(message)s")
+    # asyncmy logs MySQL notes such as "database exists" from CREATE ... IF NOT EXISTS.
+    logging.getLogger("asyncmy").setLevel(logging.ERROR)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,

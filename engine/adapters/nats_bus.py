@@ -33,11 +33,15 @@ class NatsBus:
         self.nc = nc
         self.js: JetStreamContext = nc.jetstream(publish_async_max_pending=8192)
         self._publish_lock = asyncio.Lock()
+        self.closing = False
 
     @classmethod
     async def connect(cls, url: str, name: str) -> NatsBus:
+        bus: NatsBus | None = None
+
         async def on_disconnect() -> None:
-            log.warning("nats.disconnected")
+            if bus is None or not bus.closing:
+                log.warning("nats.disconnected")
 
         async def on_reconnect() -> None:
             log.info("nats.reconnected")
@@ -54,11 +58,17 @@ class NatsBus:
             reconnected_cb=on_reconnect,
             error_cb=on_error,
         )
-        return cls(nc)
+        bus = cls(nc)
+        return bus
 
     async def close(self) -> None:
+        """Flush what we published and close. Not drain: our pull subscriptions have no
+        callback, so draining them would wait forever; unacked messages are redelivered."""
+        self.closing = True
         if not self.nc.is_closed:
-            await self.nc.drain()
+            if self.nc.is_connected:
+                await self.nc.flush(timeout=2)
+            await self.nc.close()
 
     async def ensure_streams(self) -> None:
         """Create or update both streams; safe to call from every process on every start."""

@@ -1,0 +1,161 @@
+"""Ops commands: migrate, publish, price, tail, report."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from decimal import Decimal
+from typing import Any
+
+from nats.js.api import DeliverPolicy
+from rich.console import Console
+from rich.table import Table
+
+from engine.adapters.mysql_store import MysqlStore
+from engine.adapters.nats_bus import EVENT_SUBJECTS, NatsBus
+from engine.app.runner import client_nats_url, mysql_target
+from engine.config import Settings
+from engine.domain.events import (
+    Event,
+    PositionClosed,
+    PositionOpened,
+    SignalDead,
+    SignalDecided,
+    decode_event,
+)
+
+console = Console(highlight=False)
+
+
+async def migrate(settings: Settings) -> int:
+    store = await MysqlStore.open(mysql_target(settings))
+    try:
+        applied = await store.migrate()
+    finally:
+        await store.close()
+    console.print(f"migrations applied: {', '.join(applied) or 'none (up to date)'}")
+    return 0
+
+
+async def publish(settings: Settings, payload: dict[str, Any], wait: float = 5.0) -> int:
+    payload.setdefault("signal_id", str(uuid.uuid4()))
+    subject = f"signals.{payload.get('strategy_id')}.{payload.get('symbol')}"
+    bus = await NatsBus.connect(client_nats_url(settings), "tradeengine-publish")
+    try:
+        await bus.ensure_streams()
+        verdict: asyncio.Future[SignalDecided | SignalDead] = asyncio.get_running_loop().create_future()
+
+        async def on_event(msg: Any) -> None:
+            event = decode_event(msg.data)
+            ours = isinstance(event, SignalDecided | SignalDead) and event.signal_id == payload["signal_id"]
+            if ours and not verdict.done():
+                verdict.set_result(event)  # type: ignore[arg-type]
+
+        subs = [
+            await bus.nc.subscribe(f"decisions.{payload.get('symbol')}", cb=on_event),
+            await bus.nc.subscribe("deadletter.signals", cb=on_event),
+        ]
+        fresh = await bus.publish_signal(subject, json.dumps(payload).encode(), str(payload["signal_id"]))
+        console.print(f"published {payload['signal_id']} to {subject}" + ("" if fresh else " (duplicate)"))
+        try:
+            console.print(describe(await asyncio.wait_for(verdict, timeout=wait)))
+        except TimeoutError:
+            console.print(f"no decision within {wait:.0f}s: is a worker running?")
+        for sub in subs:
+            await sub.unsubscribe()
+    finally:
+        await bus.close()
+    return 0
+
+
+async def publish_price(settings: Settings, symbol: str, price: str) -> int:
+    Decimal(price)  # fail early on a typo
+    bus = await NatsBus.connect(client_nats_url(settings), "tradeengine-price")
+    try:
+        await bus.nc.publish(f"prices.{symbol}", json.dumps({"symbol": symbol, "price": price}).encode())
+        await bus.nc.flush()
+    finally:
+        await bus.close()
+    console.print(f"tick {symbol} {price}")
+    return 0
+
+
+def describe(event: Event) -> str:
+    """One readable line per event."""
+    match event:
+        case SignalDecided():
+            colour = {"accepted": "green", "rejected": "red", "duplicate": "yellow"}.get(event.outcome, "dim")
+            return (
+                f"[{colour}]DECIDED {event.outcome.value:<9}[/] {event.strategy_id} {event.action.value} "
+                f"{event.symbol} {event.reason_code}: {event.reason}"
+            )
+        case PositionOpened():
+            ep = event.exchange_position
+            return (
+                f"[cyan]OPENED[/] {event.strategy_id} {event.symbol} {event.side.value} {event.quantity} "
+                f"@ {event.entry_price} tp={event.take_profit_price} sl={event.stop_loss_price} "
+                f"| {ep.key} {ep.quantity_before}->{ep.quantity_after} avg {ep.avg_entry_price}"
+            )
+        case PositionClosed():
+            colour = "green" if event.realized_pnl >= 0 else "red"
+            return (
+                f"[magenta]CLOSED[/] {event.strategy_id} {event.symbol} {event.side.value} "
+                f"{event.closed_quantity} @ {event.exit_price} {event.close_reason.value} "
+                f"pnl [{colour}]{event.realized_pnl}[/] left {event.remaining_quantity} "
+                f"| {event.exchange_position.key} -> {event.exchange_position.quantity_after}"
+            )
+        case SignalDead():
+            return f"[red]DEAD[/] {event.subject} {event.reason_code}: {'; '.join(event.errors)}"
+
+
+async def tail(
+    settings: Settings, as_json: bool, strategy: str | None, symbol: str | None, from_start: bool
+) -> int:
+    bus = await NatsBus.connect(client_nats_url(settings), "tradeengine-tail")
+    queue: asyncio.Queue[Any] = asyncio.Queue()
+
+    async def enqueue(msg: Any) -> None:
+        await queue.put(msg)
+
+    policy = DeliverPolicy.ALL if from_start else DeliverPolicy.NEW
+    try:
+        for subject in EVENT_SUBJECTS:
+            await bus.js.subscribe(subject, cb=enqueue, ordered_consumer=True, deliver_policy=policy)
+        while True:
+            msg = await queue.get()
+            event = decode_event(msg.data)
+            if strategy and getattr(event, "strategy_id", None) != strategy:
+                continue
+            if symbol and getattr(event, "symbol", None) != symbol:
+                continue
+            if as_json:
+                print(msg.data.decode(), flush=True)
+            else:
+                console.print(describe(event))
+    finally:
+        await bus.close()
+
+
+async def report(settings: Settings) -> int:
+    store = await MysqlStore.open(mysql_target(settings), create_database=False)
+    try:
+        async with store.pool.acquire() as conn, conn.cursor() as cur:
+            await cur.execute("SELECT * FROM strategy_performance ORDER BY total_pnl DESC")
+            columns = [d[0] for d in cur.description]
+            rows = await cur.fetchall()
+    finally:
+        await store.close()
+    table = Table(title="strategy_performance")
+    for column in columns:
+        table.add_column(column, justify="left" if column == "strategy_id" else "right")
+    for row in rows:
+        table.add_row(*(_cell(value) for value in row))
+    console.print(table)
+    return 0
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, Decimal):
+        return f"{value.normalize():f}" if value == value.to_integral() else f"{value:.4f}"
+    return "-" if value is None else str(value)

@@ -1,0 +1,118 @@
+"""Start one role or all of them in one process; stop them cleanly on SIGINT / SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Protocol
+
+import structlog
+
+from engine.adapters.embedded_nats import EmbeddedNats
+from engine.adapters.gateway import ExchangeGateway
+from engine.adapters.http import start_http
+from engine.adapters.mysql_store import MysqlStore
+from engine.adapters.nats_bus import NatsBus
+from engine.adapters.paper import PaperExchange
+from engine.app.attribution import AttributionConsumer
+from engine.app.worker import Worker
+from engine.config import DEFAULT_MYSQL_URL, DEFAULT_NATS_URL, ConfigError, MysqlTarget, Settings
+
+log = structlog.get_logger(__name__)
+URL_FILE = "nats.url"
+
+
+class Role(Protocol):
+    ready: asyncio.Event
+
+    async def run(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+def build_gateway(settings: Settings) -> ExchangeGateway:
+    if settings.exchange == "paper":
+        return PaperExchange(settings.position_mode, settings.paper_taker_fee, settings.paper_slippage)
+    raise ConfigError(f"EXCHANGE: {settings.exchange!r} is not available yet; use 'paper'")
+
+
+def client_nats_url(settings: Settings) -> str:
+    """For client commands: NATS_URL, else the URL a local `tradeengine run` wrote, else 4222."""
+    if settings.nats_url:
+        return settings.nats_url
+    written = Path(settings.data_dir) / URL_FILE
+    return written.read_text().strip() if written.exists() else DEFAULT_NATS_URL
+
+
+def mysql_target(settings: Settings) -> MysqlTarget:
+    return MysqlTarget.parse(settings.mysql_url or DEFAULT_MYSQL_URL)
+
+
+async def run_roles(settings: Settings, roles: frozenset[str]) -> None:
+    embedded: EmbeddedNats | None = None
+    cleanups: list[Callable[[], Awaitable[None]]] = []
+    try:
+        url = settings.nats_url
+        if url is None and "worker" in roles and "attribution" in roles:
+            data = Path(settings.data_dir)
+            embedded = EmbeddedNats(settings.embedded_nats_port, data / "nats").start()
+            url = embedded.url
+            (data / URL_FILE).write_text(url)
+            log.info("nats.embedded_started", url=url, pid=embedded.process.pid if embedded.process else None)
+        url = url or DEFAULT_NATS_URL
+        running: list[Role] = []
+        bus = await NatsBus.connect(url, "tradeengine")
+        cleanups.append(bus.close)
+        if "worker" in roles:
+            gateway = build_gateway(settings)
+            cleanups.append(gateway.close)
+            running.append(Worker(settings, bus, gateway))
+        if "attribution" in roles:
+            store = await MysqlStore.open(mysql_target(settings))
+            cleanups.append(store.close)
+            running.append(AttributionConsumer(settings, bus, store))
+        if settings.http_port:
+            runner = await start_http(
+                settings.http_port,
+                lambda: {
+                    "nats": bus.nc.is_connected,
+                    **{type(r).__name__: r.ready.is_set() for r in running},
+                },
+            )
+            cleanups.append(runner.cleanup)
+        await _run_until_signalled(running)
+    finally:
+        for cleanup in reversed(cleanups):
+            try:
+                await asyncio.wait_for(cleanup(), timeout=5.0)
+            except Exception as exc:
+                log.warning(
+                    "shutdown.cleanup_failed", step=getattr(cleanup, "__qualname__", "?"), error=repr(exc)
+                )
+        if embedded is not None:
+            embedded.stop()
+            (Path(settings.data_dir) / URL_FILE).unlink(missing_ok=True)
+
+
+async def _run_until_signalled(roles: list[Role]) -> None:
+    loop = asyncio.get_running_loop()
+
+    def request_stop() -> None:
+        log.info("shutdown.requested")
+        for role in roles:
+            role.stop()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, request_stop)
+    tasks = [asyncio.create_task(role.run(), name=type(role).__name__) for role in roles]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for task in done:
+            if task.exception() is not None:
+                request_stop()
+        await asyncio.gather(*tasks)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)

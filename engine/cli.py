@@ -1,0 +1,115 @@
+"""`tradeengine` command line: roles (`worker`, `attribution`, `run`) and ops commands."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from datetime import UTC, datetime
+from typing import Any
+
+from engine.config import ConfigError, Settings, load_settings
+from engine.logs import configure_logging
+
+ROLES = {"worker": frozenset({"worker"}), "attribution": frozenset({"attribution"}),
+         "run": frozenset({"worker", "attribution"})}  # fmt: skip
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tradeengine", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("worker", help="consume signals, execute, publish events")
+    sub.add_parser("attribution", help="persist events into MySQL")
+    sub.add_parser("run", help="all roles in one process (starts a bundled NATS when NATS_URL is unset)")
+    sub.add_parser("migrate", help="create the database and apply migrations/")
+
+    pub = sub.add_parser("publish", help="publish a signal")
+    pub.add_argument("strategy_id")
+    pub.add_argument("symbol")
+    pub.add_argument("action", choices=["buy", "sell", "close", "hold"])
+    pub.add_argument("--quantity")
+    pub.add_argument("--quote-quantity")
+    pub.add_argument("--confidence", default="1.0")
+    pub.add_argument("--price", help="reference price, used when no tick was seen")
+    pub.add_argument("--take-profit")
+    pub.add_argument("--stop-loss")
+    pub.add_argument("--take-profit-pct")
+    pub.add_argument("--stop-loss-pct")
+    pub.add_argument("--position-side", choices=["LONG", "SHORT"])
+    pub.add_argument("--signal-id")
+    pub.add_argument("--raw", help="publish this JSON payload as it is")
+
+    price = sub.add_parser("price", help="publish a price tick on prices.<symbol>")
+    price.add_argument("symbol")
+    price.add_argument("price")
+
+    tail = sub.add_parser("tail", help="follow decisions, positions and dead letters")
+    tail.add_argument("--json", action="store_true", help="one JSON event per line")
+    tail.add_argument("--strategy")
+    tail.add_argument("--symbol")
+    tail.add_argument("--all", action="store_true", help="from the start of the stream")
+
+    sub.add_parser("report", help="strategy performance from MySQL")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        print(f"tradeengine: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_format, settings.log_level)
+    try:
+        return asyncio.run(_dispatch(args, settings))
+    except ConfigError as exc:
+        print(f"tradeengine: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
+    from engine.app import commands, runner
+
+    if args.command in ROLES:
+        await runner.run_roles(settings, ROLES[args.command])
+        return 0
+    if args.command == "migrate":
+        return await commands.migrate(settings)
+    if args.command == "publish":
+        return await commands.publish(settings, _signal_payload(args))
+    if args.command == "price":
+        return await commands.publish_price(settings, args.symbol, args.price)
+    if args.command == "tail":
+        return await commands.tail(settings, args.json, args.strategy, args.symbol, args.all)
+    if args.command == "report":
+        return await commands.report(settings)
+    raise AssertionError(args.command)
+
+
+def _signal_payload(args: argparse.Namespace) -> dict[str, Any]:
+    if args.raw:
+        payload: dict[str, Any] = json.loads(args.raw)
+        return payload
+    payload = {
+        "strategy_id": args.strategy_id,
+        "symbol": args.symbol,
+        "action": args.action,
+        "confidence": args.confidence,
+        "timestamp": datetime.now(UTC).isoformat(),
+    }
+    optional = {
+        "quantity": args.quantity, "quote_quantity": args.quote_quantity, "price": args.price,
+        "take_profit": args.take_profit, "stop_loss": args.stop_loss,
+        "take_profit_pct": args.take_profit_pct, "stop_loss_pct": args.stop_loss_pct,
+        "position_side": args.position_side, "signal_id": args.signal_id,
+    }  # fmt: skip
+    payload.update({k: v for k, v in optional.items() if v is not None})
+    return payload
+
+
+if __name__ == "__main__":
+    sys.exit(main())
