@@ -203,7 +203,7 @@ class PositionBook:
         after = ep.quantity - qty
         cost_after = ep.cost - sp.entry_price * qty
         return PositionClosed(
-            event_id=derive_id("position.closed", sp.id, str(sp.closes + 1)),
+            event_id=self.next_close_event_id(sp),
             occurred_at=at,
             strategy_position_id=sp.id,
             strategy_id=sp.strategy_id,
@@ -230,6 +230,11 @@ class PositionBook:
             ),
             signal_id=intent.signal_id,
         )
+
+    @staticmethod
+    def next_close_event_id(sp: StrategyPosition) -> str:
+        """Close events are numbered per slice, so replays and retries derive the same id."""
+        return derive_id("position.closed", sp.id, str(sp.closes + 1))
 
     # --- the one place state changes -----------------------------------------------------
     def apply(self, event: PositionOpened | PositionClosed) -> None:
@@ -281,8 +286,8 @@ class PositionBook:
     def _apply_closed(self, e: PositionClosed) -> None:
         pid = StrategyPositionId(e.strategy_position_id)
         sp = self.positions.get(pid)
-        if sp is None:
-            return
+        if sp is None or e.event_id != self.next_close_event_id(sp):
+            return  # a duplicate delivery of a close already applied
         sp.remaining -= e.closed_quantity
         sp.entry_fee_left -= e.entry_fee_share
         sp.realized_pnl += e.realized_pnl
