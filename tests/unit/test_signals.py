@@ -142,9 +142,7 @@ json_values = st.recursive(
 )
 
 
-@given(
-    st.dictionaries(st.sampled_from(list(base()) + ["confidence", "timestamp", "take_profit"]), json_values)
-)
+@given(st.dictionaries(st.sampled_from([*base(), "confidence", "timestamp", "take_profit"]), json_values))
 def test_parse_never_raises_on_any_json_object(payload: dict[str, object]) -> None:
     result = parse(payload)
     assert isinstance(result, Signal | MalformedSignal)
