@@ -5,6 +5,9 @@ from __future__ import annotations
 from prometheus_client import Counter, Gauge, Histogram
 
 SIGNALS = Counter("tradeengine_signals_total", "Signals decided, by outcome", ["outcome", "reason_code"])
+REDELIVERED_SKIPPED = Counter(
+    "tradeengine_signals_redelivered_total", "Redelivered signals whose decision was already stored"
+)
 DEAD_LETTERS = Counter("tradeengine_dead_letters_total", "Malformed signals dead-lettered", ["reason_code"])
 DECISION_LATENCY = Histogram(
     "tradeengine_decision_latency_seconds",

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import nats
+import nats.errors
 import structlog
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -135,13 +136,16 @@ class NatsBus:
         name = consumer.name or ""
         sub = await self.js.pull_subscribe_bind(consumer=name, stream=EVENTS_STREAM)
         try:
-            seen = 0
-            while seen < last:
-                msgs = await sub.fetch(batch, timeout=5.0)
+            done = False
+            while not done:
+                try:
+                    msgs = await sub.fetch(batch, timeout=5.0)
+                except (nats.errors.TimeoutError, TimeoutError):
+                    continue  # a slow server is not the end of the history
                 for msg in msgs:
-                    seen = msg.metadata.sequence.stream
                     yield decode_event(msg.data)
-                    if seen >= last:
+                    if msg.metadata.sequence.stream >= last or msg.metadata.num_pending == 0:
+                        done = True
                         break
         finally:
             await sub.unsubscribe()

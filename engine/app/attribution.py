@@ -38,7 +38,7 @@ class AttributionConsumer:
             while not self._stopping.is_set():
                 try:
                     msgs = await sub.fetch(1000, timeout=0.5)
-                except nats.errors.TimeoutError:
+                except (nats.errors.TimeoutError, TimeoutError):  # nats-py raises either
                     continue
                 await self.persist(msgs)
         finally:

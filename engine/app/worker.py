@@ -80,7 +80,7 @@ class Worker:
             while not self._stopping.is_set():
                 try:
                     msgs = await sub.fetch(self.settings.fetch_batch, timeout=0.5)
-                except nats.errors.TimeoutError:
+                except (nats.errors.TimeoutError, TimeoutError):  # nats-py raises either
                     continue
                 await self.process_batch(msgs)
         finally:
@@ -130,6 +130,7 @@ class Worker:
         prior = self.ledger.decided_at(signal.strategy_id, signal.id)
         if prior is not False:
             if prior == sequence:
+                metrics.REDELIVERED_SKIPPED.inc()
                 log.info("signal.redelivered")  # its events are already stored
                 return
             self._decide(

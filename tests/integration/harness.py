@@ -1,0 +1,209 @@
+"""Runs the real worker and attribution consumer against real servers and watches EVENTS."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Awaitable, Callable
+from decimal import Decimal
+from types import TracebackType
+from typing import Any, TypeVar
+
+import nats
+from nats.aio.client import Client
+from nats.js.api import DeliverPolicy
+
+from engine.adapters.mysql_store import MysqlStore
+from engine.adapters.nats_bus import EVENT_SUBJECTS, NatsBus
+from engine.adapters.paper import PaperExchange
+from engine.app.attribution import AttributionConsumer
+from engine.app.worker import Worker
+from engine.config import MysqlTarget, Settings, load_settings
+from engine.domain.events import (
+    Event,
+    PositionClosed,
+    PositionOpened,
+    SignalDead,
+    SignalDecided,
+    decode_event,
+)
+
+T = TypeVar("T")
+
+
+async def eventually(probe: Callable[[], T | None], timeout: float = 10.0, what: str = "condition") -> T:
+    """Poll `probe` until it returns something truthy, with a deadline (no blind sleeps)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+async def eventually_async(
+    probe: Callable[[], Awaitable[bool]], timeout: float = 10.0, what: str = "condition"
+) -> None:
+    deadline = time.monotonic() + timeout
+    while not await probe():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+class Pipeline:
+    def __init__(self, nats_url: str, mysql_url: str, **overrides: Any) -> None:
+        self.settings: Settings = load_settings(
+            nats_url=nats_url,
+            mysql_url=mysql_url,
+            http_port=None,
+            **{k.lower(): v for k, v in overrides.items()},
+        )
+        self.events: list[Event] = []
+        self.client: Client | None = None
+        self.worker: Worker | None = None
+        self.worker_bus: NatsBus | None = None
+        self.worker_task: asyncio.Task[None] | None = None
+        self.attribution: AttributionConsumer | None = None
+        self.attribution_task: asyncio.Task[None] | None = None
+        self.store: MysqlStore | None = None
+        self.attribution_bus: NatsBus | None = None
+
+    async def __aenter__(self) -> Pipeline:
+        self.client = await nats.connect(self.settings.nats_url)
+        bootstrap = NatsBus(self.client)
+        await bootstrap.ensure_streams()
+        for subject in EVENT_SUBJECTS:
+            await self.client.jetstream().subscribe(
+                subject, cb=self._collect, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
+            )
+        await self.start_worker()
+        await self.start_attribution()
+        return self
+
+    async def __aexit__(self, *exc: tuple[type[BaseException], BaseException, TracebackType] | None) -> None:
+        await self.stop_worker()
+        await self.stop_attribution()
+        if self.client is not None:
+            await self.client.close()
+
+    async def _collect(self, msg: Any) -> None:
+        self.events.append(decode_event(msg.data))
+
+    # --- roles ---------------------------------------------------------------------------
+    async def start_worker(self) -> Worker:
+        assert self.settings.nats_url
+        self.worker_bus = await NatsBus.connect(self.settings.nats_url, "test-worker")
+        gateway = PaperExchange(self.settings.position_mode, self.settings.paper_taker_fee)
+        self.worker = Worker(self.settings, self.worker_bus, gateway)
+        self.worker_task = asyncio.create_task(self.worker.run())
+        await self._until_ready(self.worker.ready, self.worker_task)
+        return self.worker
+
+    async def stop_worker(self) -> None:
+        if self.worker and self.worker_task:
+            self.worker.stop()
+            await asyncio.wait_for(self.worker_task, 10)
+        if self.worker_bus:
+            await self.worker_bus.close()
+        self.worker = self.worker_task = self.worker_bus = None
+
+    async def start_attribution(self) -> None:
+        assert self.settings.nats_url and self.settings.mysql_url
+        self.attribution_bus = await NatsBus.connect(self.settings.nats_url, "test-attribution")
+        self.store = await MysqlStore.open(MysqlTarget.parse(self.settings.mysql_url))
+        self.attribution = AttributionConsumer(self.settings, self.attribution_bus, self.store)
+        self.attribution_task = asyncio.create_task(self.attribution.run())
+        await self._until_ready(self.attribution.ready, self.attribution_task)
+
+    async def stop_attribution(self) -> None:
+        if self.attribution and self.attribution_task:
+            self.attribution.stop()
+            await asyncio.wait_for(self.attribution_task, 10)
+        if self.attribution_bus:
+            await self.attribution_bus.close()
+        if self.store:
+            await self.store.close()
+        self.attribution = self.attribution_task = self.attribution_bus = self.store = None
+
+    @staticmethod
+    async def _until_ready(ready: asyncio.Event, task: asyncio.Task[None]) -> None:
+        waiter = asyncio.create_task(ready.wait())
+        done, _ = await asyncio.wait({waiter, task}, timeout=20, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            task.result()  # raises what the role died of
+        assert waiter in done, "role did not become ready"
+
+    # --- inputs --------------------------------------------------------------------------
+    async def publish(self, strategy_id: str, symbol: str, action: str, **fields: Any) -> str:
+        payload = {"strategy_id": strategy_id, "symbol": symbol, "action": action, **fields}
+        signal_id = str(
+            fields.get("signal_id") or f"{strategy_id}-{action}-{len(self.events)}-{time.monotonic_ns()}"
+        )
+        payload["signal_id"] = signal_id
+        await self.publish_raw(
+            f"signals.{strategy_id}.{symbol}", json.dumps(payload, default=str).encode(), signal_id
+        )
+        return signal_id
+
+    async def publish_raw(self, subject: str, data: bytes, msg_id: str | None = None) -> bool:
+        assert self.client is not None
+        ack = await self.client.jetstream().publish(
+            subject, data, headers={"Nats-Msg-Id": msg_id} if msg_id else None
+        )
+        return not ack.duplicate
+
+    async def tick(self, symbol: str, price: str) -> None:
+        assert self.client is not None and self.worker is not None
+        worker = self.worker
+        await self.client.publish(f"prices.{symbol}", json.dumps({"symbol": symbol, "price": price}).encode())
+        await eventually(
+            lambda: worker.last_prices.get(symbol) == Decimal(price), what=f"tick {symbol} {price}"
+        )
+
+    # --- observations --------------------------------------------------------------------
+    async def decision(self, signal_id: str, timeout: float = 10.0) -> SignalDecided:
+        def find() -> SignalDecided | None:
+            return next((e for e in self.decisions() if e.signal_id == signal_id), None)
+
+        return await eventually(find, timeout, what=f"decision for {signal_id}")
+
+    def decisions(self) -> list[SignalDecided]:
+        return [e for e in self.events if isinstance(e, SignalDecided)]
+
+    def opened(self) -> list[PositionOpened]:
+        return [e for e in self.events if isinstance(e, PositionOpened)]
+
+    def closed(self) -> list[PositionClosed]:
+        return [e for e in self.events if isinstance(e, PositionClosed)]
+
+    def dead(self) -> list[SignalDead]:
+        return [e for e in self.events if isinstance(e, SignalDead)]
+
+    async def wait_events(self, predicate: Callable[[list[Event]], bool], what: str = "events") -> None:
+        await eventually(lambda: predicate(self.events), what=what)
+
+    async def stored_event_count(self) -> int:
+        assert self.client is not None
+        info = await self.client.jetstream().stream_info("EVENTS")
+        return int(info.state.messages)
+
+    async def mysql_caught_up(self, timeout: float = 15.0) -> None:
+        expected = await self.stored_event_count()
+        deadline = time.monotonic() + timeout
+        while (await self.query("SELECT COUNT(*) AS n FROM processed_events"))[0]["n"] < expected:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"MySQL did not reach {expected} events")
+            await asyncio.sleep(0.02)
+
+    async def query(self, sql: str, *args: Any) -> list[dict[str, Any]]:
+        assert self.store is not None
+        async with self.store.pool.acquire() as conn, conn.cursor() as cur:
+            await cur.execute(sql, args or None)
+            columns = [d[0] for d in cur.description]
+            rows = [dict(zip(columns, row, strict=True)) for row in await cur.fetchall()]
+            await conn.commit()  # end the snapshot so the next poll sees new rows
+            return rows
