@@ -124,7 +124,11 @@ class Worker:
             signal_id=parsed.signal_id, strategy_id=parsed.strategy_id, symbol=parsed.symbol
         ):
             async with self._symbol_locks[parsed.symbol]:
-                await self.on_signal(parsed, sequence)
+                try:
+                    await self.on_signal(parsed, sequence)
+                except Exception as exc:  # a bug must cost one signal, not the worker
+                    log.exception("signal.internal_error")
+                    self._decide(parsed, sequence, Outcome.REJECTED, "internal_error", repr(exc)[:500], ())
 
     async def on_signal(self, signal: Signal, sequence: int) -> None:
         prior = self.ledger.decided_at(signal.strategy_id, signal.id)
