@@ -9,6 +9,8 @@ import sys
 from datetime import UTC, datetime
 from typing import Any
 
+import uvloop
+
 from engine.config import ConfigError, Settings, load_settings
 from engine.logs import configure_logging
 
@@ -63,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     configure_logging(settings.log_format, settings.log_level)
     try:
-        return asyncio.run(_dispatch(args, settings))
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(_dispatch(args, settings))
     except ConfigError as exc:
         print(f"tradeengine: {exc}", file=sys.stderr)
         return 2

@@ -2,7 +2,23 @@
 
 from __future__ import annotations
 
+from typing import Any, TypeVar, cast
+
 from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client.metrics import MetricWrapperBase
+
+M = TypeVar("M", bound=MetricWrapperBase)
+_children: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+
+def child(metric: M, *labels: str) -> M:
+    """`metric.labels(...)` resolved once per label set (it is on the hot path)."""
+    key = (id(metric), labels)
+    found = _children.get(key)
+    if found is None:
+        found = _children[key] = metric.labels(*labels)
+    return cast(M, found)
+
 
 SIGNALS = Counter("tradeengine_signals_total", "Signals decided, by outcome", ["outcome", "reason_code"])
 REDELIVERED_SKIPPED = Counter(

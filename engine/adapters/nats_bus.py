@@ -152,18 +152,49 @@ class NatsBus:
             with contextlib.suppress(NotFoundError):
                 await self.js.delete_consumer(EVENTS_STREAM, name)
 
-    async def durable_pull(
+    async def durable_consumer(
         self, stream: str, durable: str, subject: str, max_ack_pending: int = 4096
-    ) -> JetStreamContext.PullSubscription:
+    ) -> JetStreamContext.PushSubscription:
+        """(Re)start our durable push consumer at its ack floor and subscribe to it.
+
+        - Ack policy ALL: our roles finish whole batches in stream order, so acking the last
+          message of a batch acknowledges the batch.
+        - Push, not pull: a pull either waits for a full batch (latency) or costs a round trip
+          per batch (throughput); push delivers continuously and `next_batch` takes what came.
+        - Restart at the ack floor: messages handed to a process that died are otherwise
+          redelivered only after ack_wait, behind newer ones; re-creating the consumer at
+          floor + 1 redelivers them at once and in stream order. Our dedupe ledger makes the
+          already-processed ones no-ops. This assumes one process per durable (DESIGN §4.3).
+        """
+        start_seq = 0
+        with contextlib.suppress(NotFoundError):
+            info = await self.js.consumer_info(stream, durable)
+            start_seq = (info.ack_floor.stream_seq if info.ack_floor else 0) + 1
+            await self.js.delete_consumer(stream, durable)
         config = ConsumerConfig(
             durable_name=durable,
-            ack_policy=AckPolicy.EXPLICIT,
-            deliver_policy=DeliverPolicy.ALL,
+            ack_policy=AckPolicy.ALL,
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE if start_seq > 1 else DeliverPolicy.ALL,
+            opt_start_seq=start_seq if start_seq > 1 else None,
             ack_wait=60.0,
             max_ack_pending=max_ack_pending,
             filter_subject=subject,
         )
-        return await self.js.pull_subscribe(subject, durable=durable, stream=stream, config=config)
+        return await self.js.subscribe(
+            subject, durable=durable, stream=stream, config=config, manual_ack=True,
+            pending_msgs_limit=max_ack_pending * 2,
+        )  # fmt: skip
+
+    @staticmethod
+    async def next_batch(sub: JetStreamContext.PushSubscription, batch: int, idle_wait: float) -> list[Msg]:
+        """Wait up to `idle_wait` for one message, then take what else has already arrived."""
+        try:
+            msgs = [await sub.next_msg(timeout=idle_wait)]
+        except (nats.errors.TimeoutError, TimeoutError):
+            return []
+        while len(msgs) < batch and sub.pending_msgs > 0:
+            msgs.append(await sub.next_msg())
+        return msgs
 
     async def subscribe_prices(self, handler: Callable[[Msg], Awaitable[None]]) -> Any:
         return await self.nc.subscribe(PRICE_SUBJECT, cb=handler, pending_msgs_limit=65_536)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 
-import nats.errors
 import structlog
 from nats.aio.msg import Msg
 
@@ -31,16 +30,14 @@ class AttributionConsumer:
     async def run(self) -> None:
         await self.bus.ensure_streams()
         await self.store.migrate()
-        sub = await self.bus.durable_pull(EVENTS_STREAM, self.settings.attribution_durable, ">")
+        sub = await self.bus.durable_consumer(EVENTS_STREAM, self.settings.attribution_durable, ">")
         self.ready.set()
         log.info("attribution.ready", database=self.store.target.database)
         try:
             while not self._stopping.is_set():
-                try:
-                    msgs = await sub.fetch(1000, timeout=0.5)
-                except (nats.errors.TimeoutError, TimeoutError):  # nats-py raises either
-                    continue
-                await self.persist(msgs)
+                msgs = await self.bus.next_batch(sub, 1000, idle_wait=0.5)
+                if msgs:
+                    await self.persist(msgs)
         finally:
             self.ready.clear()
             log.info("attribution.stopped")
@@ -64,8 +61,8 @@ class AttributionConsumer:
                     raise
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
-        for msg in msgs:
-            await msg.ack()
+        if msgs:
+            await msgs[-1].ack()  # AckPolicy.ALL: acknowledges the whole batch
         metrics.ATTRIBUTION_BATCH.observe(len(batch))
         for event, _ in batch:
             metrics.EVENTS_PERSISTED.labels(event.type).inc()

@@ -73,16 +73,14 @@ class Worker:
         await self.bus.ensure_streams()
         await self.recover()
         self._price_sub = await self.bus.subscribe_prices(self.on_price_message)
-        sub = await self.bus.durable_pull(SIGNALS_STREAM, self.settings.worker_durable, "signals.>")
+        sub = await self.bus.durable_consumer(SIGNALS_STREAM, self.settings.worker_durable, "signals.>")
         self.ready.set()
         log.info("worker.ready", open_positions=len(self.book.positions), venue=self.gateway.name)
         try:
             while not self._stopping.is_set():
-                try:
-                    msgs = await sub.fetch(self.settings.fetch_batch, timeout=0.5)
-                except (nats.errors.TimeoutError, TimeoutError):  # nats-py raises either
-                    continue
-                await self.process_batch(msgs)
+                msgs = await self.bus.next_batch(sub, self.settings.fetch_batch, idle_wait=0.5)
+                if msgs:
+                    await self.process_batch(msgs)
         finally:
             self.ready.clear()
             await self._flush()
@@ -108,8 +106,8 @@ class Worker:
         for msg in msgs:
             await self.on_signal_message(msg)
         await self._flush()
-        for msg in msgs:
-            await msg.ack()
+        if msgs:
+            await msgs[-1].ack()  # AckPolicy.ALL: acknowledges the whole batch
         elapsed = time.perf_counter() - started
         for _ in msgs:
             metrics.DECISION_LATENCY.observe(elapsed)
@@ -159,18 +157,19 @@ class Worker:
             )
             return
 
+        now = self.clock()
         verdict = decide(
             signal,
             self.book,
             self.gateway.market(signal.symbol),
             self.last_prices.get(signal.symbol),
-            self.clock(),
+            now,
             self.rules,
         )
         if not isinstance(verdict, Accepted):
             self._decide(signal, sequence, verdict.outcome, verdict.reason_code, verdict.reason, ())
             return
-        refused = await self._execute(verdict)
+        refused = await self._execute(verdict, now)
         if refused is None:
             self._decide(
                 signal, sequence, Outcome.ACCEPTED, "accepted", verdict.reason, verdict.strategy_position_ids
@@ -178,7 +177,7 @@ class Worker:
         else:
             self._decide(signal, sequence, Outcome.REJECTED, refused.reason_code, str(refused), ())
 
-    async def _execute(self, verdict: Accepted) -> OrderRejected | None:
+    async def _execute(self, verdict: Accepted, now: datetime) -> OrderRejected | None:
         for intent in verdict.orders:
             started = time.perf_counter()
             try:
@@ -187,8 +186,8 @@ class Worker:
                 metrics.ORDER_ERRORS.labels(self.gateway.name, exc.reason_code).inc()
                 log.warning("order.rejected", reason_code=exc.reason_code, error=str(exc))
                 return exc
-            metrics.ORDER_LATENCY.labels(self.gateway.name).observe(time.perf_counter() - started)
-            for event in self.book.settle(intent, fill, self.clock()):
+            metrics.child(metrics.ORDER_LATENCY, self.gateway.name).observe(time.perf_counter() - started)
+            for event in self.book.settle(intent, fill, now):
                 self._remember(event)
                 self._emit(event)
         return None
@@ -217,7 +216,7 @@ class Worker:
             confidence=signal.confidence,
             signal_sequence=sequence,
         )
-        metrics.SIGNALS.labels(outcome.value, reason_code).inc()
+        metrics.child(metrics.SIGNALS, outcome.value, reason_code).inc()
         log.info("signal.decided", outcome=outcome.value, reason_code=reason_code, reason=reason)
         self._remember(decided)
         self._emit(decided)
@@ -284,9 +283,9 @@ class Worker:
                     self.book.apply(event)
                 self.ledger.apply(event)
                 if not replay:
-                    metrics.STRATEGY_POSITIONS_OPENED.labels(event.strategy_id).inc()
+                    metrics.child(metrics.STRATEGY_POSITIONS_OPENED, event.strategy_id).inc()
                     if event.exchange_position.quantity_before == 0:
-                        metrics.EXCHANGE_POSITIONS_OPENED.labels(event.side.value).inc()
+                        metrics.child(metrics.EXCHANGE_POSITIONS_OPENED, event.side.value).inc()
             case PositionClosed():
                 if replay:
                     self.book.apply(event)
@@ -295,9 +294,11 @@ class Worker:
                         event.strategy_id, event.close_reason.value
                     ).inc()
                     if event.realized_pnl >= 0:
-                        metrics.REALIZED_PNL.labels(event.strategy_id).inc(float(event.realized_pnl))
+                        metrics.child(metrics.REALIZED_PNL, event.strategy_id).inc(float(event.realized_pnl))
                     else:
-                        metrics.REALIZED_LOSS.labels(event.strategy_id).inc(float(-event.realized_pnl))
+                        metrics.child(metrics.REALIZED_LOSS, event.strategy_id).inc(
+                            float(-event.realized_pnl)
+                        )
             case SignalDead():
                 pass
         if not replay:

@@ -99,12 +99,13 @@ class PositionBook:
     positions: dict[StrategyPositionId, StrategyPosition] = field(default_factory=dict)
     exchange: dict[PositionKey, ExchangePosition] = field(default_factory=dict)
     # Insertion-ordered: iteration is FIFO by opening time.
-    by_key: dict[PositionKey, dict[StrategyPositionId, None]] = field(default_factory=dict)
+    by_key: dict[PositionKey, dict[StrategyPositionId, StrategyPosition]] = field(default_factory=dict)
     triggers: TriggerIndex = field(default_factory=TriggerIndex)
 
     # --- queries -------------------------------------------------------------------------
     def open_on(self, key: PositionKey) -> list[StrategyPosition]:
-        return [self.positions[pid] for pid in self.by_key.get(key, ())]
+        keyed = self.by_key.get(key)
+        return list(keyed.values()) if keyed else []
 
     def open_of(self, strategy_id: str, symbol: str, side: PositionSide | None) -> list[StrategyPosition]:
         sides = (side,) if side else (PositionSide.LONG, PositionSide.SHORT)
@@ -137,7 +138,7 @@ class PositionBook:
                 event = self._opened(leg, qty, fill, fee, intent, at)
             else:
                 event = self._closed(leg, qty, fill, fee, intent, at)
-            self.apply(event)
+            self.apply(event, trusted=True)
             events.append(event)
         return events
 
@@ -237,11 +238,13 @@ class PositionBook:
         return derive_id("position.closed", sp.id, str(sp.closes + 1))
 
     # --- the one place state changes -----------------------------------------------------
-    def apply(self, event: PositionOpened | PositionClosed) -> None:
+    def apply(self, event: PositionOpened | PositionClosed, trusted: bool = False) -> None:
+        """`trusted` events were just built by `settle` from this very state, so the
+        duplicate check (needed for replays) can be skipped."""
         if isinstance(event, PositionOpened):
             self._apply_opened(event)
         else:
-            self._apply_closed(event)
+            self._apply_closed(event, trusted)
 
     def replay(self, events: Iterable[PositionOpened | PositionClosed]) -> None:
         for event in events:
@@ -263,7 +266,7 @@ class PositionBook:
         ep.quantity += e.quantity
         ep.cost += e.entry_price * e.quantity
         ep.contributions = e.contribution.sequence
-        self.positions[pid] = StrategyPosition(
+        sp = self.positions[pid] = StrategyPosition(
             id=pid,
             strategy_id=StrategyId(e.strategy_id),
             signal_id=SignalId(e.signal_id),
@@ -280,13 +283,13 @@ class PositionBook:
             exchange_position_id=ep.id,
             opened_at=e.occurred_at,
         )
-        self.by_key.setdefault(key, {})[pid] = None
+        self.by_key.setdefault(key, {})[pid] = sp
         self.triggers.arm(e.symbol, e.side, pid, e.take_profit_price, e.stop_loss_price)
 
-    def _apply_closed(self, e: PositionClosed) -> None:
+    def _apply_closed(self, e: PositionClosed, trusted: bool = False) -> None:
         pid = StrategyPositionId(e.strategy_position_id)
         sp = self.positions.get(pid)
-        if sp is None or e.event_id != self.next_close_event_id(sp):
+        if sp is None or (not trusted and e.event_id != self.next_close_event_id(sp)):
             return  # a duplicate delivery of a close already applied
         sp.remaining -= e.closed_quantity
         sp.entry_fee_left -= e.entry_fee_share

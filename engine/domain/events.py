@@ -6,19 +6,17 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, TypeAdapter
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainSerializer, TypeAdapter
 
 from engine.domain.model import Action, CloseReason, Outcome, PositionSide
 
 SCHEMA_VERSION = 1
 
 
-def _iso_z(value: datetime) -> str:
-    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
-
-
+# Never exponent notation on the wire ("1E+1", "0E-8"), whatever arithmetic produced.
 Amount = Annotated[Decimal, PlainSerializer(lambda d: format(d, "f"), return_type=str)]
-UtcTime = Annotated[datetime, PlainSerializer(_iso_z, return_type=str)]
+# Aware UTC datetimes serialise as ISO-8601 with "Z"; every event time comes from a UTC clock.
+UtcTime = Annotated[datetime, AfterValidator(lambda t: t.astimezone(UTC))]
 
 
 class _Event(BaseModel):

@@ -61,7 +61,10 @@ def parse_timestamp(value: Any) -> datetime:
         seconds = Decimal(repr(value)) if isinstance(value, float) else Decimal(value)
         if seconds > _EPOCH_MS_THRESHOLD:
             seconds /= 1000
-        return datetime.fromtimestamp(float(seconds), tz=UTC)
+        try:
+            return datetime.fromtimestamp(float(seconds), tz=UTC)
+        except (OverflowError, OSError, ValueError) as exc:
+            raise ValueError(f"timestamp {value} is out of range") from exc
     if isinstance(value, datetime):
         parsed = value
     elif isinstance(value, str):

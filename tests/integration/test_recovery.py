@@ -52,8 +52,8 @@ async def test_signal_redelivered_after_a_crash_is_not_executed_again(pipeline: 
     doomed_bus = await NatsBus.connect(pipeline.settings.nats_url, "doomed-worker")
     doomed = Worker(pipeline.settings, doomed_bus, PaperExchange())
     doomed.last_prices["BTCUSDT"] = D("45000")
-    sub = await doomed_bus.durable_pull(SIGNALS_STREAM, pipeline.settings.worker_durable, "signals.>")
-    (msg,) = await sub.fetch(1, timeout=5)
+    sub = await doomed_bus.durable_consumer(SIGNALS_STREAM, pipeline.settings.worker_durable, "signals.>")
+    msg = await sub.next_msg(timeout=5)
     await doomed.on_signal_message(msg)
     await doomed._flush()  # events stored ...
     await msg.nak()  # ... and the ack never comes: redelivered at once

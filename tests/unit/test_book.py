@@ -141,3 +141,12 @@ async def test_strategy_pnl_adds_up_to_the_venue_pnl_exactly(
     strategies_net = sum((e.realized_pnl for e in h.closed()), ZERO)
     assert strategies_net == h.paper.realized_pnl - h.paper.fees_paid
     assert sum((e.fee for e in h.closed()), ZERO) == h.paper.fees_paid
+
+
+def test_derived_ids_are_rfc4122_uuid5() -> None:
+    import uuid
+
+    from engine.domain.model import ID_NAMESPACE, derive_id
+
+    for parts in [("a",), ("position.closed", "x", "1"), ("ü", "")]:
+        assert derive_id(*parts) == str(uuid.uuid5(ID_NAMESPACE, "\x1f".join(parts)))
