@@ -35,7 +35,10 @@ schemas: $(STAMP)
 	$(BIN)/python -m engine.schemas_gen
 
 bench: $(STAMP)
+	$(BIN)/python -m bench.tpsl_scaling
 	$(BIN)/python -m bench.worker_throughput
+	$(BIN)/python -m bench.attribution_throughput
+	$(BIN)/python -m bench.memory
 
 clean:
 	rm -rf $(VENV) .tradeengine .pytest_cache .mypy_cache .ruff_cache

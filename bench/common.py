@@ -20,7 +20,9 @@ def machine() -> str:
         for line in f:
             if line.startswith("MemTotal"):
                 mem_kb = int(line.split()[1])
-    return f"{os.cpu_count()} cores ({cpu}), {mem_kb / 1024 / 1024:.0f} GiB, Python {platform.python_version()}"
+    return (
+        f"{os.cpu_count()} cores ({cpu}), {mem_kb / 1024 / 1024:.0f} GiB, Python {platform.python_version()}"
+    )
 
 
 def percentile(values: list[float], pct: float) -> float:

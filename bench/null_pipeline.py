@@ -29,7 +29,9 @@ async def run(url: str) -> None:
         for msg in msgs:
             signal_id = (msg.headers or {}).get("Nats-Msg-Id", "")
             body = json.dumps({"signal_id": signal_id, "seq": msg.metadata.sequence.stream}).encode()
-            futures.append(await bus.js.publish_async("decisions.null", body, headers={"Nats-Msg-Id": f"n-{signal_id}"}))
+            futures.append(
+                await bus.js.publish_async("decisions.null", body, headers={"Nats-Msg-Id": f"n-{signal_id}"})
+            )
         await asyncio.gather(*futures)
         if msgs:
             await msgs[-1].ack()

@@ -68,13 +68,17 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
-async def ticker(nc: Any, prices: dict[str, float], rng: random.Random, done: asyncio.Event, rate: float) -> int:
+async def ticker(
+    nc: Any, prices: dict[str, float], rng: random.Random, done: asyncio.Event, rate: float
+) -> int:
     """Random-walk ticks so TP/SL levels (0.4% away) are crossed while signals flow."""
     sent = 0
     while not done.is_set():
         symbol = rng.choice(list(SYMBOLS))
         prices[symbol] *= 1 + rng.uniform(-0.003, 0.003)
-        await nc.publish(f"prices.{symbol}", json.dumps({"symbol": symbol, "price": f"{prices[symbol]:.6g}"}).encode())
+        await nc.publish(
+            f"prices.{symbol}", json.dumps({"symbol": symbol, "price": f"{prices[symbol]:.6g}"}).encode()
+        )
         sent += 1
         await asyncio.sleep(1 / rate)
     return sent
@@ -178,7 +182,9 @@ async def main() -> None:
         worker_rate, ticks, rss = await throughput("worker", args.signals, Path(tmp))
         print(f"throughput, {args.signals} preloaded signals (8 strategies, 7 symbols, both sides, closes):")
         print(f"  null pipeline : {null_rate:8.0f} signals/s")
-        print(f"  worker        : {worker_rate:8.0f} signals/s  ({ticks} ticks sent meanwhile, RSS {rss:.0f} MB)")
+        print(
+            f"  worker        : {worker_rate:8.0f} signals/s  ({ticks} ticks sent meanwhile, RSS {rss:.0f} MB)"
+        )
         print(f"  ratio         : {worker_rate / null_rate:8.2f}   (targets: >= 5000/s, ratio >= 0.5)")
         for kind in ("null", "worker"):
             lat = await latency(kind, args.rate, args.seconds, Path(tmp))

@@ -75,11 +75,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
-    from engine.app import commands, runner
-
     if args.command in ROLES:
+        from engine.app import runner  # roles never load rich or the ops commands
+
         await runner.run_roles(settings, ROLES[args.command])
         return 0
+    from engine.app import commands
+
     if args.command == "migrate":
         return await commands.migrate(settings)
     if args.command == "publish":

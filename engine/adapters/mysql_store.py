@@ -108,134 +108,224 @@ class MysqlStore:
         return applied_now
 
     async def write(self, events: Sequence[tuple[Event, int | None]]) -> int:
-        """Apply a batch in one transaction; returns how many events were new."""
-        new = 0
+        """Project a batch in one transaction; returns how many events were new.
+
+        Idempotent: events already in processed_events (or repeated in the batch) are skipped.
+        One multi-row statement per table instead of one per event: the running totals of
+        strategy and exchange positions are folded per row in Python, in event order, and
+        applied with INSERT ... ON DUPLICATE KEY UPDATE."""
+        if not events:
+            return 0
         async with self.pool.acquire() as conn:
             try:
                 async with conn.cursor() as cur:
-                    for event, stream_seq in events:
-                        await cur.execute(
-                            "INSERT IGNORE INTO processed_events (event_id, event_type, stream_seq, processed_at)"
-                            " VALUES (%s, %s, %s, %s)",
-                            (event.event_id, event.type, stream_seq, _utc(datetime.now(UTC))),
-                        )
-                        if cur.rowcount == 0:
-                            continue  # already projected: a replay changes nothing
-                        new += 1
-                        await _PROJECTORS[event.type](cur, event)
+                    fresh = await _unseen(cur, events)
+                    if fresh:
+                        await _project(cur, fresh)
                 await conn.commit()
             except BaseException:
                 await conn.rollback()
                 raise
-        return new
+        return len(fresh)
 
 
-async def _decided(cur: Any, e: SignalDecided) -> None:
-    await cur.execute(
-        "INSERT INTO signal_decisions (event_id, signal_id, strategy_id, symbol, action, outcome,"
-        " reason_code, reason, confidence, strategy_position_ids, decided_at)"
-        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-        (
-            e.event_id, e.signal_id, e.strategy_id, e.symbol, e.action.value, e.outcome.value,
-            e.reason_code, e.reason[:1024], e.confidence, json.dumps(e.strategy_position_ids),
-            _utc(e.occurred_at),
-        ),
+async def _unseen(cur: Any, events: Sequence[tuple[Event, int | None]]) -> list[tuple[Event, int | None]]:
+    ids = list(dict.fromkeys(e.event_id for e, _ in events))
+    marks = ", ".join(["%s"] * len(ids))
+    await cur.execute(f"SELECT event_id FROM processed_events WHERE event_id IN ({marks})", ids)
+    seen = {row[0] for row in await cur.fetchall()}
+    fresh: list[tuple[Event, int | None]] = []
+    for event, seq in events:
+        if event.event_id not in seen:
+            seen.add(event.event_id)
+            fresh.append((event, seq))
+    return fresh
+
+
+async def _project(cur: Any, fresh: list[tuple[Event, int | None]]) -> None:
+    now = _utc(datetime.now(UTC))
+    await cur.executemany(
+        "INSERT INTO processed_events (event_id, event_type, stream_seq, processed_at) VALUES (%s, %s, %s, %s)",
+        [(e.event_id, e.type, seq, now) for e, seq in fresh],
+    )
+    decided = [e for e, _ in fresh if isinstance(e, SignalDecided)]
+    opened = [e for e, _ in fresh if isinstance(e, PositionOpened)]
+    closed = [e for e, _ in fresh if isinstance(e, PositionClosed)]
+    dead = [e for e, _ in fresh if isinstance(e, SignalDead)]
+    if decided:
+        await cur.executemany(_INSERT_DECISION, [_decision_row(e) for e in decided])
+    if dead:
+        await cur.executemany(_INSERT_DEAD, [_dead_row(e) for e in dead])
+    if opened:
+        await cur.executemany(_INSERT_STRATEGY_POSITION, [_strategy_position_row(e) for e in opened])
+        await cur.executemany(_INSERT_CONTRIBUTION, [_contribution_row(e) for e in opened])
+    if closed:
+        await cur.executemany(_INSERT_CLOSE, [_close_row(e) for e in closed])
+        await cur.executemany(_UPSERT_STRATEGY_CLOSES, _fold_strategy_closes(closed))
+    positional = [e for e, _ in fresh if isinstance(e, PositionOpened | PositionClosed)]
+    if positional:
+        await cur.executemany(_UPSERT_EXCHANGE_POSITION, _fold_exchange_positions(positional))
+
+
+_INSERT_DECISION = (
+    "INSERT INTO signal_decisions (event_id, signal_id, strategy_id, symbol, action, outcome,"
+    " reason_code, reason, confidence, strategy_position_ids, decided_at)"
+    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+)
+
+
+def _decision_row(e: SignalDecided) -> tuple[Any, ...]:
+    return (
+        e.event_id, e.signal_id, e.strategy_id, e.symbol, e.action.value, e.outcome.value, e.reason_code,
+        e.reason[:1024], e.confidence, json.dumps(e.strategy_position_ids), _utc(e.occurred_at),
     )  # fmt: skip
 
 
-async def _opened(cur: Any, e: PositionOpened) -> None:
+_INSERT_DEAD = (
+    "INSERT INTO dead_letters (event_id, subject, reason_code, errors, payload, strategy_id, received_at)"
+    " VALUES (%s, %s, %s, %s, %s, %s, %s)"
+)
+
+
+def _dead_row(e: SignalDead) -> tuple[Any, ...]:
+    return (
+        e.event_id, e.subject[:255], e.reason_code, json.dumps(e.errors), e.payload, e.strategy_id,
+        _utc(e.received_at),
+    )  # fmt: skip
+
+
+_INSERT_STRATEGY_POSITION = (
+    "INSERT INTO strategy_positions (strategy_position_id, strategy_id, signal_id, symbol, position_side,"
+    " exchange_position_id, status, entry_price, quantity, remaining_quantity, take_profit_price,"
+    " stop_loss_price, confidence, entry_fee, client_order_id, exchange_order_id, timeframe, metadata,"
+    " opened_at) VALUES (%s, %s, %s, %s, %s, %s, 'open', %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+)
+
+
+def _strategy_position_row(e: PositionOpened) -> tuple[Any, ...]:
+    return (
+        e.strategy_position_id, e.strategy_id, e.signal_id, e.symbol, e.side.value,
+        e.exchange_position.exchange_position_id, e.entry_price, e.quantity, e.quantity, e.take_profit_price,
+        e.stop_loss_price, e.confidence, e.fee, e.client_order_id, e.exchange_order_id, e.timeframe,
+        json.dumps(e.metadata, default=str) if e.metadata is not None else None, _utc(e.occurred_at),
+    )  # fmt: skip
+
+
+_INSERT_CONTRIBUTION = (
+    "INSERT INTO position_contributions (contribution_id, exchange_position_id, strategy_position_id,"
+    " strategy_id, symbol, position_side, sequence, quantity, entry_price, quantity_before,"
+    " quantity_after, avg_entry_price_after, created_at)"
+    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+)
+
+
+def _contribution_row(e: PositionOpened) -> tuple[Any, ...]:
     ep = e.exchange_position
-    at = _utc(e.occurred_at)
-    await cur.execute(
-        "INSERT INTO exchange_positions (exchange_position_id, position_key, symbol, position_side, status,"
-        " quantity, max_quantity, avg_entry_price, contributions, total_fees, opened_at, updated_at)"
-        " VALUES (%s, %s, %s, %s, 'open', %s, %s, %s, 1, %s, %s, %s)"
-        " ON DUPLICATE KEY UPDATE status = 'open', quantity = VALUES(quantity),"
-        " max_quantity = GREATEST(max_quantity, VALUES(quantity)), avg_entry_price = VALUES(avg_entry_price),"
-        " contributions = contributions + 1, total_fees = total_fees + VALUES(total_fees),"
-        " closed_at = NULL, updated_at = VALUES(updated_at)",
-        (
-            ep.exchange_position_id, ep.key, e.symbol, e.side.value, ep.quantity_after, ep.quantity_after,
-            ep.avg_entry_price, e.fee, at, at,
-        ),
-    )  # fmt: skip
-    await cur.execute(
-        "INSERT INTO strategy_positions (strategy_position_id, strategy_id, signal_id, symbol, position_side,"
-        " exchange_position_id, status, entry_price, quantity, remaining_quantity, take_profit_price,"
-        " stop_loss_price, confidence, entry_fee, client_order_id, exchange_order_id, timeframe, metadata,"
-        " opened_at) VALUES (%s, %s, %s, %s, %s, %s, 'open', %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-        (
-            e.strategy_position_id, e.strategy_id, e.signal_id, e.symbol, e.side.value,
-            ep.exchange_position_id, e.entry_price, e.quantity, e.quantity, e.take_profit_price,
-            e.stop_loss_price, e.confidence, e.fee, e.client_order_id, e.exchange_order_id, e.timeframe,
-            json.dumps(e.metadata, default=str) if e.metadata is not None else None, at,
-        ),
-    )  # fmt: skip
-    await cur.execute(
-        "INSERT INTO position_contributions (contribution_id, exchange_position_id, strategy_position_id,"
-        " strategy_id, symbol, position_side, sequence, quantity, entry_price, quantity_before,"
-        " quantity_after, avg_entry_price_after, created_at)"
-        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-        (
-            e.contribution.contribution_id, ep.exchange_position_id, e.strategy_position_id, e.strategy_id,
-            e.symbol, e.side.value, e.contribution.sequence, e.quantity, e.entry_price, ep.quantity_before,
-            ep.quantity_after, ep.avg_entry_price, at,
-        ),
+    return (
+        e.contribution.contribution_id, ep.exchange_position_id, e.strategy_position_id, e.strategy_id,
+        e.symbol, e.side.value, e.contribution.sequence, e.quantity, e.entry_price, ep.quantity_before,
+        ep.quantity_after, ep.avg_entry_price, _utc(e.occurred_at),
     )  # fmt: skip
 
 
-async def _closed(cur: Any, e: PositionClosed) -> None:
-    ep = e.exchange_position
-    at = _utc(e.occurred_at)
-    await cur.execute(
-        "INSERT INTO position_closes (event_id, strategy_position_id, strategy_id, exchange_position_id, symbol,"
-        " position_side, closed_quantity, remaining_quantity, entry_price, exit_price, gross_pnl,"
-        " entry_fee_share, exit_fee, fee, realized_pnl, close_reason, client_order_id, exchange_order_id,"
-        " signal_id, closed_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s,"
-        " %s, %s, %s)",
-        (
-            e.event_id, e.strategy_position_id, e.strategy_id, ep.exchange_position_id, e.symbol,
-            e.side.value, e.closed_quantity, e.remaining_quantity, e.entry_price, e.exit_price, e.gross_pnl,
-            e.entry_fee_share, e.exit_fee, e.fee, e.realized_pnl, e.close_reason.value, e.client_order_id,
-            e.exchange_order_id, e.signal_id, at,
-        ),
-    )  # fmt: skip
-    finished = e.remaining_quantity == 0
-    await cur.execute(
-        "UPDATE strategy_positions SET remaining_quantity = %s, closed_quantity = closed_quantity + %s,"
-        " exit_fees = exit_fees + %s, exit_notional = exit_notional + %s, gross_pnl = gross_pnl + %s,"
-        " realized_pnl = realized_pnl + %s, close_reason = %s, status = %s, closed_at = %s"
-        " WHERE strategy_position_id = %s",
-        (
-            e.remaining_quantity, e.closed_quantity, e.exit_fee, e.exit_price * e.closed_quantity,
-            e.gross_pnl, e.realized_pnl, e.close_reason.value, "closed" if finished else "open",
-            at if finished else None, e.strategy_position_id,
-        ),
-    )  # fmt: skip
-    flat = ep.quantity_after == 0
-    await cur.execute(
-        "UPDATE exchange_positions SET quantity = %s, avg_entry_price = %s, realized_pnl = realized_pnl + %s,"
-        " total_fees = total_fees + %s, status = %s, closed_at = %s, updated_at = %s"
-        " WHERE exchange_position_id = %s",
-        (
-            ep.quantity_after, ep.avg_entry_price, e.realized_pnl, e.exit_fee, "closed" if flat else "open",
-            at if flat else None, at, ep.exchange_position_id,
-        ),
+_INSERT_CLOSE = (
+    "INSERT INTO position_closes (event_id, strategy_position_id, strategy_id, exchange_position_id, symbol,"
+    " position_side, closed_quantity, remaining_quantity, entry_price, exit_price, gross_pnl,"
+    " entry_fee_share, exit_fee, fee, realized_pnl, close_reason, client_order_id, exchange_order_id,"
+    " signal_id, closed_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s,"
+    " %s, %s, %s)"
+)
+
+
+def _close_row(e: PositionClosed) -> tuple[Any, ...]:
+    return (
+        e.event_id, e.strategy_position_id, e.strategy_id, e.exchange_position.exchange_position_id, e.symbol,
+        e.side.value, e.closed_quantity, e.remaining_quantity, e.entry_price, e.exit_price, e.gross_pnl,
+        e.entry_fee_share, e.exit_fee, e.fee, e.realized_pnl, e.close_reason.value, e.client_order_id,
+        e.exchange_order_id, e.signal_id, _utc(e.occurred_at),
     )  # fmt: skip
 
 
-async def _dead(cur: Any, e: SignalDead) -> None:
-    await cur.execute(
-        "INSERT INTO dead_letters (event_id, subject, reason_code, errors, payload, strategy_id, received_at)"
-        " VALUES (%s, %s, %s, %s, %s, %s, %s)",
-        (e.event_id, e.subject[:255], e.reason_code, json.dumps(e.errors), e.payload, e.strategy_id,
-         _utc(e.received_at)),
-    )  # fmt: skip
+# The row exists (its open precedes its closes in the stream), so only the UPDATE part runs;
+# the VALUES list carries the batch's folded deltas and final state per strategy position.
+_UPSERT_STRATEGY_CLOSES = (
+    "INSERT INTO strategy_positions (strategy_position_id, remaining_quantity, closed_quantity, exit_fees,"
+    " exit_notional, gross_pnl, realized_pnl, close_reason, status, closed_at, strategy_id, signal_id, symbol,"
+    " position_side, exchange_position_id, entry_price, quantity, confidence, entry_fee, client_order_id,"
+    " exchange_order_id, opened_at)"
+    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, '', '', '', 'LONG', '', 0, 0, 0, 0, '', '', %s)"
+    " ON DUPLICATE KEY UPDATE remaining_quantity = VALUES(remaining_quantity),"
+    " closed_quantity = closed_quantity + VALUES(closed_quantity), exit_fees = exit_fees + VALUES(exit_fees),"
+    " exit_notional = exit_notional + VALUES(exit_notional), gross_pnl = gross_pnl + VALUES(gross_pnl),"
+    " realized_pnl = realized_pnl + VALUES(realized_pnl), close_reason = VALUES(close_reason),"
+    " status = VALUES(status), closed_at = VALUES(closed_at)"
+)
 
 
-_PROJECTORS: dict[str, Any] = {
-    "signal.decided": _decided,
-    "position.opened": _opened,
-    "position.closed": _closed,
-    "signal.dead": _dead,
-}
+def _fold_strategy_closes(closed: list[PositionClosed]) -> list[tuple[Any, ...]]:
+    folded: dict[str, list[Any]] = {}
+    for e in closed:
+        at = _utc(e.occurred_at)
+        row = folded.get(e.strategy_position_id)
+        if row is None:
+            row = folded[e.strategy_position_id] = [
+                e.strategy_position_id,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                None,
+                None,
+                None,
+            ]
+        row[1] = e.remaining_quantity
+        row[2] += e.closed_quantity
+        row[3] += e.exit_fee
+        row[4] += e.exit_price * e.closed_quantity
+        row[5] += e.gross_pnl
+        row[6] += e.realized_pnl
+        row[7] = e.close_reason.value
+        row[8] = "closed" if e.remaining_quantity == 0 else "open"
+        row[9] = at if e.remaining_quantity == 0 else None
+    return [(*row, row[9] or _utc(closed[0].occurred_at)) for row in folded.values()]
+
+
+_UPSERT_EXCHANGE_POSITION = (
+    "INSERT INTO exchange_positions (exchange_position_id, position_key, symbol, position_side, status,"
+    " quantity, max_quantity, avg_entry_price, contributions, realized_pnl, total_fees, opened_at, closed_at,"
+    " updated_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+    " ON DUPLICATE KEY UPDATE status = VALUES(status), quantity = VALUES(quantity),"
+    " max_quantity = GREATEST(max_quantity, VALUES(max_quantity)), avg_entry_price = VALUES(avg_entry_price),"
+    " contributions = contributions + VALUES(contributions), realized_pnl = realized_pnl + VALUES(realized_pnl),"
+    " total_fees = total_fees + VALUES(total_fees), closed_at = VALUES(closed_at),"
+    " updated_at = VALUES(updated_at)"
+)
+
+
+def _fold_exchange_positions(events: list[PositionOpened | PositionClosed]) -> list[tuple[Any, ...]]:
+    """Per exchange position: final state from the batch's last event, deltas summed in order."""
+    folded: dict[str, list[Any]] = {}
+    for e in events:
+        ep = e.exchange_position
+        at = _utc(e.occurred_at)
+        row = folded.get(ep.exchange_position_id)
+        if row is None:
+            row = folded[ep.exchange_position_id] = [
+                ep.exchange_position_id, ep.key, e.symbol, e.side.value, "open", 0, 0, 0, 0, 0, 0, at, None, at,
+            ]  # fmt: skip
+        flat = ep.quantity_after == 0
+        row[4] = "closed" if flat else "open"
+        row[5] = ep.quantity_after
+        row[6] = max(row[6], ep.quantity_after)
+        row[7] = ep.avg_entry_price
+        if isinstance(e, PositionOpened):
+            row[8] += 1
+            row[10] += e.fee
+        else:
+            row[9] += e.realized_pnl
+            row[10] += e.exit_fee
+        row[12] = at if flat else None
+        row[13] = at
+    return [tuple(row) for row in folded.values()]

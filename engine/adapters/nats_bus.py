@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
@@ -186,14 +187,27 @@ class NatsBus:
         )  # fmt: skip
 
     @staticmethod
-    async def next_batch(sub: JetStreamContext.PushSubscription, batch: int, idle_wait: float) -> list[Msg]:
-        """Wait up to `idle_wait` for one message, then take what else has already arrived."""
+    async def next_batch(
+        sub: JetStreamContext.PushSubscription, batch: int, idle_wait: float, linger: float = 0.0
+    ) -> list[Msg]:
+        """Wait up to `idle_wait` for one message, then take what else has arrived; with
+        `linger`, keep collecting for up to that long (throughput over latency)."""
         try:
             msgs = [await sub.next_msg(timeout=idle_wait)]
         except (nats.errors.TimeoutError, TimeoutError):
             return []
-        while len(msgs) < batch and sub.pending_msgs > 0:
-            msgs.append(await sub.next_msg())
+        deadline = time.monotonic() + linger
+        while len(msgs) < batch:
+            if sub.pending_msgs > 0:
+                msgs.append(await sub.next_msg())
+                continue
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                msgs.append(await sub.next_msg(timeout=remaining))
+            except (nats.errors.TimeoutError, TimeoutError):
+                break
         return msgs
 
     async def subscribe_prices(self, handler: Callable[[Msg], Awaitable[None]]) -> Any:

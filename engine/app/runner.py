@@ -12,12 +12,8 @@ import structlog
 
 from engine.adapters.embedded_nats import EmbeddedNats
 from engine.adapters.gateway import ExchangeGateway
-from engine.adapters.http import start_http
-from engine.adapters.mysql_store import MysqlStore
 from engine.adapters.nats_bus import NatsBus
 from engine.adapters.paper import PaperExchange
-from engine.app.attribution import AttributionConsumer
-from engine.app.worker import Worker
 from engine.config import DEFAULT_MYSQL_URL, DEFAULT_NATS_URL, ConfigError, MysqlTarget, Settings
 
 log = structlog.get_logger(__name__)
@@ -66,14 +62,21 @@ async def run_roles(settings: Settings, roles: frozenset[str]) -> None:
         bus = await NatsBus.connect(url, "tradeengine")
         cleanups.append(bus.close)
         if "worker" in roles:
+            from engine.app.worker import Worker
+
             gateway = build_gateway(settings)
             cleanups.append(gateway.close)
             running.append(Worker(settings, bus, gateway))
         if "attribution" in roles:
+            from engine.adapters.mysql_store import MysqlStore  # the worker never loads asyncmy
+            from engine.app.attribution import AttributionConsumer
+
             store = await MysqlStore.open(mysql_target(settings))
             cleanups.append(store.close)
             running.append(AttributionConsumer(settings, bus, store))
         if settings.http_port:
+            from engine.adapters.http import start_http
+
             runner = await start_http(
                 settings.http_port,
                 lambda: {

@@ -6,6 +6,7 @@ and hands each to `apply`; recovery replays the stored events through `apply` al
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -23,10 +24,10 @@ from engine.domain.model import (
     ExchangePositionId,
     PositionKey,
     PositionSide,
-    SignalId,
     StrategyId,
     StrategyPositionId,
     derive_id,
+    intern_decimal,
 )
 from engine.domain.orders import CloseLeg, Fill, OpenLeg, OrderIntent
 from engine.domain.pnl import average_price, fee_share, gross_pnl, split_pro_rata
@@ -39,7 +40,6 @@ class StrategyPosition:
 
     id: StrategyPositionId
     strategy_id: StrategyId
-    signal_id: SignalId
     symbol: str
     side: PositionSide
     entry_price: Decimal
@@ -254,7 +254,7 @@ class PositionBook:
         pid = StrategyPositionId(e.strategy_position_id)
         if pid in self.positions:
             return
-        key = PositionKey(e.symbol, e.side)
+        key = PositionKey(sys.intern(e.symbol), e.side)
         ep = self.exchange.get(key)
         if ep is None:
             ep = ExchangePosition(
@@ -266,25 +266,28 @@ class PositionBook:
         ep.quantity += e.quantity
         ep.cost += e.entry_price * e.quantity
         ep.contributions = e.contribution.sequence
+        quantity = intern_decimal(e.quantity)
+        take_profit = None if e.take_profit_price is None else intern_decimal(e.take_profit_price)
+        stop_loss = None if e.stop_loss_price is None else intern_decimal(e.stop_loss_price)
         sp = self.positions[pid] = StrategyPosition(
             id=pid,
-            strategy_id=StrategyId(e.strategy_id),
-            signal_id=SignalId(e.signal_id),
-            symbol=e.symbol,
+            # Interned: 100k positions share a handful of strategy and symbol strings.
+            strategy_id=StrategyId(sys.intern(e.strategy_id)),
+            symbol=ep.key.symbol,
             side=e.side,
-            entry_price=e.entry_price,
-            quantity=e.quantity,
-            remaining=e.quantity,
-            take_profit=e.take_profit_price,
-            stop_loss=e.stop_loss_price,
+            entry_price=intern_decimal(e.entry_price),
+            quantity=quantity,
+            remaining=quantity,
+            take_profit=take_profit,
+            stop_loss=stop_loss,
             entry_fee=e.fee,
             entry_fee_left=e.fee,
-            confidence=e.confidence,
+            confidence=intern_decimal(e.confidence),
             exchange_position_id=ep.id,
             opened_at=e.occurred_at,
         )
         self.by_key.setdefault(key, {})[pid] = sp
-        self.triggers.arm(e.symbol, e.side, pid, e.take_profit_price, e.stop_loss_price)
+        self.triggers.arm(key.symbol, e.side, pid, take_profit, stop_loss)
 
     def _apply_closed(self, e: PositionClosed, trusted: bool = False) -> None:
         pid = StrategyPositionId(e.strategy_position_id)

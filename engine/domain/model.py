@@ -37,6 +37,22 @@ def derive_id(*parts: str) -> str:
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
+_DECIMALS: dict[Decimal, Decimal] = {}
+_DECIMAL_CACHE_LIMIT = 1 << 16
+
+
+def intern_decimal(value: Decimal) -> Decimal:
+    """One shared object per distinct value: a book of 100k positions repeats the same
+    quantities, confidences and (tick-rounded) prices over and over."""
+    found = _DECIMALS.get(value)
+    if found is not None and str(found) == str(value):  # 0.10 and 0.1 are equal, not the same
+        return found
+    if len(_DECIMALS) >= _DECIMAL_CACHE_LIMIT:
+        _DECIMALS.clear()
+    _DECIMALS[value] = value
+    return value
+
+
 def derive_client_order_id(*parts: str) -> ClientOrderId:
     """Venue-safe (Binance: [.A-Za-z0-9:/_-]{1,36}) and deterministic: 'te' + 32 hex chars."""
     digest = hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:32]

@@ -10,7 +10,7 @@ import heapq
 from dataclasses import dataclass, field
 from decimal import ROUND_HALF_EVEN, Decimal
 
-from engine.domain.model import CloseReason, PositionSide, StrategyPositionId
+from engine.domain.model import CloseReason, PositionSide, StrategyPositionId, intern_decimal
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,10 +90,14 @@ class TriggerIndex:
             if long_side:
                 heapq.heappush(heaps.rising, (take_profit, token, position_id, CloseReason.TAKE_PROFIT))
             else:
-                heapq.heappush(heaps.falling, (-take_profit, token, position_id, CloseReason.TAKE_PROFIT))
+                heapq.heappush(
+                    heaps.falling, (intern_decimal(-take_profit), token, position_id, CloseReason.TAKE_PROFIT)
+                )
         if stop_loss is not None:
             if long_side:
-                heapq.heappush(heaps.falling, (-stop_loss, token, position_id, CloseReason.STOP_LOSS))
+                heapq.heappush(
+                    heaps.falling, (intern_decimal(-stop_loss), token, position_id, CloseReason.STOP_LOSS)
+                )
             else:
                 heapq.heappush(heaps.rising, (stop_loss, token, position_id, CloseReason.STOP_LOSS))
 

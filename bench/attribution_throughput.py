@@ -1,0 +1,189 @@
+"""Attribution throughput: events/s from EVENTS into MariaDB, against a raw batched insert of the
+same rows in the same run. Targets (issue #6): >= 10,000 events/s, ratio >= 0.5.
+
+    python -m bench.attribution_throughput [--signals N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import tempfile
+import time
+import uuid
+from decimal import Decimal
+from pathlib import Path
+
+import asyncmy
+
+from bench.common import machine
+from engine.adapters.embedded_nats import EmbeddedNats, free_port
+from engine.adapters.mysql_store import MysqlStore
+from engine.adapters.nats_bus import NatsBus
+from engine.app.attribution import AttributionConsumer
+from engine.config import MysqlTarget, load_settings
+from engine.domain.decide import Accepted
+from engine.domain.events import Event, PositionClosed, PositionOpened, SignalDecided
+from engine.domain.model import Outcome, derive_id
+from tests.helpers import NOW, Harness
+
+MYSQL = "mysql://root@127.0.0.1:3306/"
+
+
+async def history(signals: int) -> list[Event]:
+    """A realistic mix: opens, TP/SL closes, signal closes, rejections, and one decision each."""
+    rng = random.Random(3)
+    h = Harness()
+    price = Decimal(3000)
+    await h.tick("ETHUSDT", price)
+    events: list[Event] = []
+    for n in range(signals):
+        if n % 5 == 0:
+            price = (price * Decimal(1 + rng.uniform(-0.01, 0.01))).quantize(Decimal("0.01"))
+            before = len(h.events)
+            await h.tick("ETHUSDT", price)
+            events.extend(h.events[before:])
+        strategy = f"s{rng.randrange(8)}"
+        action = rng.choice(["buy", "sell", "buy", "sell", "close"])
+        fields = {"quantity": "0.01", "confidence": "0.8", "take_profit_pct": "0.01", "stop_loss_pct": "0.01"}
+        before = len(h.events)
+        verdict = await h.signal(
+            strategy, "ETHUSDT", action, signal_id=f"b{n}", **({} if action == "close" else fields)
+        )
+        events.extend(h.events[before:])
+        accepted = isinstance(verdict, Accepted)
+        events.append(SignalDecided(
+            event_id=derive_id("bench-decision", str(n)), occurred_at=NOW, signal_id=f"b{n}", strategy_id=strategy,
+            symbol="ETHUSDT", action=action, outcome=Outcome.ACCEPTED if accepted else verdict.outcome,  # type: ignore[union-attr]
+            reason_code="accepted" if accepted else verdict.reason_code, reason="bench",  # type: ignore[union-attr]
+            strategy_position_ids=list(verdict.strategy_position_ids) if accepted else [],  # type: ignore[union-attr]
+        ))  # fmt: skip
+    return events
+
+
+async def create_db(name: str) -> MysqlTarget:
+    target = MysqlTarget.parse(MYSQL + name)
+    store = await MysqlStore.open(target)
+    await store.migrate()
+    await store.close()
+    return target
+
+
+async def drop_db(name: str) -> None:
+    conn = await asyncmy.connect(host="127.0.0.1", port=3306, user="root", password="")
+    async with conn.cursor() as cur:
+        await cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
+    conn.close()
+
+
+async def through_consumer(events: list[Event], tmp: Path) -> float:
+    server = EmbeddedNats(free_port(), tmp / "nats").start()
+    name = f"te_bench_{uuid.uuid4().hex[:8]}"
+    try:
+        target = await create_db(name)
+        bus = await NatsBus.connect(server.url, "bench")
+        await bus.ensure_streams()
+        for i in range(0, len(events), 1000):
+            await bus.publish_events(events[i : i + 1000])
+        store = await MysqlStore.open(target, create_database=False)
+        consumer = AttributionConsumer(load_settings(nats_url=server.url), bus, store)
+        task = asyncio.create_task(consumer.run())
+        await consumer.ready.wait()
+        started = time.perf_counter()
+        while True:
+            async with store.pool.acquire() as conn, conn.cursor() as cur:
+                await cur.execute("SELECT COUNT(*) FROM processed_events")
+                (count,) = await cur.fetchone()
+                await conn.commit()
+            if count >= len(events):
+                break
+            await asyncio.sleep(0.02)
+        elapsed = time.perf_counter() - started
+        consumer.stop()
+        await task
+        await store.close()
+        await bus.close()
+        return len(events) / elapsed
+    finally:
+        server.stop()
+        await drop_db(name)
+
+
+async def raw_insert(events: list[Event]) -> float:
+    """The floor: the same rows, one executemany per table, no idempotency, no updates."""
+    name = f"te_bench_{uuid.uuid4().hex[:8]}"
+    try:
+        await create_db(name)
+        conn = await asyncmy.connect(host="127.0.0.1", port=3306, user="root", password="", database=name)
+        opened = [e for e in events if isinstance(e, PositionOpened)]
+        closed = [e for e in events if isinstance(e, PositionClosed)]
+        decided = [e for e in events if isinstance(e, SignalDecided)]
+        at = NOW.replace(tzinfo=None)
+        started = time.perf_counter()
+        async with conn.cursor() as cur:
+            await cur.executemany(
+                "INSERT INTO processed_events (event_id, event_type, processed_at) VALUES (%s, %s, %s)",
+                [(e.event_id, e.type, at) for e in events],
+            )
+            await cur.executemany(
+                "INSERT INTO strategy_positions (strategy_position_id, strategy_id, signal_id, symbol, position_side,"
+                " exchange_position_id, status, entry_price, quantity, remaining_quantity, confidence, entry_fee,"
+                " client_order_id, exchange_order_id, opened_at) VALUES (%s,%s,%s,%s,%s,%s,'open',%s,%s,%s,%s,%s,%s,%s,%s)",
+                [(e.strategy_position_id, e.strategy_id, e.signal_id, e.symbol, e.side.value,
+                  e.exchange_position.exchange_position_id, e.entry_price, e.quantity, e.quantity, e.confidence,
+                  e.fee, e.client_order_id, e.exchange_order_id, at) for e in opened],
+            )  # fmt: skip
+            await cur.executemany(
+                "INSERT INTO position_contributions (contribution_id, exchange_position_id, strategy_position_id,"
+                " strategy_id, symbol, position_side, sequence, quantity, entry_price, quantity_before,"
+                " quantity_after, avg_entry_price_after, created_at) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)",
+                [(e.contribution.contribution_id, e.exchange_position.exchange_position_id, e.strategy_position_id,
+                  e.strategy_id, e.symbol, e.side.value, e.contribution.sequence, e.quantity, e.entry_price,
+                  e.exchange_position.quantity_before, e.exchange_position.quantity_after,
+                  e.exchange_position.avg_entry_price, at) for e in opened],
+            )  # fmt: skip
+            await cur.executemany(
+                "INSERT INTO position_closes (event_id, strategy_position_id, strategy_id, exchange_position_id,"
+                " symbol, position_side, closed_quantity, remaining_quantity, entry_price, exit_price, gross_pnl,"
+                " entry_fee_share, exit_fee, fee, realized_pnl, close_reason, client_order_id, exchange_order_id,"
+                " closed_at) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)",
+                [(e.event_id, e.strategy_position_id, e.strategy_id, e.exchange_position.exchange_position_id,
+                  e.symbol, e.side.value, e.closed_quantity, e.remaining_quantity, e.entry_price, e.exit_price,
+                  e.gross_pnl, e.entry_fee_share, e.exit_fee, e.fee, e.realized_pnl, e.close_reason.value,
+                  e.client_order_id, e.exchange_order_id, at) for e in closed],
+            )  # fmt: skip
+            await cur.executemany(
+                "INSERT INTO signal_decisions (event_id, signal_id, strategy_id, symbol, action, outcome,"
+                " reason_code, reason, strategy_position_ids, decided_at) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,'[]',%s)",
+                [(e.event_id, e.signal_id, e.strategy_id, e.symbol, e.action.value, e.outcome.value,
+                  e.reason_code, e.reason, at) for e in decided],
+            )  # fmt: skip
+        await conn.commit()
+        elapsed = time.perf_counter() - started
+        conn.close()
+        return len(events) / elapsed
+    finally:
+        await drop_db(name)
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--signals", type=int, default=8000)
+    args = parser.parse_args()
+    events = await history(args.signals)
+    kinds = {
+        t: sum(1 for e in events if e.type == t)
+        for t in ("signal.decided", "position.opened", "position.closed")
+    }
+    print(f"# attribution: {len(events)} events {kinds} — {machine()}")
+    with tempfile.TemporaryDirectory() as tmp:
+        consumer = await through_consumer(events, Path(tmp))
+    raw = await raw_insert(events)
+    print(f"  attribution consumer : {consumer:8.0f} events/s")
+    print(f"  raw batched insert   : {raw:8.0f} events/s")
+    print(f"  ratio                : {consumer / raw:8.2f}   (targets: >= 10000/s, ratio >= 0.5)")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
