@@ -230,18 +230,18 @@ def _contribution_row(e: PositionOpened) -> tuple[Any, ...]:
 
 _INSERT_CLOSE = (
     "INSERT INTO position_closes (event_id, strategy_position_id, strategy_id, exchange_position_id, symbol,"
-    " position_side, closed_quantity, remaining_quantity, entry_price, exit_price, gross_pnl,"
-    " entry_fee_share, exit_fee, fee, realized_pnl, close_reason, client_order_id, exchange_order_id,"
-    " signal_id, closed_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s,"
-    " %s, %s, %s)"
+    " position_side, closed_quantity, remaining_quantity, entry_price, exit_price, exchange_quantity_after,"
+    " gross_pnl, entry_fee_share, exit_fee, fee, realized_pnl, close_reason, client_order_id,"
+    " exchange_order_id, signal_id, closed_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s,"
+    " %s, %s, %s, %s, %s, %s, %s, %s)"
 )
 
 
 def _close_row(e: PositionClosed) -> tuple[Any, ...]:
     return (
         e.event_id, e.strategy_position_id, e.strategy_id, e.exchange_position.exchange_position_id, e.symbol,
-        e.side.value, e.closed_quantity, e.remaining_quantity, e.entry_price, e.exit_price, e.gross_pnl,
-        e.entry_fee_share, e.exit_fee, e.fee, e.realized_pnl, e.close_reason.value, e.client_order_id,
+        e.side.value, e.closed_quantity, e.remaining_quantity, e.entry_price, e.exit_price,
+        e.exchange_position.quantity_after, e.gross_pnl, e.entry_fee_share, e.exit_fee, e.fee, e.realized_pnl, e.close_reason.value, e.client_order_id,
         e.exchange_order_id, e.signal_id, _utc(e.occurred_at),
     )  # fmt: skip
 
