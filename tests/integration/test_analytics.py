@@ -1,0 +1,375 @@
+"""Every analytics view and every query of docs/analytics.md, against a hand-built history whose
+answers are worked out below. The history goes through the real attribution consumer."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+
+from engine.adapters.embedded_nats import EmbeddedNats, free_port
+from engine.adapters.mysql_store import MysqlStore
+from engine.adapters.nats_bus import NatsBus
+from engine.app.attribution import AttributionConsumer
+from engine.config import MysqlTarget, load_settings
+from engine.domain.decide import Accepted
+from engine.domain.events import Event, PositionOpened, SignalDecided
+from engine.domain.model import Outcome, PositionMode, derive_id
+from tests.helpers import Harness
+
+D = Decimal
+pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
+T0 = datetime(2026, 11, 20, 10, 0, tzinfo=UTC)
+T1 = datetime(2026, 11, 21, 9, 0, tzinfo=UTC)
+DOCS = Path(__file__).parents[2] / "docs" / "analytics.md"
+
+
+def docs_queries() -> dict[str, str]:
+    blocks = re.findall(r"```sql\n-- name: (\w+)\n(.*?)```", DOCS.read_text(), flags=re.S)
+    return {name: sql.strip() for name, sql in blocks}
+
+
+class History:
+    """ETHUSDT in hedge mode and BTCUSDT in one-way mode, taker fee 0.001."""
+
+    def __init__(self) -> None:
+        self.eth = Harness(taker_fee=D("0.001"))
+        self.btc = Harness(mode=PositionMode.ONE_WAY, taker_fee=D("0.001"))
+        self.decisions: list[SignalDecided] = []
+        self.n = 0
+
+    async def signal(
+        self, h: Harness, at: datetime, strategy: str, symbol: str, action: str, **f: Any
+    ) -> None:
+        h.now = at
+        self.n += 1
+        signal_id = f"h{self.n}"
+        verdict = await h.signal(strategy, symbol, action, signal_id=signal_id, **f)
+        accepted = isinstance(verdict, Accepted)
+        self.decisions.append(SignalDecided(
+            event_id=derive_id("signal.decided", strategy, signal_id), occurred_at=at, signal_id=signal_id,
+            strategy_id=strategy, symbol=symbol, action=action,
+            outcome=Outcome.ACCEPTED if accepted else verdict.outcome,  # type: ignore[union-attr]
+            reason_code="accepted" if accepted else verdict.reason_code,  # type: ignore[union-attr]
+            reason="history", strategy_position_ids=list(verdict.strategy_position_ids) if accepted else [],  # type: ignore[union-attr]
+        ))  # fmt: skip
+
+    async def tick(self, h: Harness, at: datetime, symbol: str, price: str) -> None:
+        h.now = at
+        await h.tick(symbol, price)
+
+    async def build(self) -> list[Event]:
+        m = timedelta(minutes=1)
+        eth, btc = self.eth, self.btc
+        await self.tick(eth, T0, "ETHUSDT", "2000")
+        await self.signal(
+            eth,
+            T0,
+            "A",
+            "ETHUSDT",
+            "buy",
+            quantity="1",
+            confidence="0.8",
+            take_profit="2100",
+            stop_loss="1900",
+        )
+        await self.signal(
+            eth, T0 + m, "B", "ETHUSDT", "buy", quantity="1", confidence="0.7", stop_loss="1950"
+        )
+        await self.signal(
+            eth, T0 + 2 * m, "C", "ETHUSDT", "sell", quantity="2", confidence="0.9", take_profit="1900"
+        )
+        await self.tick(eth, T0 + 10 * m, "ETHUSDT", "2100")  # A's TP
+        await self.tick(eth, T0 + 20 * m, "ETHUSDT", "1950")  # B's SL; EP1 flat
+        await self.signal(eth, T1, "C", "ETHUSDT", "close", quantity="0.5")  # partial, at 1950
+        await self.tick(eth, T1 + 5 * m, "ETHUSDT", "1900")  # C's TP on the rest
+        await self.signal(
+            eth, T1 + 10 * m, "A", "ETHUSDT", "buy", quantity="0.5", confidence="0.8"
+        )  # stays open
+        await self.signal(
+            eth, T1 + 11 * m, "D", "ETHUSDT", "buy", quantity="1", confidence="0.5"
+        )  # low_confidence
+        await self.signal(
+            eth, T1 + 12 * m, "B", "ETHUSDT", "buy", quantity="1", confidence="0.9", take_profit="1800"
+        )
+        await self.signal(eth, T1 + 13 * m, "A", "ETHUSDT", "hold")
+        await self.tick(btc, T1 + 30 * m, "BTCUSDT", "40000")
+        await self.signal(btc, T1 + 30 * m, "E", "BTCUSDT", "buy", quantity="0.1", confidence="0.6")
+        await self.tick(btc, T1 + 40 * m, "BTCUSDT", "41000")
+        await self.signal(
+            btc, T1 + 40 * m, "F", "BTCUSDT", "sell", quantity="0.1", confidence="0.9"
+        )  # reverses E
+        events: list[Event] = [*eth.events, *btc.events, *self.decisions]
+        return sorted(events, key=lambda e: e.occurred_at)  # stable: order within an instant is kept
+
+
+class Db:
+    def __init__(self, store: MysqlStore, history: History) -> None:
+        self.store, self.history = store, history
+
+    async def rows(self, sql: str, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        async with self.store.pool.acquire() as conn, conn.cursor() as cur:
+            await cur.execute(sql, params)
+            names = [d[0] for d in cur.description]
+            result = [dict(zip(names, row, strict=True)) for row in await cur.fetchall()]
+            await conn.commit()
+            return result
+
+    async def query(self, name: str, **params: Any) -> list[dict[str, Any]]:
+        return await self.rows(docs_queries()[name], params or None)
+
+    def ep(self, strategy: str) -> str:
+        first = next(e for e in self.history.eth.events + self.history.btc.events
+                     if isinstance(e, PositionOpened) and e.strategy_id == strategy)  # fmt: skip
+        return first.exchange_position.exchange_position_id
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def db(tmp_path_factory: pytest.TempPathFactory, mysql_server: MysqlTarget) -> AsyncIterator[Db]:
+    history = History()
+    events = await history.build()
+    server = EmbeddedNats(free_port(), tmp_path_factory.mktemp("nats")).start()
+    name = f"te_analytics_{free_port()}"
+    auth = mysql_server.user + (f":{mysql_server.password}" if mysql_server.password else "")
+    target = MysqlTarget.parse(f"mysql://{auth}@{mysql_server.host}:{mysql_server.port}/{name}")
+    bus = await NatsBus.connect(server.url, "analytics-test")
+    store = await MysqlStore.open(target)
+    try:
+        await bus.ensure_streams()
+        await store.migrate()
+        await bus.publish_events(events)
+        consumer = AttributionConsumer(load_settings(nats_url=server.url), bus, store)
+        task = asyncio.create_task(consumer.run())
+        helper = Db(store, history)
+        deadline = asyncio.get_running_loop().time() + 20
+        while (await helper.rows("SELECT COUNT(*) AS n FROM processed_events"))[0]["n"] < len(events):
+            assert asyncio.get_running_loop().time() < deadline, "attribution did not catch up"
+            await asyncio.sleep(0.02)
+        consumer.stop()
+        await task
+        yield helper
+    finally:
+        async with store.pool.acquire() as conn, conn.cursor() as cur:
+            await cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
+        await store.close()
+        await bus.close()
+        server.stop()
+
+
+def q(value: Any, places: str = "0.0001") -> Any:
+    return value.quantize(D(places)) if isinstance(value, Decimal) else value
+
+
+async def test_every_docs_query_is_covered_below() -> None:
+    covered = {name[len("test_q_") :] for name in globals() if name.startswith("test_q_")}
+    assert set(docs_queries()) == covered
+
+
+async def test_q_overall(db: Db) -> None:
+    rows = {r["strategy_id"]: r for r in await db.query("overall")}
+    assert [r["strategy_id"] for r in await db.query("overall")][:2] == ["C", "A"]
+    assert (rows["A"]["total_positions"], rows["A"]["open_positions"], rows["A"]["closed_positions"]) == (
+        2,
+        1,
+        1,
+    )
+    assert rows["A"]["total_pnl"] == D("95.9") and rows["A"]["total_fees"] == D("5.05")  # 2 + 2.1 + 0.95
+    assert rows["B"]["total_pnl"] == D("-53.95") and rows["B"]["total_fees"] == D("3.95")
+    assert rows["C"]["total_pnl"] == D("167.175") and rows["C"]["total_fees"] == D("7.825")
+    assert rows["E"]["total_pnl"] == D("91.9") and rows["E"]["total_fees"] == D("8.1")
+    assert rows["F"]["open_positions"] == 1 and rows["F"]["total_fees"] == D("4.1")
+
+
+async def test_q_win_rate_and_profit_factor(db: Db) -> None:
+    rows = {r["strategy_id"]: r for r in await db.query("win_rate_and_profit_factor")}
+    assert (rows["A"]["winning_trades"], rows["A"]["win_rate"], rows["A"]["profit_factor"]) == (1, 1, None)
+    assert (rows["B"]["losing_trades"], rows["B"]["win_rate"], rows["B"]["profit_factor"]) == (1, 0, 0)
+    assert rows["F"]["win_rate"] is None  # no trade yet
+
+
+async def test_q_tp_sl_hit_rates(db: Db) -> None:
+    rows = {(r["strategy_id"], r["position_side"]): r for r in await db.query("tp_sl_hit_rates")}
+    a, b, c, e = rows["A", "LONG"], rows["B", "LONG"], rows["C", "SHORT"], rows["E", "LONG"]
+    assert (a["trades"], a["tp_exits"], a["sl_exits"], a["tp_rate"], a["avg_tp_pnl"]) == (
+        1,
+        1,
+        0,
+        1,
+        D("95.9"),
+    )
+    assert (b["sl_exits"], b["sl_rate"], b["avg_sl_pnl"], b["avg_tp_pnl"]) == (1, 1, D("-53.95"), None)
+    assert (c["tp_exits"], c["avg_tp_pnl"]) == (1, D("167.175"))  # a partial signal close, then the TP
+    assert (e["other_exits"], e["tp_rate"], e["sl_rate"]) == (1, 0, 0)  # reversed
+
+
+async def test_q_tp_vs_sl_for_one_strategy(db: Db) -> None:
+    assert await db.query("tp_vs_sl_for_one_strategy", strategy_id="B") == [
+        {"close_reason": "stop_loss", "trades": 1, "total_pnl": D("-53.95"), "avg_pnl": D("-53.95")}
+    ]
+
+
+async def test_q_contribution_summary(db: Db) -> None:
+    rows = {(r["strategy_id"], r["symbol"]): r for r in await db.query("contribution_summary")}
+    assert (rows["A", "ETHUSDT"]["contributions"], rows["A", "ETHUSDT"]["total_quantity"]) == (2, D("1.5"))
+    assert q(rows["A", "ETHUSDT"]["avg_entry_price"]) == D("1966.6667")  # (2000 + 0.5 * 1900) / 1.5
+    assert rows["C", "ETHUSDT"]["position_side"] == "SHORT"
+    assert rows["F", "BTCUSDT"]["avg_entry_price"] == D("41000")
+
+
+async def test_q_multi_strategy_positions(db: Db) -> None:
+    (row,) = await db.query("multi_strategy_positions")
+    assert (row["position_key"], row["status"], row["strategies"], row["strategies_in_order"]) == (
+        "ETHUSDT_LONG", "closed", 2, "A,B",
+    )  # fmt: skip
+    assert (row["total_quantity"], row["total_pnl"], row["total_fees"]) == (D("2"), D("41.95"), D("8.05"))
+
+
+async def test_q_contribution_timeline(db: Db) -> None:
+    rows = await db.query("contribution_timeline", exchange_position_id=db.ep("A"))
+    assert [(r["kind"], r["strategy_id"], r["quantity"], r["exchange_quantity_after"]) for r in rows] == [
+        ("open", "A", D("1"), D("1")), ("open", "B", D("1"), D("2")),
+        ("close", "A", D("-1"), D("1")), ("close", "B", D("-1"), D("0")),
+    ]  # fmt: skip
+    assert [r["realized_pnl"] for r in rows][2:] == [D("95.9"), D("-53.95")]
+
+
+async def test_q_exchange_position_summary(db: Db) -> None:
+    rows = await db.query("exchange_position_summary")
+    assert [(r["position_key"], r["status"]) for r in rows] == [
+        ("ETHUSDT_LONG", "closed"), ("ETHUSDT_SHORT", "closed"), ("ETHUSDT_LONG", "open"),
+        ("BTCUSDT_LONG", "closed"), ("BTCUSDT_SHORT", "open"),
+    ]  # fmt: skip
+    first = rows[0]
+    assert (first["contributions"], first["strategies"], first["max_quantity"]) == (2, 2, D("2"))
+    assert (first["realized_pnl"], first["total_fees"], first["duration_seconds"]) == (
+        D("41.95"),
+        D("8.05"),
+        1200,
+    )
+    assert rows[1]["realized_pnl"] == D("167.175") and rows[3]["realized_pnl"] == D("91.9")
+
+
+async def test_q_open_vs_closed(db: Db) -> None:
+    open_, closed = await db.query("open_vs_closed")  # ENUM order: open, closed
+    assert (closed["status"], closed["positions"], closed["realized_pnl"]) == ("closed", 4, D("301.025"))
+    assert (open_["status"], open_["positions"], open_["open_quantity"]) == ("open", 2, D("0.6"))
+    assert open_["open_notional"] == D("5050")  # 0.5 * 1900 + 0.1 * 41000
+
+
+async def test_q_daily_pnl(db: Db) -> None:
+    rows = [(r["day"], r["strategy_id"], r["closes"], r["realized_pnl"]) for r in await db.query("daily_pnl")]
+    assert rows == [
+        (date(2026, 11, 20), "A", 1, D("95.9")), (date(2026, 11, 20), "B", 1, D("-53.95")),
+        (date(2026, 11, 21), "C", 2, D("167.175")), (date(2026, 11, 21), "E", 1, D("91.9")),
+    ]  # fmt: skip
+
+
+async def test_q_best_trades(db: Db) -> None:
+    rows = await db.query("best_trades", limit=3)
+    assert [(r["strategy_id"], r["realized_pnl"]) for r in rows] == [
+        ("C", D("167.175")),
+        ("A", D("95.9")),
+        ("E", D("91.9")),
+    ]
+    assert q(rows[0]["pnl_pct"]) == D("4.1794")  # 167.175 / 4000
+
+
+async def test_q_worst_trades(db: Db) -> None:
+    (worst,) = await db.query("worst_trades", limit=1)
+    assert (worst["strategy_id"], worst["realized_pnl"], worst["close_reason"]) == (
+        "B",
+        D("-53.95"),
+        "stop_loss",
+    )
+    assert q(worst["pnl_pct"]) == D("-2.6975")
+
+
+async def test_q_strategy_comparison(db: Db) -> None:
+    rows = {r["strategy_id"]: r for r in await db.query("strategy_comparison")}
+    assert (rows["A"]["trades"], rows["A"]["expectancy"], rows["A"]["max_drawdown"], rows["A"]["tp_rate"]) == (
+        1, D("95.9"), D("0"), 1,
+    )  # fmt: skip
+    assert (rows["B"]["max_drawdown"], rows["B"]["sl_rate"]) == (D("53.95"), 1)
+    assert rows["F"]["trades"] == 0 and rows["F"]["expectancy"] is None
+
+
+async def test_q_performance_by_key(db: Db) -> None:
+    rows = await db.query("performance_by_key", min_trades=1)
+    assert [(r["strategy_id"], r["position_side"], r["total_pnl"]) for r in rows] == [
+        ("C", "SHORT", D("167.175")), ("A", "LONG", D("95.9")), ("E", "LONG", D("91.9")), ("B", "LONG", D("-53.95")),
+    ]  # fmt: skip
+    assert await db.query("performance_by_key", min_trades=2) == []
+
+
+async def test_q_attribution_report(db: Db) -> None:
+    rows = await db.query("attribution_report", exchange_position_id=db.ep("A"))
+    assert [(r["strategy_id"], r["contributed_quantity"], r["quantity_share"], r["realized_pnl"], r["fees"]) for r in rows] == [
+        ("A", D("1"), D("0.5"), D("95.9"), D("4.1")), ("B", D("1"), D("0.5"), D("-53.95"), D("3.95")),
+    ]  # fmt: skip
+
+
+async def test_q_co_entries(db: Db) -> None:
+    assert await db.query("co_entries", minutes=5) == [
+        {"strategy_a": "A", "strategy_b": "B", "co_entries": 1}
+    ]
+    # within two days A's second entry (day 2) also pairs with B's first (day 1)
+    assert await db.query("co_entries", minutes=2 * 24 * 60) == [
+        {"strategy_a": "A", "strategy_b": "B", "co_entries": 2}
+    ]
+    view = await db.rows(
+        "SELECT strategy_a, strategy_b, co_entries, shared_positions FROM strategy_co_entries"
+    )
+    assert view == [{"strategy_a": "A", "strategy_b": "B", "co_entries": 1, "shared_positions": 1}]
+
+
+async def test_q_equity_curve(db: Db) -> None:
+    rows = await db.query("equity_curve", strategy_id="C")
+    assert [(r["realized_pnl"], r["equity"], r["peak"], r["drawdown"]) for r in rows] == [
+        (D("23.025"), D("23.025"), D("23.025"), D("0")), (D("144.15"), D("167.175"), D("167.175"), D("0")),
+    ]  # fmt: skip
+    (b,) = await db.query("equity_curve", strategy_id="B")
+    assert (b["equity"], b["peak"], b["drawdown"]) == (D("-53.95"), D("0"), D("53.95"))  # peak counts from 0
+
+
+async def test_q_expectancy_and_drawdown(db: Db) -> None:
+    rows = {r["strategy_id"]: r for r in await db.query("expectancy_and_drawdown")}
+    assert (rows["B"]["trades"], rows["B"]["expectancy"], rows["B"]["avg_loss"], rows["B"]["avg_win"]) == (
+        1, D("-53.95"), D("-53.95"), None,
+    )  # fmt: skip
+    assert rows["B"]["max_drawdown"] == D("53.95") and rows["C"]["max_drawdown"] == 0
+    assert "F" not in rows  # no trade
+
+
+async def test_q_fees(db: Db) -> None:
+    rows = {r["strategy_id"]: r for r in await db.query("fees")}
+    assert (rows["A"]["entry_fees"], rows["A"]["exit_fees"], rows["A"]["funding_fees"], rows["A"]["total_fees"]) == (
+        D("2.95"), D("2.1"), 0, D("5.05"),
+    )  # fmt: skip
+    # the reversal's one net order paid 8.2; E's close and F's open took half each
+    assert (rows["E"]["exit_fees"], rows["F"]["entry_fees"]) == (D("4.1"), D("4.1"))
+
+
+async def test_q_rejections(db: Db) -> None:
+    rows = [
+        (r["strategy_id"], r["outcome"], r["reason_code"], r["signals"], q(r["share"]))
+        for r in await db.query("rejections")
+    ]
+    assert rows == [
+        ("A", "ignored", "hold", 1, D("0.3333")),
+        ("B", "rejected", "invalid_tp_sl", 1, D("0.5000")),
+        ("D", "rejected", "low_confidence", 1, D("1.0000")),
+    ]
+
+
+async def test_replaying_the_history_changes_nothing(db: Db) -> None:
+    before = await db.rows("SELECT * FROM strategy_performance ORDER BY strategy_id")
+    events = await History().build()
+    assert await db.store.write([(e, None) for e in events]) == 0
+    assert await db.rows("SELECT * FROM strategy_performance ORDER BY strategy_id") == before
