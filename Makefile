@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck unit integration bench schemas clean
+.PHONY: run test lint typecheck unit integration bench schemas clean system-deps
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +22,10 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy --strict engine
 
-test: lint typecheck
+system-deps:
+	scripts/ensure-system-deps
+
+test: lint typecheck system-deps
 	$(BIN)/pytest -q
 
 unit: $(STAMP)

@@ -52,7 +52,12 @@ def _parser() -> argparse.ArgumentParser:
     tail.add_argument("--symbol")
     tail.add_argument("--all", action="store_true", help="from the start of the stream")
 
-    sub.add_parser("report", help="strategy performance from MySQL")
+    rep = sub.add_parser("report", help="strategy performance and attribution from MySQL")
+    rep.add_argument("--strategy")
+    rep.add_argument("--symbol")
+    rep.add_argument("--since", type=_utc_time, help="ISO-8601, UTC if naive")
+    rep.add_argument("--until", type=_utc_time, help="ISO-8601, UTC if naive")
+    rep.add_argument("--html", metavar="FILE", help="also write a self-contained HTML report with charts")
     return parser
 
 
@@ -91,8 +96,16 @@ async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "tail":
         return await commands.tail(settings, args.json, args.strategy, args.symbol, args.all)
     if args.command == "report":
-        return await commands.report(settings)
+        from engine.app.report import ReportFilter
+
+        flt = ReportFilter(args.strategy, args.symbol, args.since, args.until)
+        return await commands.report(settings, flt, args.html)
     raise AssertionError(args.command)
+
+
+def _utc_time(text: str) -> datetime:
+    parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
 
 
 def _signal_payload(args: argparse.Namespace) -> dict[str, Any]:

@@ -5,15 +5,17 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
+from datetime import UTC, datetime
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 from nats.js.api import DeliverPolicy
 from rich.console import Console
-from rich.table import Table
 
 from engine.adapters.mysql_store import MysqlStore
 from engine.adapters.nats_bus import EVENT_SUBJECTS, NatsBus
+from engine.app.report import ReportFilter, gather, render_html, render_terminal
 from engine.app.runner import client_nats_url, mysql_target
 from engine.config import Settings
 from engine.domain.events import (
@@ -137,25 +139,14 @@ async def tail(
         await bus.close()
 
 
-async def report(settings: Settings) -> int:
+async def report(settings: Settings, flt: ReportFilter, html_file: str | None) -> int:
     store = await MysqlStore.open(mysql_target(settings), create_database=False)
     try:
-        async with store.pool.acquire() as conn, conn.cursor() as cur:
-            await cur.execute("SELECT * FROM strategy_performance ORDER BY total_pnl DESC")
-            columns = [d[0] for d in cur.description]
-            rows = await cur.fetchall()
+        data = await gather(store, flt)
     finally:
         await store.close()
-    table = Table(title="strategy_performance")
-    for column in columns:
-        table.add_column(column, justify="left" if column == "strategy_id" else "right")
-    for row in rows:
-        table.add_row(*(_cell(value) for value in row))
-    console.print(table)
+    render_terminal(data, console)
+    if html_file:
+        await asyncio.to_thread(Path(html_file).write_text, render_html(data, datetime.now(UTC)))
+        console.print(f"wrote {html_file}")
     return 0
-
-
-def _cell(value: Any) -> str:
-    if isinstance(value, Decimal):
-        return f"{value.normalize():f}" if value == value.to_integral() else f"{value:.4f}"
-    return "-" if value is None else str(value)

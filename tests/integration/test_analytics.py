@@ -373,3 +373,79 @@ async def test_replaying_the_history_changes_nothing(db: Db) -> None:
     events = await History().build()
     assert await db.store.write([(e, None) for e in events]) == 0
     assert await db.rows("SELECT * FROM strategy_performance ORDER BY strategy_id") == before
+
+
+# --- tradeengine report ---------------------------------------------------------------------
+async def test_report_terminal_tables_and_filters(db: Db) -> None:
+    from rich.console import Console
+
+    from engine.app.report import ReportFilter, gather, render_terminal
+
+    data = await gather(db.store, ReportFilter())
+    console = Console(record=True, width=200)
+    render_terminal(data, console)
+    text = console.export_text()
+    assert "Strategy performance" in text and "Attribution per exchange position" in text
+    assert [r["strategy_id"] for r in data.performance] == ["C", "A", "E", "B"]
+    assert "167.175" in text and "-53.95" in text
+
+    only_b = await gather(db.store, ReportFilter(strategy="B"))
+    assert [r["strategy_id"] for r in only_b.performance] == ["B"] and set(only_b.equity) == {"B"}
+    day_two = await gather(db.store, ReportFilter(since=T1))
+    assert {r["strategy_id"] for r in day_two.performance} == {"C", "E"}
+    btc = await gather(db.store, ReportFilter(symbol="BTCUSDT"))
+    assert [r["strategy_id"] for r in btc.performance] == ["E"]
+    assert {r["position_key"] for r in btc.attribution} == {"BTCUSDT_LONG", "BTCUSDT_SHORT"}
+
+
+async def test_report_html_is_self_contained_with_every_chart(db: Db, tmp_path: Path) -> None:
+    from engine.app.report import ReportFilter, gather, render_html
+
+    page = render_html(await gather(db.store, ReportFilter()), T1)
+    assert page.count('<svg class="equity"') == 4  # A, B, C, E closed trades
+    assert page.count('class="tp"') == 4 and page.count('class="sl"') == 4
+    assert page.count('class="slice"') == 6  # strategies per exchange position: 2 + 1 + 1 + 1 + 1
+    assert "<script" not in page and "http://" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "")
+    assert "TP 100% / SL 0%" in page and "TP 0% / SL 100%" in page
+
+
+async def test_report_charts_render_in_headless_chromium(db: Db, tmp_path: Path) -> None:
+    """Look at it as a person would: render the page in Chromium and find the charts' colours."""
+    import shutil
+
+    from PIL import Image
+
+    from engine.app.report import (
+        DRAWDOWN_COLOUR,
+        PALETTE,
+        SL_COLOUR,
+        TP_COLOUR,
+        ReportFilter,
+        gather,
+        render_html,
+    )
+
+    chromium = shutil.which("chromium")
+    assert chromium, "chromium is not installed: `make test` installs it (scripts/ensure-system-deps)"
+    page, shot = tmp_path / "report.html", tmp_path / "report.png"
+    page.write_text(render_html(await gather(db.store, ReportFilter()), T1))
+    proc = await asyncio.create_subprocess_exec(
+        chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}", "--hide-scrollbars", "--window-size=1280,1600",
+        f"--screenshot={shot}", page.as_uri(),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    assert await asyncio.wait_for(proc.wait(), 60) == 0
+    image = Image.open(shot).convert("RGB")
+    counts: dict[tuple[int, int, int], int] = {}
+    for pixel in image.getdata():
+        counts[pixel] = counts.get(pixel, 0) + 1
+
+    def seen(colour: str) -> int:
+        rgb = tuple(int(colour[i : i + 2], 16) for i in (1, 3, 5))
+        return counts.get(rgb, 0)  # type: ignore[arg-type]
+
+    assert seen(PALETTE[0]) > 200, "strategy A's equity line and attribution slice not drawn"
+    assert seen(DRAWDOWN_COLOUR) > 500, "B's drawdown area not drawn"
+    assert seen(TP_COLOUR) > 200 and seen(SL_COLOUR) > 200, "TP/SL bars not drawn"
