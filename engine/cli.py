@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"tradeengine: {exc}", file=sys.stderr)
         return 2
-    configure_logging(settings.log_format, settings.log_level)
+    configure_logging(settings.log_format, settings.log_level, settings.secrets())
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             return runner.run(_dispatch(args, settings))
@@ -77,6 +77,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # start-up failures: one clear line, secrets redacted, no traceback
+        message = f"{type(exc).__name__}: {exc}"
+        for secret in settings.secrets():
+            message = message.replace(secret, "***")
+        print(f"tradeengine: {args.command} failed: {message}", file=sys.stderr)
+        return 1
 
 
 async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:

@@ -8,7 +8,7 @@ from enum import StrEnum
 from typing import Annotated, Any
 from urllib.parse import unquote, urlparse
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from engine.domain.conflicts import ConflictPolicy
@@ -52,6 +52,14 @@ class Settings(BaseSettings):
     paper_taker_fee: Annotated[Decimal, Field(ge=0, lt=1)] = Decimal("0.0005")
     paper_slippage: Annotated[Decimal, Field(ge=0, lt=1)] = Decimal("0")
 
+    exchange_api_key: SecretStr | None = None
+    exchange_api_secret: SecretStr | None = None
+    exchange_api_key_file: str | None = None
+    exchange_api_secret_file: str | None = None
+    exchange_sandbox: bool = False
+    exchange_api_url: str | None = None
+    set_position_mode: bool = False
+
     http_port: Annotated[int, Field(ge=0, le=65535)] | None = None
     log_format: LogFormat | None = None
     log_level: str = "INFO"
@@ -75,6 +83,23 @@ class Settings(BaseSettings):
         if value is not None:
             MysqlTarget.parse(value)
         return value
+
+    def secrets(self) -> list[str]:
+        """Every secret value this process knows, so logs can redact them wherever they appear."""
+        found = [s.get_secret_value() for s in (self.exchange_api_key, self.exchange_api_secret) if s]
+        for path in (self.exchange_api_key_file, self.exchange_api_secret_file):
+            if path:
+                try:
+                    with open(path) as f:
+                        found.append(f.read().strip())
+                except OSError:
+                    pass
+        for url in (self.mysql_url, self.nats_url):
+            if url:
+                password = urlparse(url).password
+                if password:
+                    found.extend({password, unquote(password)})
+        return [value for value in found if len(value) >= 4]
 
     def rules(self) -> Rules:
         return Rules(

@@ -4,13 +4,45 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Iterable, MutableMapping
+from typing import Any
 
 import structlog
 
 from engine.config import LogFormat
 
 
-def configure_logging(fmt: LogFormat | None, level: str = "INFO") -> None:
+class Redactor:
+    """A structlog processor that replaces every known secret value, wherever it appears."""
+
+    def __init__(self, secrets: Iterable[str]) -> None:
+        self.secrets = sorted(set(secrets), key=len, reverse=True)
+
+    def __call__(self, _: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+        if not self.secrets:
+            return event
+        for key, value in event.items():
+            text = value if isinstance(value, str) else None
+            if text is None and not isinstance(value, int | float | bool | None):
+                text = str(value)
+            if text is not None and any(secret in text for secret in self.secrets):
+                for secret in self.secrets:
+                    text = text.replace(secret, "***")
+                event[key] = text
+        return event
+
+    def filter_record(self, record: logging.LogRecord) -> bool:
+        """The same for libraries that log through the standard library."""
+        if self.secrets:
+            text = record.getMessage()
+            if any(secret in text for secret in self.secrets):
+                for secret in self.secrets:
+                    text = text.replace(secret, "***")
+                record.msg, record.args = text, None
+        return True
+
+
+def configure_logging(fmt: LogFormat | None, level: str = "INFO", secrets: Iterable[str] = ()) -> None:
     if fmt is None:
         fmt = LogFormat.CONSOLE if sys.stderr.isatty() else LogFormat.JSON
     renderer: structlog.types.Processor = (
@@ -21,12 +53,16 @@ def configure_logging(fmt: LogFormat | None, level: str = "INFO") -> None:
     logging.basicConfig(level=level.upper(), stream=sys.stderr, format="%(message)s")
     # asyncmy logs MySQL notes such as "database exists" from CREATE ... IF NOT EXISTS.
     logging.getLogger("asyncmy").setLevel(logging.ERROR)
+    redactor = Redactor(secrets)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(redactor.filter_record)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
+            Redactor(secrets),
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),

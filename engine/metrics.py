@@ -63,3 +63,23 @@ ATTRIBUTION_BATCH = Histogram(
     "Events per MySQL transaction",
     buckets=(1, 5, 10, 50, 100, 250, 500, 1000, 2500),
 )
+
+CONSUMER_REDELIVERED = Gauge(
+    "tradeengine_consumer_redelivered", "Messages redelivered and not yet acked", ["consumer"]
+)
+CONSUMER_ACK_PENDING = Gauge(
+    "tradeengine_consumer_ack_pending", "Messages delivered, not yet acked", ["consumer"]
+)
+RECONCILIATION_FINDINGS = Counter(
+    "tradeengine_reconciliation_findings_total", "Differences found between the book and the venue", ["kind"]
+)
+OPEN_POSITIONS_BY_KEY = Gauge(
+    "tradeengine_open_positions_by_key", "Open strategy positions per key", ["symbol", "position_side"]
+)
+EXPOSURE_BY_KEY = Gauge(
+    "tradeengine_exposure_notional",
+    "Entry notional of the open exchange position per key",
+    ["symbol", "position_side"],
+)
+LAST_TICK = Gauge("tradeengine_last_price_tick_timestamp_seconds", "Unix time of the last tick", ["symbol"])
+ATTRIBUTION_LAG = Gauge("tradeengine_attribution_lag_events", "Events stored in EVENTS, not yet in MySQL")

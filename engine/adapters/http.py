@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 
-async def start_http(port: int, readiness: Callable[[], dict[str, bool]]) -> web.AppRunner:
+async def start_http(port: int, readiness: Callable[[], Awaitable[dict[str, bool]]]) -> web.AppRunner:
     async def metrics(_: web.Request) -> web.Response:
         return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
@@ -16,7 +16,7 @@ async def start_http(port: int, readiness: Callable[[], dict[str, bool]]) -> web
         return web.json_response({"status": "alive"})
 
     async def readyz(_: web.Request) -> web.Response:
-        checks = readiness()
+        checks = await readiness()
         ready = all(checks.values())
         return web.json_response({"ready": ready, "checks": checks}, status=200 if ready else 503)
 

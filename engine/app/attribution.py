@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import structlog
 from nats.aio.msg import Msg
@@ -27,12 +28,31 @@ class AttributionConsumer:
     def stop(self) -> None:
         self._stopping.set()
 
+    async def checks(self) -> dict[str, bool]:
+        try:
+            mysql = await asyncio.wait_for(self.store.ping(), 2.0)
+        except Exception:
+            mysql = False
+        return {"attribution_consumer": self.ready.is_set(), "mysql": mysql}
+
+    async def report_lag(self, every: float = 5.0) -> None:
+        while not self._stopping.is_set():
+            with contextlib.suppress(Exception):
+                info = await self.bus.js.consumer_info(EVENTS_STREAM, self.settings.attribution_durable)
+                metrics.CONSUMER_PENDING.labels("attribution").set(info.num_pending)
+                metrics.CONSUMER_ACK_PENDING.labels("attribution").set(info.num_ack_pending)
+                metrics.CONSUMER_REDELIVERED.labels("attribution").set(info.num_redelivered)
+                metrics.ATTRIBUTION_LAG.set(info.num_pending + info.num_ack_pending)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), every)
+
     async def run(self) -> None:
         await self.bus.ensure_streams()
         await self.store.migrate()
         sub = await self.bus.durable_consumer(EVENTS_STREAM, self.settings.attribution_durable, ">")
         self.ready.set()
         log.info("attribution.ready", database=self.store.target.database)
+        lag = asyncio.create_task(self.report_lag())
         try:
             while not self._stopping.is_set():
                 # Analysts can wait 50 ms; MySQL prefers few large transactions to many small ones.
@@ -41,6 +61,8 @@ class AttributionConsumer:
                     await self.persist(msgs)
         finally:
             self.ready.clear()
+            self._stopping.set()
+            await lag
             log.info("attribution.stopped")
 
     async def persist(self, msgs: list[Msg]) -> None:

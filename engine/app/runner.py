@@ -27,6 +27,8 @@ class Role(Protocol):
 
     def stop(self) -> None: ...
 
+    async def checks(self) -> dict[str, bool]: ...
+
 
 def build_gateway(settings: Settings) -> ExchangeGateway:
     if settings.exchange == "paper":
@@ -77,13 +79,13 @@ async def run_roles(settings: Settings, roles: frozenset[str]) -> None:
         if settings.http_port:
             from engine.adapters.http import start_http
 
-            runner = await start_http(
-                settings.http_port,
-                lambda: {
-                    "nats": bus.nc.is_connected,
-                    **{type(r).__name__: r.ready.is_set() for r in running},
-                },
-            )
+            async def readiness() -> dict[str, bool]:
+                checks = {"nats": bus.nc.is_connected}
+                for role in running:
+                    checks |= await role.checks()
+                return checks
+
+            runner = await start_http(settings.http_port, readiness)
             cleanups.append(runner.cleanup)
         await _run_until_signalled(running)
     finally:

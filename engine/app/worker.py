@@ -8,6 +8,7 @@ the book applied them, and a signal is acked only after its events are stored.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import time
 from collections import defaultdict
@@ -81,6 +82,7 @@ class Worker:
         sub = await self.bus.durable_consumer(SIGNALS_STREAM, self.settings.worker_durable, "signals.>")
         self.ready.set()
         log.info("worker.ready", open_positions=len(self.book.positions), venue=self.gateway.name)
+        gauges = asyncio.create_task(self.report_gauges())
         try:
             while not self._stopping.is_set():
                 msgs = await self.bus.next_batch(sub, self.settings.fetch_batch, idle_wait=0.5)
@@ -88,11 +90,38 @@ class Worker:
                     await self.process_batch(msgs)
         finally:
             self.ready.clear()
+            self._stopping.set()
             await self._flush()
+            await gauges
             log.info("worker.stopped")
 
     def stop(self) -> None:
         self._stopping.set()
+
+    async def checks(self) -> dict[str, bool]:
+        return {"worker_consumer": self.ready.is_set()}
+
+    async def report_gauges(self, every: float = 5.0) -> None:
+        """Consumer backlog and per-key exposure, refreshed off the hot path."""
+        shown: set[tuple[str, str]] = set()
+        while not self._stopping.is_set():
+            with contextlib.suppress(Exception):  # a gauge must never take the worker down
+                info = await self.bus.js.consumer_info(SIGNALS_STREAM, self.settings.worker_durable)
+                metrics.CONSUMER_PENDING.labels("worker").set(info.num_pending)
+                metrics.CONSUMER_ACK_PENDING.labels("worker").set(info.num_ack_pending)
+                metrics.CONSUMER_REDELIVERED.labels("worker").set(info.num_redelivered)
+            now_shown: set[tuple[str, str]] = set()
+            for key, keyed in self.book.by_key.items():
+                labels = (key.symbol, key.side.value)
+                now_shown.add(labels)
+                metrics.OPEN_POSITIONS_BY_KEY.labels(*labels).set(len(keyed))
+                metrics.EXPOSURE_BY_KEY.labels(*labels).set(float(self.book.key_cost(key)))
+            for labels in shown - now_shown:
+                metrics.OPEN_POSITIONS_BY_KEY.labels(*labels).set(0)
+                metrics.EXPOSURE_BY_KEY.labels(*labels).set(0)
+            shown = now_shown
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), every)
 
     async def recover(self) -> None:
         """Rebuild the book and the dedupe ledger from our own events (DESIGN §2)."""
@@ -124,8 +153,12 @@ class Worker:
         if isinstance(parsed, MalformedSignal):
             self._emit(self._dead_letter(msg, parsed, sequence))
             return
+        side = parsed.opening_side or parsed.position_side
         with structlog.contextvars.bound_contextvars(
-            signal_id=parsed.signal_id, strategy_id=parsed.strategy_id, symbol=parsed.symbol
+            signal_id=parsed.signal_id,
+            strategy_id=parsed.strategy_id,
+            symbol=parsed.symbol,
+            side=side.value if side else None,
         ):
             async with self._symbol_locks[parsed.symbol]:
                 try:
@@ -259,6 +292,7 @@ class Worker:
 
     async def on_price(self, symbol: str, price: Decimal) -> None:
         metrics.PRICE_TICKS.inc()
+        metrics.child(metrics.LAST_TICK, symbol).set(time.time())
         async with self._symbol_locks[symbol]:
             self.last_prices[symbol] = price
             self.gateway.on_price(symbol, price)
