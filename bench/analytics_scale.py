@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import shutil
+import tempfile
 import time
 import uuid
+from pathlib import Path
 
 import asyncmy
 
 from bench.common import machine, median
-from engine.adapters.mysql_store import MysqlStore
+from engine.adapters.mysql_store import MysqlStore, migrations_dir
 from engine.config import MysqlTarget
 
 CHUNK = 100_000
@@ -45,8 +48,13 @@ async def main() -> None:
     name = f"te_scale_{uuid.uuid4().hex[:8]}"
     target = MysqlTarget.parse(f"mysql://root@127.0.0.1:3306/{name}")
     store = await MysqlStore.open(target)
-    await store.migrate()
-    await store.close()
+    # Rows go in before the summary migration, whose backfill then builds strategy_stats from them,
+    # as it would on a database that predates it.
+    with tempfile.TemporaryDirectory() as early:
+        for path in sorted(migrations_dir().glob("*.sql")):
+            if path.name < "005":
+                shutil.copy(path, early)
+        await store.migrate(Path(early))
     conn = await asyncmy.connect(host="127.0.0.1", user="root", password="", database=name)
     try:
         started = time.perf_counter()
@@ -59,22 +67,25 @@ async def main() -> None:
             await cur.execute("ANALYZE TABLE strategy_positions")
             await cur.fetchall()
         load = time.perf_counter() - started
+        started = time.perf_counter()
+        await store.migrate()
+        backfill = time.perf_counter() - started
+        await store.close()
         print(f"# analytics at scale: {args.positions:,} strategy positions (20 strategies) — {machine()}")
-        print(f"  generated and loaded in {load:.0f} s")
-        for view in (
-            "strategy_performance",
-            "strategy_fees",
-            "position_status_summary",
-            "strategy_symbol_side_performance",
+        print(f"  generated and loaded in {load:.0f} s; strategy_stats backfilled in {backfill:.1f} s")
+        for view, runs in (
+            ("strategy_performance", 5),
+            ("strategy_symbol_side_performance", 1),
+            ("strategy_fees", 1),
         ):
             timings = []
             async with conn.cursor() as cur:
-                for _ in range(5):
+                for _ in range(runs):
                     t = time.perf_counter()
                     await cur.execute(f"SELECT * FROM {view}")
                     await cur.fetchall()
                     timings.append(time.perf_counter() - t)
-            print(f"  {view:<34} median {median(timings) * 1000:7.0f} ms of 5"
+            print(f"  {view:<34} median {median(timings) * 1000:7.0f} ms of {runs}"
                   + ("   (target < 1000 ms)" if view == "strategy_performance" else ""))  # fmt: skip
     finally:
         async with conn.cursor() as cur:

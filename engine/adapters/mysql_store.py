@@ -7,6 +7,7 @@ import os
 import re
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import structlog
 
 from engine.config import MysqlTarget
 from engine.domain.events import Event, PositionClosed, PositionOpened, SignalDead, SignalDecided
+from engine.domain.model import CloseReason
 
 log = structlog.get_logger(__name__)
 MIGRATION_FILE = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
@@ -165,6 +167,7 @@ async def _project(cur: Any, fresh: list[tuple[Event, int | None]]) -> None:
     positional = [e for e, _ in fresh if isinstance(e, PositionOpened | PositionClosed)]
     if positional:
         await cur.executemany(_UPSERT_EXCHANGE_POSITION, _fold_exchange_positions(positional))
+        await cur.executemany(_UPSERT_STRATEGY_STATS, await _fold_strategy_stats(cur, opened, closed))
 
 
 _INSERT_DECISION = (
@@ -329,3 +332,68 @@ def _fold_exchange_positions(events: list[PositionOpened | PositionClosed]) -> l
         row[12] = at if flat else None
         row[13] = at
     return [tuple(row) for row in folded.values()]
+
+
+_UPSERT_STRATEGY_STATS = (
+    "INSERT INTO strategy_stats (strategy_id, total_positions, open_positions, closed_positions, tp_hits, sl_hits,"
+    " winning_trades, losing_trades, total_pnl, total_fees, winning_pnl, losing_pnl, sum_trade_pnl_pct,"
+    " sum_trade_seconds) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+    " ON DUPLICATE KEY UPDATE total_positions = total_positions + VALUES(total_positions),"
+    " open_positions = open_positions + VALUES(open_positions),"
+    " closed_positions = closed_positions + VALUES(closed_positions), tp_hits = tp_hits + VALUES(tp_hits),"
+    " sl_hits = sl_hits + VALUES(sl_hits), winning_trades = winning_trades + VALUES(winning_trades),"
+    " losing_trades = losing_trades + VALUES(losing_trades), total_pnl = total_pnl + VALUES(total_pnl),"
+    " total_fees = total_fees + VALUES(total_fees), winning_pnl = winning_pnl + VALUES(winning_pnl),"
+    " losing_pnl = losing_pnl + VALUES(losing_pnl),"
+    " sum_trade_pnl_pct = sum_trade_pnl_pct + VALUES(sum_trade_pnl_pct),"
+    " sum_trade_seconds = sum_trade_seconds + VALUES(sum_trade_seconds)"
+)
+
+
+async def _fold_strategy_stats(
+    cur: Any, opened: list[PositionOpened], closed: list[PositionClosed]
+) -> list[tuple[Any, ...]]:
+    """Per-strategy deltas of this batch. A trade's totals are read back from strategy_positions,
+    which this transaction has already brought up to date (its earlier closes included)."""
+    zero = Decimal(0)
+    stats: dict[str, list[Any]] = {}
+
+    def row(strategy_id: str) -> list[Any]:
+        return stats.setdefault(
+            strategy_id, [strategy_id, 0, 0, 0, 0, 0, 0, 0, zero, zero, zero, zero, zero, zero]
+        )
+
+    for o in opened:
+        r = row(o.strategy_id)
+        r[1] += 1
+        r[2] += 1
+        r[9] += o.fee
+    finals = {}
+    for c in closed:
+        r = row(c.strategy_id)
+        r[8] += c.realized_pnl
+        r[9] += c.exit_fee
+        if c.remaining_quantity == 0:
+            finals[c.strategy_position_id] = c
+    if finals:
+        marks = ", ".join(["%s"] * len(finals))
+        await cur.execute(
+            "SELECT strategy_position_id, realized_pnl, entry_price, quantity,"
+            " TIMESTAMPDIFF(MICROSECOND, opened_at, closed_at) / 1000000"
+            f" FROM strategy_positions WHERE strategy_position_id IN ({marks})",
+            list(finals),
+        )
+        for position_id, pnl, entry_price, quantity, seconds in await cur.fetchall():
+            final = finals[position_id]
+            r = row(final.strategy_id)
+            r[2] -= 1
+            r[3] += 1
+            r[4] += final.close_reason is CloseReason.TAKE_PROFIT
+            r[5] += final.close_reason is CloseReason.STOP_LOSS
+            r[6] += pnl > 0
+            r[7] += pnl < 0
+            r[10] += pnl if pnl > 0 else zero
+            r[11] += pnl if pnl < 0 else zero
+            r[12] += pnl / (entry_price * quantity) * 100
+            r[13] += seconds or zero
+    return [tuple(r) for r in stats.values()]

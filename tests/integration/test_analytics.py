@@ -438,9 +438,7 @@ async def test_report_charts_render_in_headless_chromium(db: Db, tmp_path: Path)
     )  # fmt: skip
     assert await asyncio.wait_for(proc.wait(), 60) == 0
     image = Image.open(shot).convert("RGB")
-    counts: dict[tuple[int, int, int], int] = {}
-    for pixel in image.getdata():
-        counts[pixel] = counts.get(pixel, 0) + 1
+    counts = {colour: n for n, colour in image.getcolors(maxcolors=1 << 24) or []}
 
     def seen(colour: str) -> int:
         rgb = tuple(int(colour[i : i + 2], 16) for i in (1, 3, 5))
@@ -449,3 +447,20 @@ async def test_report_charts_render_in_headless_chromium(db: Db, tmp_path: Path)
     assert seen(PALETTE[0]) > 200, "strategy A's equity line and attribution slice not drawn"
     assert seen(DRAWDOWN_COLOUR) > 500, "B's drawdown area not drawn"
     assert seen(TP_COLOUR) > 200 and seen(SL_COLOUR) > 200, "TP/SL bars not drawn"
+
+
+async def test_summary_table_matches_a_full_recomputation(db: Db) -> None:
+    """strategy_performance reads strategy_stats, kept incrementally; recompute it from scratch."""
+    recomputed = await db.rows(
+        "SELECT strategy_id, COUNT(*) AS total_positions, SUM(status = 'open') AS open_positions,"
+        " SUM(status = 'closed') AS closed_positions, COALESCE(SUM(close_reason = 'take_profit'), 0) AS tp_hits,"
+        " COALESCE(SUM(close_reason = 'stop_loss'), 0) AS sl_hits, SUM(status = 'closed' AND realized_pnl > 0) AS winning_trades,"
+        " SUM(status = 'closed' AND realized_pnl < 0) AS losing_trades, SUM(realized_pnl) AS total_pnl,"
+        " SUM(entry_fee + exit_fees) AS total_fees FROM strategy_positions GROUP BY strategy_id ORDER BY strategy_id"
+    )
+    view = await db.rows(
+        "SELECT strategy_id, total_positions, open_positions, closed_positions, tp_hits, sl_hits, winning_trades,"
+        " losing_trades, total_pnl, total_fees FROM strategy_performance ORDER BY strategy_id"
+    )
+    assert [{k: (int(v) if isinstance(v, Decimal) and k.endswith(("positions", "hits", "trades")) else v)
+             for k, v in row.items()} for row in recomputed] == view  # fmt: skip
