@@ -28,7 +28,7 @@ SELECT strategy_id, COUNT(*), SUM(status = 'open'), SUM(status = 'closed'),
     SUM(realized_pnl), SUM(entry_fee + exit_fees),
     SUM(CASE WHEN status = 'closed' AND realized_pnl > 0 THEN realized_pnl ELSE 0 END),
     SUM(CASE WHEN status = 'closed' AND realized_pnl < 0 THEN realized_pnl ELSE 0 END),
-    COALESCE(SUM(CASE WHEN status = 'closed' THEN realized_pnl / (entry_price * quantity) * 100 END), 0),
+    ROUND(COALESCE(SUM(CASE WHEN status = 'closed' THEN realized_pnl / (entry_price * quantity) * 100 END), 0), 18),
     COALESCE(SUM(CASE WHEN status = 'closed' THEN TIMESTAMPDIFF(MICROSECOND, opened_at, closed_at) / 1000000 END), 0)
 FROM strategy_positions
 GROUP BY strategy_id

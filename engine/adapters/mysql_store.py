@@ -334,6 +334,7 @@ def _fold_exchange_positions(events: list[PositionOpened | PositionClosed]) -> l
     return [tuple(row) for row in folded.values()]
 
 
+_DB_QUANTUM = Decimal("1e-18")
 _UPSERT_STRATEGY_STATS = (
     "INSERT INTO strategy_stats (strategy_id, total_positions, open_positions, closed_positions, tp_hits, sl_hits,"
     " winning_trades, losing_trades, total_pnl, total_fees, winning_pnl, losing_pnl, sum_trade_pnl_pct,"
@@ -394,6 +395,6 @@ async def _fold_strategy_stats(
             r[7] += pnl < 0
             r[10] += pnl if pnl > 0 else zero
             r[11] += pnl if pnl < 0 else zero
-            r[12] += pnl / (entry_price * quantity) * 100
+            r[12] += (pnl / (entry_price * quantity) * 100).quantize(_DB_QUANTUM)  # DECIMAL(36,18)
             r[13] += seconds or zero
     return [tuple(r) for r in stats.values()]

@@ -210,22 +210,18 @@ def parse_signal(subject: str, data: bytes, max_bytes: int = MAX_SIGNAL_BYTES) -
             symbol=_text_or_none(payload.get("symbol")),
             signal_id=_text_or_none(raw_id),
         )
-    if signal.strategy_id != tokens[0]:
-        return MalformedSignal(
-            "subject_mismatch",
-            (f"strategy_id: {signal.strategy_id!r} does not match subject token {tokens[0]!r}",),
-            strategy_id=signal.strategy_id,
-            symbol=signal.symbol,
-            signal_id=signal.signal_id,
-        )
-    if signal.symbol != tokens[1]:
-        return MalformedSignal(
-            "subject_mismatch",
-            (f"symbol: {signal.symbol!r} does not match subject token {tokens[1]!r}",),
-            strategy_id=signal.strategy_id,
-            symbol=signal.symbol,
-            signal_id=signal.signal_id,
-        )
+    for field_name, in_payload, in_subject in (
+        ("strategy_id", signal.strategy_id, tokens[0]),
+        ("symbol", signal.symbol, tokens[1]),
+    ):
+        if in_payload != in_subject:
+            return MalformedSignal(
+                "subject_mismatch",
+                (f"{field_name}: {in_payload!r} does not match subject token {in_subject!r}",),
+                strategy_id=signal.strategy_id,
+                symbol=signal.symbol,
+                signal_id=signal.signal_id,
+            )
     if signal.signal_id is None:
         signal = signal.model_copy(update={"signal_id": derive_signal_id(payload)})
     return signal
