@@ -19,7 +19,6 @@ from decimal import Decimal
 import nats.errors
 import structlog
 from nats.aio.msg import Msg
-from pydantic import ValidationError
 
 from engine import metrics
 from engine.adapters.gateway import ExchangeGateway, OrderRejected
@@ -32,9 +31,9 @@ from engine.domain.events import (
     Event,
     PositionClosed,
     PositionOpened,
-    PriceTick,
     SignalDead,
     SignalDecided,
+    parse_tick,
 )
 from engine.domain.ledger import SignalLedger
 from engine.domain.model import Outcome, derive_id
@@ -282,13 +281,12 @@ class Worker:
 
     # --- prices and TP/SL ----------------------------------------------------------------
     async def on_price_message(self, msg: Msg) -> None:
-        try:
-            tick = PriceTick.model_validate_json(msg.data)
-        except ValidationError as exc:
+        tick = parse_tick(msg.subject, msg.data)
+        if isinstance(tick, str):
             metrics.BAD_TICKS.inc()
-            log.warning("price.invalid", subject=msg.subject, error=str(exc).splitlines()[0])
+            log.warning("price.invalid", subject=msg.subject, error=tick)
             return
-        await self.on_price(tick.symbol, tick.price)
+        await self.on_price(*tick)
 
     async def on_price(self, symbol: str, price: Decimal) -> None:
         metrics.PRICE_TICKS.inc()

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
-from decimal import Decimal
+from decimal import Decimal, InvalidOperation
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainSerializer, TypeAdapter
@@ -123,6 +124,33 @@ class PriceTick(BaseModel):
     symbol: str
     price: Annotated[Decimal, Field(gt=0, allow_inf_nan=False)]
     timestamp: Any = None
+
+
+def parse_tick(subject: str, data: bytes) -> tuple[str, Decimal] | str:
+    """(symbol, price) of a `prices.<symbol>` tick, or why it is not one. Ticks arrive far more
+    often than signals, so this checks what `PriceTick` states without building the model."""
+    try:
+        payload = json.loads(data, parse_float=Decimal, parse_constant=_no_constants)
+    except ValueError as exc:
+        return f"not JSON ({exc})"
+    if not isinstance(payload, dict):
+        return "not a JSON object"
+    symbol, raw = payload.get("symbol"), payload.get("price")
+    if not isinstance(symbol, str) or subject != f"prices.{symbol}":
+        return f"symbol {symbol!r} missing or not the subject's ({subject})"
+    if isinstance(raw, bool) or not isinstance(raw, str | int | Decimal):
+        return "price must be a number or a decimal string"
+    try:
+        price = Decimal(raw)
+    except InvalidOperation:
+        return f"price {raw!r} is not a decimal"
+    if not price.is_finite() or price <= 0:
+        return f"price {raw!r} must be positive and finite"
+    return symbol, price
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not a number")
 
 
 Event = Annotated[SignalDecided | PositionOpened | PositionClosed | SignalDead, Field(discriminator="type")]

@@ -151,3 +151,27 @@ def test_parse_never_raises_on_any_json_object(payload: dict[str, object]) -> No
 @given(st.binary(max_size=300))
 def test_parse_never_raises_on_any_bytes(data: bytes) -> None:
     assert isinstance(parse_signal(SUBJECT, data), Signal | MalformedSignal)
+
+
+def test_price_ticks_are_checked_like_signals() -> None:
+    from engine.domain.events import parse_tick
+
+    assert parse_tick("prices.BTCUSDT", b'{"symbol":"BTCUSDT","price":"45000.5"}') == (
+        "BTCUSDT",
+        Decimal("45000.5"),
+    )
+    assert parse_tick("prices.BTCUSDT", b'{"symbol":"BTCUSDT","price":45000.1}') == (
+        "BTCUSDT",
+        Decimal("45000.1"),
+    )
+    for subject, data in [
+        ("prices.BTCUSDT", b"{nope"),
+        ("prices.BTCUSDT", b'{"symbol":"ETHUSDT","price":"1"}'),
+        ("prices.BTCUSDT", b'{"symbol":"BTCUSDT","price":"-1"}'),
+        ("prices.BTCUSDT", b'{"symbol":"BTCUSDT","price":NaN}'),
+        ("prices.BTCUSDT", b'{"symbol":"BTCUSDT","price":"Infinity"}'),
+        ("prices.BTCUSDT", b'{"symbol":"BTCUSDT","price":true}'),
+        ("prices.BTCUSDT", b'{"symbol":"BTCUSDT","price":"abc"}'),
+        ("prices.BTCUSDT", b"[1]"),
+    ]:
+        assert isinstance(parse_tick(subject, data), str), data
