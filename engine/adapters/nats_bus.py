@@ -95,7 +95,7 @@ class NatsBus:
             except NotFoundError:
                 await self.js.add_stream(config)
 
-    async def publish_events(self, events: Sequence[Event]) -> None:
+    async def publish_events(self, events: Sequence[Event], ack_timeout: float = 10.0) -> None:
         """Publish in order and return once JetStream has stored every one of them.
 
         The lock keeps stream order equal to production order across concurrent callers,
@@ -109,7 +109,15 @@ class NatsBus:
                 )
                 for event in events
             ]
-        for ack in await asyncio.gather(*futures):
+        try:
+            # Acks of publishes in flight when the connection drops never come: bound the wait,
+            # and let the caller publish again (same Nats-Msg-Id, so nothing is stored twice).
+            acks = await asyncio.wait_for(asyncio.gather(*futures), ack_timeout)
+        except TimeoutError:
+            for future in futures:
+                future.cancel()
+            raise
+        for ack in acks:
             if ack.stream != EVENTS_STREAM:
                 raise RuntimeError(f"event stored in {ack.stream}, expected {EVENTS_STREAM}")
 

@@ -54,6 +54,16 @@ async def eventually_async(
         await asyncio.sleep(0.01)
 
 
+async def eventually_quiet(probe: Callable[[], bool], timeout: float) -> bool:
+    """Like `eventually`, but a timeout is an answer, not a failure."""
+    deadline = time.monotonic() + timeout
+    while not probe():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.01)
+    return True
+
+
 class Pipeline:
     def __init__(self, nats_url: str, mysql_url: str, **overrides: Any) -> None:
         self.settings: Settings = load_settings(
@@ -156,13 +166,16 @@ class Pipeline:
         )
         return not ack.duplicate
 
-    async def tick(self, symbol: str, price: str) -> None:
+    async def tick(self, symbol: str, price: str, timeout: float = 10.0) -> None:
+        """Publish a tick until the worker has seen it: ticks are plain NATS messages, and one
+        sent while a subscriber is reconnecting is gone (the next tick repairs that in real life)."""
         assert self.client is not None and self.worker is not None
-        worker = self.worker
-        await self.client.publish(f"prices.{symbol}", json.dumps({"symbol": symbol, "price": price}).encode())
-        await eventually(
-            lambda: worker.last_prices.get(symbol) == Decimal(price), what=f"tick {symbol} {price}"
-        )
+        worker, body = self.worker, json.dumps({"symbol": symbol, "price": price}).encode()
+        deadline = time.monotonic() + timeout
+        while worker.last_prices.get(symbol) != Decimal(price):
+            assert time.monotonic() < deadline, f"tick {symbol} {price} never reached the worker"
+            await self.client.publish(f"prices.{symbol}", body)
+            await eventually_quiet(lambda: worker.last_prices.get(symbol) == Decimal(price), 0.5)
 
     # --- observations --------------------------------------------------------------------
     async def decision(self, signal_id: str, timeout: float = 10.0) -> SignalDecided:
