@@ -346,8 +346,12 @@ class Worker:
         self._outbox.append(event)
 
     async def _flush(self) -> None:
-        """Store every pending event; on failure keep them and retry: nothing is dropped."""
-        delay = 0.05
+        """Store every pending event; on failure keep them and retry: nothing is dropped.
+
+        Only a stop request ends the retries (after a last 30 s): the signals behind the
+        unpublished events are not acked, so the next start redelivers them, and the book that
+        start replays never saw these events, so nothing is counted twice."""
+        delay, give_up_at = 0.05, None
         while self._outbox:
             pending, self._outbox = self._outbox, []
             try:
@@ -356,5 +360,11 @@ class Worker:
                 self._outbox[:0] = pending
                 metrics.PUBLISH_RETRIES.inc()
                 log.warning("events.publish_failed", error=repr(exc), pending=len(self._outbox))
+                if self._stopping.is_set():
+                    give_up_at = give_up_at or time.monotonic() + 30
+                    if time.monotonic() > give_up_at:
+                        log.error("events.abandoned_on_stop", pending=len(self._outbox))
+                        self._outbox.clear()
+                        raise
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
