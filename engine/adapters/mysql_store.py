@@ -192,7 +192,8 @@ _INSERT_DEAD = (
 
 def _dead_row(e: SignalDead) -> tuple[Any, ...]:
     return (
-        e.event_id, e.subject[:255], e.reason_code, json.dumps(e.errors), e.payload, e.strategy_id,
+        e.event_id, e.subject[:255], e.reason_code, json.dumps(e.errors), e.payload,
+        e.strategy_id[:64] if e.strategy_id else None,
         _utc(e.received_at),
     )  # fmt: skip
 
@@ -300,7 +301,8 @@ _UPSERT_EXCHANGE_POSITION = (
     " quantity, max_quantity, avg_entry_price, contributions, realized_pnl, total_fees, opened_at, closed_at,"
     " updated_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
     " ON DUPLICATE KEY UPDATE status = VALUES(status), quantity = VALUES(quantity),"
-    " max_quantity = GREATEST(max_quantity, VALUES(max_quantity)), avg_entry_price = VALUES(avg_entry_price),"
+    " max_quantity = GREATEST(max_quantity, VALUES(max_quantity)),"
+    " avg_entry_price = IF(VALUES(quantity) = 0, avg_entry_price, VALUES(avg_entry_price)),"
     " contributions = contributions + VALUES(contributions), realized_pnl = realized_pnl + VALUES(realized_pnl),"
     " total_fees = total_fees + VALUES(total_fees), closed_at = VALUES(closed_at),"
     " updated_at = VALUES(updated_at)"
@@ -322,7 +324,8 @@ def _fold_exchange_positions(events: list[PositionOpened | PositionClosed]) -> l
         row[4] = "closed" if flat else "open"
         row[5] = ep.quantity_after
         row[6] = max(row[6], ep.quantity_after)
-        row[7] = ep.avg_entry_price
+        if not flat:  # a flat position keeps the average it was closed at
+            row[7] = ep.avg_entry_price
         if isinstance(e, PositionOpened):
             row[8] += 1
             row[10] += e.fee

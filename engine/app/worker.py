@@ -66,6 +66,7 @@ class Worker:
         self.ready = asyncio.Event()
         self._stopping = asyncio.Event()
         self._outbox: list[Event] = []
+        self._flush_lock = asyncio.Lock()
         self._symbol_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._price_sub: object | None = None
 
@@ -317,8 +318,8 @@ class Worker:
             case SignalDecided():
                 self.ledger.apply(event)
             case PositionOpened():
-                if replay:
-                    self.book.apply(event)
+                if replay and not self.ledger.was_executed(event.strategy_id, event.signal_id):
+                    self.book.apply(event)  # a re-stored open of a slice closed since is not reopened
                 self.ledger.apply(event)
                 if not replay:
                     metrics.child(metrics.STRATEGY_POSITIONS_OPENED, event.strategy_id).inc()
@@ -327,7 +328,8 @@ class Worker:
             case PositionClosed():
                 if replay:
                     self.book.apply(event)
-                else:
+                self.ledger.apply(event)
+                if not replay:
                     metrics.STRATEGY_POSITIONS_CLOSED.labels(
                         event.strategy_id, event.close_reason.value
                     ).inc()
@@ -351,6 +353,10 @@ class Worker:
         Only a stop request ends the retries (after a last 30 s): the signals behind the
         unpublished events are not acked, so the next start redelivers them, and the book that
         start replays never saw these events, so nothing is counted twice."""
+        async with self._flush_lock:  # one flusher: retries keep stream order, acks wait for storage
+            await self._flush_locked()
+
+    async def _flush_locked(self) -> None:
         delay, give_up_at = 0.05, None
         while self._outbox:
             pending, self._outbox = self._outbox, []

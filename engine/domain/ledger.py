@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
-from engine.domain.events import PositionOpened, SignalDecided
+from engine.domain.events import PositionClosed, PositionOpened, SignalDecided
 from engine.domain.model import Outcome
 
 _EXECUTED_ONLY = -1
@@ -39,7 +39,13 @@ class SignalLedger:
     def was_executed(self, strategy_id: str, signal_id: str) -> bool:
         return _key(strategy_id, signal_id) in self._signals
 
-    def apply(self, event: SignalDecided | PositionOpened) -> None:
+    def apply(self, event: SignalDecided | PositionOpened | PositionClosed) -> None:
+        if isinstance(event, PositionClosed):
+            # A close made for a signal (close or reversal) executed that signal: if its decision
+            # was lost in a crash, the redelivery must not close again.
+            if event.signal_id is not None:
+                self._signals.setdefault(_key(event.strategy_id, event.signal_id), _EXECUTED_ONLY)
+            return
         key = _key(event.strategy_id, event.signal_id)
         if isinstance(event, PositionOpened):
             self._signals.setdefault(key, _EXECUTED_ONLY)

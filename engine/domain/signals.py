@@ -99,7 +99,7 @@ class Signal(BaseModel):
     price: PositiveNumber | None = None
     current_price: PositiveNumber | None = None
     timestamp: Annotated[datetime, BeforeValidator(parse_timestamp)] | None = None
-    timeframe: str | None = None
+    timeframe: Annotated[str, Field(max_length=16)] | None = None
     strategy: str | None = None
     source: str | None = None
     strength: str | None = None
