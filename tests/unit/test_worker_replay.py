@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
 from typing import Any
 
 from engine.adapters.paper import PaperExchange
@@ -13,7 +14,7 @@ from tests.helpers import NOW, Harness, make_signal
 
 def fresh_worker() -> Worker:
     worker = Worker(load_settings(), bus=None, gateway=PaperExchange(), clock=lambda: NOW)  # type: ignore[arg-type]
-    worker.last_prices["ETHUSDT"] = PaperExchange().market("ETHUSDT").min_notional * 1000  # type: ignore[union-attr]
+    worker.last_prices["ETHUSDT"] = Decimal("3000")
     return worker
 
 

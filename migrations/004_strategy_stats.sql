@@ -51,5 +51,3 @@ SELECT
     winning_pnl / NULLIF(-losing_pnl, 0)                          AS profit_factor,
     sum_trade_seconds / NULLIF(closed_positions, 0)               AS avg_duration_seconds
 FROM strategy_stats;
-
-DROP INDEX ix_sp_performance ON strategy_positions;
