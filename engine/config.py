@@ -14,6 +14,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from engine.domain.conflicts import ConflictPolicy
 from engine.domain.decide import Rules
 from engine.domain.model import PositionMode, SameDirectionPolicy
+from engine.domain.reconcile import ExternalCloseAttribution
 
 DEFAULT_MYSQL_URL = "mysql://root@127.0.0.1:3306/tradeengine"
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
@@ -59,6 +60,10 @@ class Settings(BaseSettings):
     exchange_sandbox: bool = False
     exchange_api_url: str | None = None
     set_position_mode: bool = False
+    external_close_attribution: ExternalCloseAttribution = ExternalCloseAttribution.PRO_RATA
+    reconcile_interval_seconds: Annotated[float, Field(ge=0)] = 30.0
+    order_timeout_seconds: Annotated[float, Field(gt=0)] = 10.0
+    order_attempts: Annotated[int, Field(ge=1, le=20)] = 5
 
     http_port: Annotated[int, Field(ge=0, le=65535)] | None = None
     log_format: LogFormat | None = None
@@ -100,6 +105,25 @@ class Settings(BaseSettings):
                 if password:
                     found.extend({password, unquote(password)})
         return [value for value in found if len(value) >= 4]
+
+    def credentials(self) -> tuple[str | None, str | None]:
+        """(API key, secret): the variables, or the mounted files they name."""
+
+        def read(value: SecretStr | None, path: str | None, name: str) -> str | None:
+            if value is not None:
+                return value.get_secret_value()
+            if path is None:
+                return None
+            try:
+                with open(path) as f:
+                    return f.read().strip()
+            except OSError as exc:
+                raise ConfigError(f"{name}: cannot read {path} ({exc.strerror})") from None
+
+        return (
+            read(self.exchange_api_key, self.exchange_api_key_file, "EXCHANGE_API_KEY_FILE"),
+            read(self.exchange_api_secret, self.exchange_api_secret_file, "EXCHANGE_API_SECRET_FILE"),
+        )
 
     def rules(self) -> Rules:
         return Rules(

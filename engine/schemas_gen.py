@@ -11,7 +11,16 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from engine.domain.events import PositionClosed, PositionOpened, PriceTick, SignalDead, SignalDecided
+from engine.domain.events import (
+    OrderFailed,
+    OrderSettled,
+    OrderSubmitted,
+    PositionClosed,
+    PositionOpened,
+    PriceTick,
+    SignalDead,
+    SignalDecided,
+)
 from engine.domain.signals import Signal
 
 MODELS: dict[str, type[BaseModel]] = {
@@ -21,6 +30,9 @@ MODELS: dict[str, type[BaseModel]] = {
     "position_opened": PositionOpened,
     "position_closed": PositionClosed,
     "signal_dead": SignalDead,
+    "order_submitted": OrderSubmitted,
+    "order_settled": OrderSettled,
+    "order_failed": OrderFailed,
 }
 SCHEMA_DIR = Path(__file__).resolve().parents[1] / "schemas"
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from decimal import Decimal
 from typing import Protocol
 
-from engine.domain.model import ClientOrderId, Market
+from engine.domain.model import ClientOrderId, Market, PositionKey
 from engine.domain.orders import Fill, OrderIntent
+from engine.domain.reconcile import VenueOrder, VenuePosition
 
 
 class OrderRejected(Exception):
@@ -17,17 +19,37 @@ class OrderRejected(Exception):
         self.reason_code = reason_code
 
 
+class OrderUncertain(Exception):
+    """The venue may or may not hold the order (timeouts, lost answers, an unreachable venue
+    after every bounded retry). Only a later lookup by client order id can tell."""
+
+
 class ExchangeGateway(Protocol):
     name: str
+
+    async def start(self) -> None:
+        """Load markets and check (or set) the position mode; before the first order."""
+        ...
 
     def market(self, symbol: str) -> Market | None: ...
 
     def on_price(self, symbol: str, price: Decimal) -> None: ...
 
     async def execute(self, intent: OrderIntent) -> Fill:
-        """Place the order (idempotent per client order id) and return its fill."""
+        """Place the order and return its fill. Raises OrderRejected (final) or
+        OrderUncertain (look the client order id up later before placing it again)."""
         ...
 
-    async def find_order(self, client_order_id: ClientOrderId) -> Fill | None: ...
+    async def find_order(self, client_order_id: ClientOrderId, symbol: str) -> Fill | None:
+        """The fill of our order with this client order id, or None if the venue has none."""
+        ...
+
+    async def positions(self) -> dict[PositionKey, VenuePosition]:
+        """The venue's open positions by key (quantity > 0)."""
+        ...
+
+    async def orders_since(self, symbol: str, since: datetime) -> list[VenueOrder]:
+        """Filled orders on `symbol` since `since`, ours and others (manual, liquidation)."""
+        ...
 
     async def close(self) -> None: ...

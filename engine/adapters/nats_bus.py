@@ -24,7 +24,7 @@ log = structlog.get_logger(__name__)
 SIGNALS_STREAM = "SIGNALS"
 EVENTS_STREAM = "EVENTS"
 SIGNAL_SUBJECTS = ["signals.>"]
-EVENT_SUBJECTS = ["decisions.>", "positions.>", "deadletter.>"]
+EVENT_SUBJECTS = ["decisions.>", "positions.>", "deadletter.>", "orders.>"]
 PRICE_SUBJECT = "prices.>"
 MSG_ID = "Nats-Msg-Id"
 DAY = 86_400.0
@@ -36,6 +36,7 @@ class NatsBus:
         self.js: JetStreamContext = nc.jetstream(publish_async_max_pending=8192)
         self._publish_lock = asyncio.Lock()
         self.closing = False
+        self.on_reconnect: list[Callable[[], None]] = []  # e.g. reconcile: we may have missed things
 
     @classmethod
     async def connect(cls, url: str, name: str) -> NatsBus:
@@ -47,6 +48,8 @@ class NatsBus:
 
         async def on_reconnect() -> None:
             log.info("nats.reconnected")
+            for hook in bus.on_reconnect if bus else ():
+                hook()
 
         async def on_error(exc: Exception) -> None:
             log.warning("nats.error", error=str(exc))

@@ -8,12 +8,22 @@ Realized PnL is tracked as cash flow per position life (flat to flat), which is 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from decimal import Decimal
 
 from engine.adapters.gateway import OrderRejected
 from engine.domain.book import PositionBook
-from engine.domain.model import ZERO, ClientOrderId, Market, OrderSide, PositionMode, PositionSide
+from engine.domain.model import (
+    ZERO,
+    ClientOrderId,
+    Market,
+    OrderSide,
+    PositionKey,
+    PositionMode,
+    PositionSide,
+)
 from engine.domain.orders import Fill, OrderIntent
+from engine.domain.reconcile import VenueOrder, VenuePosition
 
 D = Decimal
 DEFAULT_TAKER_FEE = D("0.0005")
@@ -52,7 +62,7 @@ class PaperExchange:
         self.slippage = slippage
         self.markets = dict(markets or BUILTIN_MARKETS)
         self.last_prices: dict[str, Decimal] = {}
-        self.positions: dict[tuple[str, PositionSide | None], PaperPosition] = {}
+        self.holdings: dict[tuple[str, PositionSide | None], PaperPosition] = {}
         self.orders: dict[ClientOrderId, Fill] = {}
         self.realized_pnl = ZERO
         self.fees_paid = ZERO
@@ -63,8 +73,23 @@ class PaperExchange:
     def on_price(self, symbol: str, price: Decimal) -> None:
         self.last_prices[symbol] = price
 
-    async def find_order(self, client_order_id: ClientOrderId) -> Fill | None:
+    async def start(self) -> None:
+        return None
+
+    async def find_order(self, client_order_id: ClientOrderId, symbol: str) -> Fill | None:
         return self.orders.get(client_order_id)
+
+    async def positions(self) -> dict[PositionKey, VenuePosition]:
+        found: dict[PositionKey, VenuePosition] = {}
+        for (symbol, side), pos in self.holdings.items():
+            if pos.quantity:
+                real_side = side or (PositionSide.LONG if pos.quantity > 0 else PositionSide.SHORT)
+                key = PositionKey(symbol, real_side)
+                found[key] = VenuePosition(key, abs(pos.quantity), abs(pos.cash / pos.quantity))
+        return found
+
+    async def orders_since(self, symbol: str, since: datetime) -> list[VenueOrder]:
+        return []  # every paper order is ours
 
     async def close(self) -> None:
         return None
@@ -102,14 +127,14 @@ class PaperExchange:
 
     def _trade_hedge(self, intent: OrderIntent, signed: Decimal, price: Decimal) -> None:
         assert intent.position_side is not None
-        pos = self.positions.setdefault((intent.symbol, intent.position_side), PaperPosition())
+        pos = self.holdings.setdefault((intent.symbol, intent.position_side), PaperPosition())
         delta = signed * intent.position_side.sign  # + grows the leg, - shrinks it
         if delta < 0 and -delta > pos.quantity:
             raise OrderRejected("reduce_exceeds_position", f"paper: {intent.quantity} exceeds {pos.quantity}")
         self._move(pos, delta, signed, price)
 
     def _trade_one_way(self, intent: OrderIntent, signed: Decimal, price: Decimal) -> None:
-        pos = self.positions.setdefault((intent.symbol, None), PaperPosition())
+        pos = self.holdings.setdefault((intent.symbol, None), PaperPosition())
         if intent.reduce_only and (pos.quantity == 0 or (pos.quantity > 0) == (signed > 0)):
             raise OrderRejected("reduce_only_rejected", "paper: reduce-only order would increase")
         if pos.quantity and (pos.quantity > 0) != (signed > 0) and abs(signed) > abs(pos.quantity):
@@ -128,17 +153,17 @@ class PaperExchange:
 
     def restore(self, book: PositionBook) -> None:
         """After a restart, the paper venue holds what the replayed book says it holds."""
-        self.positions.clear()
+        self.holdings.clear()
         for key, ep in book.exchange.items():
             if self.mode is PositionMode.HEDGE:
-                self.positions[(key.symbol, key.side)] = PaperPosition(ep.quantity, -ep.cost * key.side.sign)
+                self.holdings[(key.symbol, key.side)] = PaperPosition(ep.quantity, -ep.cost * key.side.sign)
             else:
-                self.positions[(key.symbol, None)] = PaperPosition(
+                self.holdings[(key.symbol, None)] = PaperPosition(
                     ep.quantity * key.side.sign, -ep.cost * key.side.sign
                 )
 
     def position(self, symbol: str, side: PositionSide) -> Decimal:
         if self.mode is PositionMode.HEDGE:
-            return self.positions.get((symbol, side), PaperPosition()).quantity
-        net = self.positions.get((symbol, None), PaperPosition()).quantity
+            return self.holdings.get((symbol, side), PaperPosition()).quantity
+        net = self.holdings.get((symbol, None), PaperPosition()).quantity
         return max(net * side.sign, ZERO)

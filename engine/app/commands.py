@@ -20,6 +20,9 @@ from engine.app.runner import client_nats_url, mysql_target
 from engine.config import Settings
 from engine.domain.events import (
     Event,
+    OrderFailed,
+    OrderSettled,
+    OrderSubmitted,
     PositionClosed,
     PositionOpened,
     SignalDead,
@@ -109,6 +112,15 @@ def describe(event: Event) -> str:
             )
         case SignalDead():
             return f"[red]DEAD[/] {event.subject} {event.reason_code}: {'; '.join(event.errors)}"
+        case OrderSubmitted():
+            return (
+                f"[dim]ORDER[/] {event.client_order_id} {event.side} {event.quantity} {event.symbol} "
+                f"{event.position_side.value if event.position_side else ''}"
+            )
+        case OrderSettled():
+            return f"[dim]FILLED[/] {event.client_order_id} {event.filled_quantity} @ {event.average_price}"
+        case OrderFailed():
+            return f"[yellow]ORDER FAILED[/] {event.client_order_id} {event.reason_code}: {event.reason}"
 
 
 async def tail(

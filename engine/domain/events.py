@@ -116,6 +116,66 @@ class SignalDead(_Event):
     signal_id: str | None = None
 
 
+class JournalLeg(BaseModel):
+    """One leg of a journaled order, enough to settle its fill after a restart."""
+
+    model_config = ConfigDict(frozen=True)
+
+    kind: Literal["open", "close"]
+    position_id: str
+    quantity: Amount
+    reason: CloseReason | None = None
+    strategy_id: str | None = None
+    signal_id: str | None = None
+    side: PositionSide | None = None
+    take_profit: Amount | None = None
+    stop_loss: Amount | None = None
+    take_profit_pct: Amount | None = None
+    stop_loss_pct: Amount | None = None
+    price_tick: Amount | None = None
+    confidence: Amount | None = None
+    timeframe: str | None = None
+    metadata: dict[str, Any] | None = None
+
+
+class OrderSubmitted(_Event):
+    """Stored before an order goes to a real venue (write-ahead): after a crash, every
+    submitted order without an outcome is looked up at the venue by its client order id."""
+
+    type: Literal["order.submitted"] = "order.submitted"
+    client_order_id: str
+    symbol: str
+    side: Literal["buy", "sell"]
+    quantity: Amount
+    position_side: PositionSide | None
+    reduce_only: bool
+    reference_price: Amount
+    signal_id: str | None = None
+    legs: list[JournalLeg]
+
+
+class OrderSettled(_Event):
+    """Stored after the position events of a fill: the order's outcome is fully booked."""
+
+    type: Literal["order.settled"] = "order.settled"
+    client_order_id: str
+    symbol: str
+    exchange_order_id: str
+    filled_quantity: Amount
+    average_price: Amount
+    fee: Amount
+
+
+class OrderFailed(_Event):
+    """The order was refused, or a lookup found that the venue never placed it."""
+
+    type: Literal["order.failed"] = "order.failed"
+    client_order_id: str
+    symbol: str
+    reason_code: str
+    reason: str
+
+
 class PriceTick(BaseModel):
     """`prices.<symbol>` (DESIGN §3.2)."""
 
@@ -153,7 +213,17 @@ def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not a number")
 
 
-Event = Annotated[SignalDecided | PositionOpened | PositionClosed | SignalDead, Field(discriminator="type")]
+Event = Annotated[
+    SignalDecided
+    | PositionOpened
+    | PositionClosed
+    | SignalDead
+    | OrderSubmitted
+    | OrderSettled
+    | OrderFailed,
+    Field(discriminator="type"),
+]
+OrderEvent = OrderSubmitted | OrderSettled | OrderFailed
 EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
 
 
@@ -167,6 +237,12 @@ def event_subject(event: Event) -> str:
             return f"positions.closed.{event.symbol}.{event.side.value}"
         case SignalDead():
             return "deadletter.signals"
+        case OrderSubmitted():
+            return f"orders.submitted.{event.symbol}"
+        case OrderSettled():
+            return f"orders.settled.{event.symbol}"
+        case OrderFailed():
+            return f"orders.failed.{event.symbol}"
 
 
 def encode_event(event: Event) -> bytes:

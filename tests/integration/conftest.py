@@ -15,6 +15,7 @@ import pytest
 from engine.adapters.embedded_nats import EmbeddedNats, free_port, port_is_open
 from engine.config import MysqlTarget
 from tests.integration.harness import Pipeline
+from tests.integration.venues import Emulator, running_emulator
 
 TEST_MYSQL_URL = os.environ.get("TEST_MYSQL_URL", "mysql://root@127.0.0.1:3306/mysql")
 
@@ -65,17 +66,38 @@ async def mysql_url(mysql_server: MysqlTarget) -> AsyncIterator[str]:
 
 
 @pytest.fixture
-async def pipeline(nats_server: EmbeddedNats, mysql_url: str) -> AsyncIterator[Pipeline]:
-    """Worker + attribution consumer in this process, hedge mode, default policies."""
-    async with Pipeline(nats_server.url, mysql_url) as running:
+async def emulator() -> AsyncIterator[Emulator]:
+    async with running_emulator() as running:
         yield running
 
 
 @pytest.fixture
-def make_pipeline(nats_server: EmbeddedNats, mysql_url: str) -> object:
+def venue() -> Emulator | None:
+    """The paper venue; a module that runs its scenarios on both venues overrides this with
+    its own parametrized `venue` fixture (see test_pipeline.py)."""
+    return None
+
+
+def _venue_overrides(venue: Emulator | None) -> dict[str, object]:
+    return {} if venue is None else venue.venue_settings()
+
+
+@pytest.fixture
+async def pipeline(
+    nats_server: EmbeddedNats, mysql_url: str, venue: Emulator | None
+) -> AsyncIterator[Pipeline]:
+    """Worker + attribution consumer in this process, hedge mode, default policies."""
+    emulated = venue.exchange if venue else None
+    async with Pipeline(nats_server.url, mysql_url, emulated, **_venue_overrides(venue)) as running:
+        yield running
+
+
+@pytest.fixture
+def make_pipeline(nats_server: EmbeddedNats, mysql_url: str, venue: Emulator | None) -> object:
     """For tests that need other settings: `async with make_pipeline(POSITION_MODE=...)`."""
 
     def factory(**overrides: object) -> Pipeline:
-        return Pipeline(nats_server.url, mysql_url, **overrides)
+        emulated = venue.exchange if venue else None
+        return Pipeline(nats_server.url, mysql_url, emulated, **(_venue_overrides(venue) | overrides))
 
     return factory

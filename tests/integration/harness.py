@@ -14,10 +14,12 @@ import nats
 from nats.aio.client import Client
 from nats.js.api import DeliverPolicy
 
+from engine.adapters.gateway import ExchangeGateway
+from engine.adapters.paper import PaperExchange
 from engine.adapters.mysql_store import MysqlStore
 from engine.adapters.nats_bus import EVENT_SUBJECTS, NatsBus
-from engine.adapters.paper import PaperExchange
 from engine.app.attribution import AttributionConsumer
+from engine.app.runner import build_gateway
 from engine.app.worker import Worker
 from engine.config import MysqlTarget, Settings, load_settings
 from engine.domain.events import (
@@ -28,6 +30,7 @@ from engine.domain.events import (
     SignalDecided,
     decode_event,
 )
+from engine.emulator.binanceusdm import Exchange
 
 T = TypeVar("T")
 
@@ -65,7 +68,13 @@ async def eventually_quiet(probe: Callable[[], bool], timeout: float) -> bool:
 
 
 class Pipeline:
-    def __init__(self, nats_url: str, mysql_url: str, **overrides: Any) -> None:
+    def __init__(
+        self, nats_url: str, mysql_url: str, emulator: Exchange | None = None, **overrides: Any
+    ) -> None:
+        """With `emulator` (an in-process Binance USD-M emulator's state), set EXCHANGE and
+        EXCHANGE_API_URL to trade on it through ccxt; ticks then move its price too."""
+        self.emulator = emulator
+        self.gateway: ExchangeGateway | None = None
         self.settings: Settings = load_settings(
             nats_url=nats_url,
             mysql_url=mysql_url,
@@ -107,7 +116,7 @@ class Pipeline:
     async def start_worker(self) -> Worker:
         assert self.settings.nats_url
         self.worker_bus = await NatsBus.connect(self.settings.nats_url, "test-worker")
-        gateway = PaperExchange(self.settings.position_mode, self.settings.paper_taker_fee)
+        self.gateway = gateway = build_gateway(self.settings)
         self.worker = Worker(self.settings, self.worker_bus, gateway)
         self.worker_task = asyncio.create_task(self.worker.run())
         await self._until_ready(self.worker.ready, self.worker_task)
@@ -117,9 +126,12 @@ class Pipeline:
         if self.worker and self.worker_task:
             self.worker.stop()
             await asyncio.wait_for(self.worker_task, 10)
+        if self.gateway:
+            await self.gateway.close()
         if self.worker_bus:
             await self.worker_bus.close()
         self.worker = self.worker_task = self.worker_bus = None
+        self.gateway = None
 
     async def start_attribution(self) -> None:
         assert self.settings.nats_url and self.settings.mysql_url
@@ -170,6 +182,8 @@ class Pipeline:
         """Publish a tick until the worker has seen it: ticks are plain NATS messages, and one
         sent while a subscriber is reconnecting is gone (the next tick repairs that in real life)."""
         assert self.client is not None and self.worker is not None
+        if self.emulator is not None:
+            self.emulator.prices[symbol] = Decimal(price)
         worker, body = self.worker, json.dumps({"symbol": symbol, "price": price}).encode()
         deadline = time.monotonic() + timeout
         while worker.last_prices.get(symbol) != Decimal(price):
@@ -178,6 +192,13 @@ class Pipeline:
             await eventually_quiet(lambda: worker.last_prices.get(symbol) == Decimal(price), 0.5)
 
     # --- observations --------------------------------------------------------------------
+    def venue_order_count(self) -> int:
+        """Orders the venue executed: the emulator's own record, or the paper venue's."""
+        if self.emulator is not None:
+            return len(self.emulator.orders)
+        assert isinstance(self.gateway, PaperExchange)
+        return len(self.gateway.orders)
+
     async def decision(self, signal_id: str, timeout: float = 10.0) -> SignalDecided:
         def find() -> SignalDecided | None:
             return next((e for e in self.decisions() if e.signal_id == signal_id), None)

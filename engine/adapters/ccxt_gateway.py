@@ -1,0 +1,448 @@
+"""Real venues through ccxt (`EXCHANGE=binanceusdm` and other ccxt derivatives venues).
+
+Every order carries a client order id derived from its signal or slice, so the venue itself
+can tell us whether an order whose answer we lost exists. The retry policy follows the error
+class (DESIGN §4.3): rejections are final; throttling is retried with the same id after a
+pause; an ambiguous outcome is looked up by client order id before anything is sent again.
+ccxt is imported here only, and this module only when a ccxt venue is configured.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import ccxt.async_support as ccxt_async
+import structlog
+from ccxt.base.errors import (
+    AuthenticationError,
+    BadRequest,
+    BadSymbol,
+    DDoSProtection,
+    ExchangeError,
+    InsufficientFunds,
+    InvalidNonce,
+    InvalidOrder,
+    NetworkError,
+    OperationFailed,
+    OperationRejected,
+    OrderNotFound,
+    PermissionDenied,
+)
+
+from engine import metrics
+from engine.adapters.gateway import OrderRejected, OrderUncertain
+from engine.domain.model import (
+    ZERO,
+    ClientOrderId,
+    Market,
+    OrderSide,
+    PositionKey,
+    PositionMode,
+    PositionSide,
+)
+from engine.domain.orders import Fill, OrderIntent
+from engine.domain.reconcile import VenueOrder, VenuePosition
+
+log = structlog.get_logger(__name__)
+T = TypeVar("T")
+D = Decimal
+
+FINAL_CLASSES: tuple[type[Exception], ...] = (
+    InsufficientFunds,
+    InvalidOrder,
+    BadRequest,
+    OperationRejected,
+    BadSymbol,
+    AuthenticationError,
+    PermissionDenied,
+)
+RETRY_CLASSES: tuple[type[Exception], ...] = (
+    DDoSProtection,
+    InvalidNonce,
+)  # RateLimitExceeded is a DDoSProtection
+# Binance codes behind a plain ExchangeError / OperationFailed: which mean "not placed, retry"
+# and which mean "we cannot tell"; every other venue code is a final rejection.
+VENUE_RETRY_CODES = {-1003, -1015, -1021}
+VENUE_AMBIGUOUS_CODES = {-1000, -1001, -1006, -1007, -1008, -4116}
+VENUE_REASONS = {
+    -1106: "parameter_not_required",
+    -1111: "invalid_precision",
+    -1121: "unknown_symbol",
+    -2019: "insufficient_margin",
+    -2022: "reduce_only_rejected",
+    -4003: "invalid_quantity",
+    -4005: "below_min_quantity",
+    -4061: "position_side_mismatch",
+    -4164: "below_min_notional",
+}
+_CODE = re.compile(r'"code"\s*:\s*(-?\d+)')
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    attempts: int = 5
+    backoff: float = 0.25  # seconds, doubled per attempt
+    max_backoff: float = 4.0
+    fill_wait: float = 10.0  # how long a placed market order may take to report its fill
+
+
+def venue_code(exc: Exception) -> int | None:
+    found = _CODE.search(str(exc))
+    return int(found.group(1)) if found else None
+
+
+def classify(exc: Exception) -> str:
+    """'final' (never placed, do not retry), 'retry' (not placed, send again with the same
+    client order id) or 'ambiguous' (look the order up before sending anything)."""
+    if isinstance(exc, OrderNotFound):
+        return "ambiguous"
+    code = venue_code(exc)
+    if code in VENUE_AMBIGUOUS_CODES:
+        return "ambiguous"
+    if code in VENUE_RETRY_CODES or isinstance(exc, RETRY_CLASSES):
+        return "retry"
+    if isinstance(exc, FINAL_CLASSES):
+        return "final"
+    if isinstance(exc, NetworkError):  # RequestTimeout, ExchangeNotAvailable, ...
+        return "ambiguous"
+    if code is not None and isinstance(exc, ExchangeError | OperationFailed):
+        return "final"  # the venue answered with a reason of its own
+    return "ambiguous"  # a plain ExchangeError / OperationFailed from the transport
+
+
+def reason_code(exc: Exception) -> str:
+    code = venue_code(exc)
+    if code in VENUE_REASONS:
+        return VENUE_REASONS[code]
+    snake = re.sub(r"(?<!^)(?=[A-Z])", "_", type(exc).__name__).lower()
+    return f"venue_{snake}" if code is None else f"venue_code_{-code}"
+
+
+def venue_message(exc: Exception) -> str:
+    """The venue's own `msg` when it sent one, else ccxt's text."""
+    text = str(exc)
+    start = text.find("{")
+    if start >= 0:
+        try:
+            body = json.loads(text[start:])
+            if isinstance(body, dict) and "msg" in body:
+                return f"venue: {body['msg']} (code {body.get('code')})"
+        except ValueError:
+            pass
+    return f"venue: {text[:300]}"
+
+
+def rewrite_urls(urls: Any, base: str) -> Any:
+    """Every REST endpoint moved to `base`'s scheme and host, paths kept (EXCHANGE_API_URL)."""
+    target = urlsplit(base)
+    if isinstance(urls, dict):
+        return {name: rewrite_urls(value, base) for name, value in urls.items()}
+    if isinstance(urls, str) and urls.startswith(("http://", "https://")):
+        parts = urlsplit(urls)
+        return urlunsplit((target.scheme, target.netloc, parts.path, parts.query, parts.fragment))
+    return urls
+
+
+class CcxtGateway:
+    def __init__(
+        self,
+        exchange_id: str,
+        mode: PositionMode,
+        api_key: str | None,
+        secret: str | None,
+        sandbox: bool = False,
+        api_url: str | None = None,
+        set_position_mode: bool = False,
+        timeout: float = 10.0,
+        policy: RetryPolicy | None = None,
+    ) -> None:
+        if not hasattr(ccxt_async, exchange_id):
+            raise ValueError(f"ccxt has no exchange {exchange_id!r}")
+        self.name = exchange_id
+        self.mode = mode
+        self.policy = policy or RetryPolicy()
+        self.set_position_mode = set_position_mode
+        self.exchange: Any = getattr(ccxt_async, exchange_id)(
+            {
+                "apiKey": api_key or "",
+                "secret": secret or "",
+                "enableRateLimit": True,
+                "timeout": int(timeout * 1000),
+                "options": {
+                    "fetchCurrencies": False,
+                    "defaultType": "swap",
+                    "warnOnFetchOpenOrdersWithoutSymbol": False,
+                },
+            }
+        )
+        if sandbox:
+            self.exchange.set_sandbox_mode(True)
+        if api_url:
+            self.exchange.urls["api"] = rewrite_urls(self.exchange.urls["api"], api_url)
+            self._guard_host(urlsplit(api_url).netloc)
+        self._markets: dict[str, Market] = {}
+        self._unified: dict[str, str] = {}
+        self._taker: dict[str, Decimal] = {}
+
+    def _guard_host(self, allowed: str) -> None:
+        """With EXCHANGE_API_URL set, no request may leave for any other host."""
+        original = self.exchange.fetch
+
+        async def fetch(url: str, method: str = "GET", headers: Any = None, body: Any = None) -> Any:
+            if urlsplit(url).netloc != allowed:
+                raise PermissionError(
+                    f"refusing a request to {urlsplit(url).netloc}: only {allowed} is allowed"
+                )
+            return await original(url, method, headers, body)
+
+        self.exchange.fetch = fetch
+
+    # --- start-up ------------------------------------------------------------------------
+    async def start(self) -> None:
+        await self._call(self.exchange.load_markets)
+        for unified, m in self.exchange.markets.items():
+            if not m.get("swap") or not m.get("linear") or not m.get("active", True):
+                continue
+            amount_step = _dec(m["precision"]["amount"])
+            self._unified[m["id"]] = unified
+            self._taker[m["id"]] = _dec(m.get("taker") or "0.0005")
+            self._markets[m["id"]] = Market(
+                symbol=m["id"],
+                quantity_step=amount_step,
+                min_quantity=_dec(m["limits"]["amount"]["min"] or amount_step),
+                min_notional=_dec(m["limits"]["cost"]["min"] or 0),
+                price_tick=_dec(m["precision"]["price"]),
+            )
+        await self._check_position_mode()
+        log.info("venue.ready", venue=self.name, markets=len(self._markets), mode=self.mode.value)
+
+    async def _check_position_mode(self) -> None:
+        if not self.exchange.has.get("fetchPositionMode"):
+            return
+        any_symbol = next(iter(self._unified.values()), None)
+        info = await self._call(lambda: self.exchange.fetch_position_mode(any_symbol))
+        hedged = bool(info.get("hedged"))
+        wanted = self.mode is PositionMode.HEDGE
+        if hedged == wanted:
+            return
+        if not self.set_position_mode:
+            raise RuntimeError(
+                f"{self.name} is in {'hedge' if hedged else 'one-way'} mode but POSITION_MODE={self.mode.value}; "
+                "change it at the venue or start with SET_POSITION_MODE=true"
+            )
+        try:
+            await self._call(lambda: self.exchange.set_position_mode(wanted))
+        except ExchangeError as exc:
+            if venue_code(exc) != -4059:  # "No need to change position side": already set
+                raise
+        log.info("venue.position_mode_set", venue=self.name, mode=self.mode.value)
+
+    # --- the port ------------------------------------------------------------------------
+    def market(self, symbol: str) -> Market | None:
+        return self._markets.get(symbol)
+
+    def on_price(self, symbol: str, price: Decimal) -> None:
+        return None
+
+    async def execute(self, intent: OrderIntent) -> Fill:
+        market = self._markets.get(intent.symbol)
+        if market is None:
+            raise OrderRejected("unknown_symbol", f"{self.name} lists no linear swap {intent.symbol}")
+        if market.round_quantity(intent.quantity) != intent.quantity or intent.quantity < market.min_quantity:
+            raise OrderRejected(
+                "invalid_quantity",
+                f"quantity {intent.quantity} is off the step {market.quantity_step} or below {market.min_quantity}",
+            )
+        if not intent.reduce_only and intent.quantity * intent.reference_price < market.min_notional:
+            raise OrderRejected(
+                "below_min_notional",
+                f"notional {intent.quantity * intent.reference_price} is below the venue minimum {market.min_notional}",
+            )
+        params: dict[str, Any] = {"newClientOrderId": intent.client_order_id}
+        if self.mode is PositionMode.HEDGE:
+            # Binance refuses reduceOnly next to positionSide (-1106): the side says it all.
+            params["positionSide"] = (intent.position_side or PositionSide.LONG).value
+        elif intent.reduce_only:
+            params["reduceOnly"] = True
+        unified = self._unified[intent.symbol]
+        delay = self.policy.backoff
+        uncertain = False
+        for attempt in range(1, self.policy.attempts + 1):
+            try:
+                order = await self.exchange.create_order(
+                    unified, "market", intent.side.value, float(intent.quantity), None, dict(params)
+                )
+            except Exception as exc:
+                kind = classify(exc)
+                metrics.ORDER_ERRORS.labels(self.name, type(exc).__name__).inc()
+                log.warning(
+                    "venue.order_error",
+                    attempt=attempt,
+                    kind=kind,
+                    error=type(exc).__name__,
+                    message=venue_message(exc),
+                    client_order_id=intent.client_order_id,
+                )
+                if kind == "final":
+                    raise OrderRejected(reason_code(exc), venue_message(exc)) from exc
+                if kind == "ambiguous":
+                    uncertain = True
+                    await asyncio.sleep(delay)
+                    found = await self._lookup(intent.client_order_id, unified, intent.symbol)
+                    if found is not None:
+                        return found
+                    uncertain = False  # the venue answered: it has no such order, so send again
+                else:
+                    await asyncio.sleep(delay)
+                delay = min(delay * 2, self.policy.max_backoff)
+                continue
+            return await self._fill_of(str(order["id"]), unified, intent.symbol)
+        if uncertain:
+            raise OrderUncertain(f"{intent.client_order_id}: no answer after {self.policy.attempts} attempts")
+        raise OrderRejected(
+            "venue_unavailable", f"{self.name} kept refusing for now after {self.policy.attempts} attempts"
+        )
+
+    async def find_order(self, client_order_id: ClientOrderId, symbol: str) -> Fill | None:
+        unified = self._unified.get(symbol)
+        if unified is None:
+            return None
+        try:
+            order = await self._call(
+                lambda: self.exchange.fetch_order(None, unified, {"origClientOrderId": client_order_id})
+            )
+        except OrderNotFound:
+            return None
+        if float(order.get("filled") or 0) == 0 and order.get("status") != "open":
+            return None  # canceled or expired with nothing filled: as good as never placed
+        return await self._fill_of(str(order["id"]), unified, symbol)
+
+    async def _lookup(self, client_order_id: ClientOrderId, unified: str, symbol: str) -> Fill | None:
+        try:
+            return await self.find_order(client_order_id, symbol)
+        except Exception as exc:
+            raise OrderUncertain(f"{client_order_id}: lookup failed ({type(exc).__name__})") from exc
+
+    async def _fill_of(self, order_id: str, unified: str, symbol: str) -> Fill:
+        """The order's own filled amount and average (never a create answer's `price`, which
+        is "0" for market orders) and its fee from the trades."""
+        deadline = time.monotonic() + self.policy.fill_wait
+        while True:
+            order = await self._call(lambda: self.exchange.fetch_order(order_id, unified))
+            if order.get("status") in ("closed", "canceled", "expired", "rejected"):
+                break
+            if time.monotonic() > deadline:
+                raise OrderUncertain(
+                    f"order {order_id} still {order.get('status')} after {self.policy.fill_wait}s"
+                )
+            await asyncio.sleep(0.05)
+        info = order.get("info") or {}
+        filled = _dec(info.get("executedQty", order.get("filled") or 0))
+        average = _dec(info.get("avgPrice", order.get("average") or 0))
+        if filled <= 0 or average <= 0:
+            raise OrderRejected(
+                "not_filled", f"{self.name} order {order_id} ended {order.get('status')} unfilled"
+            )
+        trades = await self._call(
+            lambda: self.exchange.fetch_my_trades(unified, None, None, {"orderId": order_id})
+        )
+        fee = ZERO
+        quote = self.exchange.markets[unified].get("quote")
+        for trade in trades:
+            cost = trade.get("fee") or {}
+            raw = (trade.get("info") or {}).get("commission", cost.get("cost"))
+            if cost.get("currency") in (None, quote) and raw is not None:
+                fee += _dec(raw)
+            else:  # paid in another asset (e.g. BNB): count what the taker rate would cost
+                fee += _dec((trade.get("info") or {}).get("quoteQty", 0)) * self._taker[symbol]
+        if not trades:
+            fee = filled * average * self._taker[symbol]
+        return Fill(
+            client_order_id=ClientOrderId(str(order.get("clientOrderId") or info.get("clientOrderId") or "")),
+            exchange_order_id=order_id,
+            quantity=filled,
+            average_price=average,
+            fee=fee,
+        )
+
+    async def positions(self) -> dict[PositionKey, VenuePosition]:
+        rows = await self._call(lambda: self.exchange.fetch_positions(list(self._unified.values())))
+        found: dict[PositionKey, VenuePosition] = {}
+        for row in rows:
+            info = row.get("info") or {}
+            symbol = info.get("symbol") or self.exchange.market(row["symbol"])["id"]
+            amount = _dec(info.get("positionAmt", row.get("contracts") or 0))
+            if not amount or symbol not in self._markets:
+                continue
+            raw_side = info.get("positionSide", "BOTH")
+            side = (
+                PositionSide(raw_side)
+                if raw_side in ("LONG", "SHORT")
+                else (PositionSide.LONG if amount > 0 else PositionSide.SHORT)
+            )
+            key = PositionKey(symbol, side)
+            found[key] = VenuePosition(
+                key, abs(amount), _dec(info.get("entryPrice", row.get("entryPrice") or 0))
+            )
+        return found
+
+    async def orders_since(self, symbol: str, since: datetime) -> list[VenueOrder]:
+        unified = self._unified.get(symbol)
+        if unified is None:
+            return []
+        rows = await self._call(lambda: self.exchange.fetch_orders(unified, int(since.timestamp() * 1000)))
+        orders = []
+        for row in rows:
+            info = row.get("info") or {}
+            filled = _dec(info.get("executedQty", row.get("filled") or 0))
+            if filled <= 0:
+                continue
+            client_id = str(row.get("clientOrderId") or info.get("clientOrderId") or "")
+            raw_side = info.get("positionSide")
+            orders.append(
+                VenueOrder(
+                    client_order_id=client_id,
+                    exchange_order_id=str(row["id"]),
+                    symbol=symbol,
+                    side=OrderSide(row["side"]),
+                    position_side=PositionSide(raw_side) if raw_side in ("LONG", "SHORT") else None,
+                    quantity=filled,
+                    average_price=_dec(info.get("avgPrice", row.get("average") or 0)),
+                    fee=filled * _dec(info.get("avgPrice", row.get("average") or 0)) * self._taker[symbol],
+                    liquidation=client_id.startswith(("autoclose", "adl_autoclose"))
+                    or info.get("origType") == "LIQUIDATION",
+                    at=datetime.fromtimestamp((row.get("timestamp") or 0) / 1000, UTC),
+                )
+            )
+        return orders
+
+    async def close(self) -> None:
+        await self.exchange.close()
+
+    async def _call(self, call: Callable[[], Awaitable[T]]) -> T:
+        """Reads are safe to repeat: retry throttling and network errors, bounded."""
+        delay = self.policy.backoff
+        for attempt in range(1, self.policy.attempts + 1):
+            try:
+                return await call()
+            except (NetworkError, OperationFailed) as exc:
+                if attempt == self.policy.attempts or classify(exc) == "final":
+                    raise
+                log.info("venue.read_retry", attempt=attempt, error=type(exc).__name__)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.policy.max_backoff)
+        raise AssertionError("unreachable")
+
+
+def _dec(value: Any) -> Decimal:
+    """ccxt hands numbers back as floats; their shortest repr is the venue's decimal string."""
+    return value if isinstance(value, Decimal) else D(str(value))

@@ -1,0 +1,1 @@
+"""Stand-ins for real venues, for tests and rehearsals; never used for live trading."""

@@ -1,0 +1,644 @@
+"""A Binance USD-M futures emulator: the REST subset the ccxt gateway uses, on 127.0.0.1.
+
+It keeps orders, positions (hedge or one-way), fills, fees and realized PnL in memory, answers
+with Binance's error bodies `{code, msg}` and HTTP statuses, and takes faults from a control
+API under `/emulator/` (commit-then-stall, 5xx with and without body, 429, dropped
+connections, liquidations and changes made "by hand"). Client order ids follow Binance: they
+must be unique only among open orders, and market orders never stay open, so sending the same
+id twice places two orders. The emulator counts them, which is how tests prove exactly-once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import itertools
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+from urllib.parse import parse_qsl
+
+from aiohttp import web
+
+D = Decimal
+ZERO = D(0)
+STARTING_WALLET = D("1000000")
+TAKER_FEE = D("0.0005")
+LEVERAGE = 20
+
+
+@dataclass(frozen=True, slots=True)
+class EmulatedMarket:
+    symbol: str
+    base: str
+    step: Decimal
+    min_qty: Decimal
+    tick: Decimal
+    min_notional: Decimal
+    price: Decimal
+
+
+MARKETS = {
+    m.symbol: m
+    for m in (
+        EmulatedMarket("BTCUSDT", "BTC", D("0.001"), D("0.001"), D("0.1"), D("5"), D("45000")),
+        EmulatedMarket("ETHUSDT", "ETH", D("0.001"), D("0.001"), D("0.01"), D("5"), D("3000")),
+        EmulatedMarket("BNBUSDT", "BNB", D("0.01"), D("0.01"), D("0.01"), D("5"), D("600")),
+        EmulatedMarket("SOLUSDT", "SOL", D("0.01"), D("0.01"), D("0.01"), D("5"), D("150")),
+        EmulatedMarket("XRPUSDT", "XRP", D("0.1"), D("0.1"), D("0.0001"), D("5"), D("0.6")),
+    )
+}
+
+
+class BinanceError(Exception):
+    def __init__(self, code: int, msg: str, status: int = 400) -> None:
+        super().__init__(msg)
+        self.code, self.msg, self.status = code, msg, status
+
+
+@dataclass(slots=True)
+class Position:
+    amount: Decimal = ZERO  # signed: + long, - short (hedge legs keep their own sign)
+    entry: Decimal = ZERO
+    updated: int = 0
+
+
+@dataclass(slots=True)
+class Fault:
+    kind: str  # stall | http_5xx | http_5xx_empty | http_429 | drop_before | drop_after
+    method: str = "POST"
+    path: str = "/fapi/v1/order"
+    times: int = 1
+    seconds: float = 0.0
+
+
+@dataclass(slots=True)
+class Exchange:
+    api_key: str = "emulator-key"
+    secret: str = "emulator-secret"
+    dual_side: bool = False
+    wallet: Decimal = STARTING_WALLET
+    prices: dict[str, Decimal] = field(default_factory=lambda: {s: m.price for s, m in MARKETS.items()})
+    positions: dict[tuple[str, str], Position] = field(default_factory=dict)
+    orders: dict[int, dict[str, Any]] = field(default_factory=dict)
+    trades: list[dict[str, Any]] = field(default_factory=list)
+    client_ids: Counter[str] = field(default_factory=Counter)
+    faults: list[Fault] = field(default_factory=list)
+    request_count: Counter[str] = field(default_factory=Counter)
+    ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1_000_001))
+
+    # --- trading ------------------------------------------------------------------------
+    def place(self, p: dict[str, str]) -> dict[str, Any]:
+        market = self._market(p.get("symbol", ""))
+        side = p.get("side", "")
+        if side not in ("BUY", "SELL"):
+            raise BinanceError(-1117, "Invalid side.")
+        if p.get("type") != "MARKET":
+            raise BinanceError(-1116, "Invalid orderType.")
+        position_side = p.get("positionSide", "BOTH")
+        if self.dual_side and "reduceOnly" in p:
+            raise BinanceError(-1106, "Parameter 'reduceonly' sent when not required.")
+        if (position_side == "BOTH") == self.dual_side or position_side not in ("BOTH", "LONG", "SHORT"):
+            raise BinanceError(-4061, "Order's position side does not match user's setting.")
+        qty = _decimal(p.get("quantity"), "quantity")
+        if qty <= 0:
+            raise BinanceError(-4003, "Quantity less than or equal to zero.")
+        if qty % market.step:
+            raise BinanceError(-1111, "Precision is over the maximum defined for this asset.")
+        if qty < market.min_qty:
+            raise BinanceError(-4005, "Quantity less than minimum quantity.")
+        price = self.prices[market.symbol]
+        signed = qty if side == "BUY" else -qty
+        key = (market.symbol, position_side)
+        pos = self.positions.setdefault(key, Position())
+        reducing = _reduces(position_side, pos.amount, signed)
+        if p.get("reduceOnly") == "true" and not (pos.amount and (pos.amount > 0) != (signed > 0)):
+            raise BinanceError(-2022, "ReduceOnly Order is rejected.")
+        if position_side != "BOTH" and reducing and qty > abs(pos.amount):
+            raise BinanceError(-2022, "ReduceOnly Order is rejected.")
+        if not reducing and qty * price < market.min_notional:
+            raise BinanceError(
+                -4164,
+                f"Order's notional must be no smaller than {market.min_notional} (unless you choose reduce only).",
+            )
+        if not reducing and qty * price / LEVERAGE > self.available():
+            raise BinanceError(-2019, "Margin is insufficient.")
+        client_id = p.get("newClientOrderId") or f"emu-{next(self.ids)}"
+        order = self._fill(
+            market, key, side, position_side, qty, price, client_id, p.get("reduceOnly") == "true"
+        )
+        if p.get("newOrderRespType") == "RESULT":
+            return order
+        # Binance's default ACK answer: the order is accepted, its fill not reported yet.
+        return order | {"status": "NEW", "executedQty": "0", "avgPrice": "0.00", "cumQuote": "0.00000"}
+
+    def _fill(
+        self,
+        market: EmulatedMarket,
+        key: tuple[str, str],
+        side: str,
+        position_side: str,
+        qty: Decimal,
+        price: Decimal,
+        client_id: str,
+        reduce_only: bool,
+        orig_type: str = "MARKET",
+    ) -> dict[str, Any]:
+        order_id = next(self.ids)
+        now = _ms()
+        pos = self.positions.setdefault(key, Position())
+        signed = qty if side == "BUY" else -qty
+        realized = _trade(pos, signed, price)
+        fee = qty * price * TAKER_FEE
+        self.wallet += realized - fee
+        pos.updated = now
+        self.client_ids[client_id] += 1
+        order = {
+            "orderId": order_id,
+            "symbol": market.symbol,
+            "status": "FILLED",
+            "clientOrderId": client_id,
+            "price": "0",
+            "avgPrice": str(price),
+            "origQty": str(qty),
+            "executedQty": str(qty),
+            "cumQuote": str(qty * price),
+            "timeInForce": "GTC",
+            "type": "MARKET",
+            "reduceOnly": reduce_only,
+            "closePosition": False,
+            "side": side,
+            "positionSide": position_side,
+            "stopPrice": "0",
+            "workingType": "CONTRACT_PRICE",
+            "priceProtect": False,
+            "origType": orig_type,
+            "time": now,
+            "updateTime": now,
+        }
+        self.orders[order_id] = order
+        self.trades.append(
+            {
+                "symbol": market.symbol,
+                "id": next(self.ids),
+                "orderId": order_id,
+                "side": side,
+                "price": str(price),
+                "qty": str(qty),
+                "realizedPnl": str(realized),
+                "marginAsset": "USDT",
+                "quoteQty": str(qty * price),
+                "commission": str(fee),
+                "commissionAsset": "USDT",
+                "time": now,
+                "positionSide": position_side,
+                "buyer": side == "BUY",
+                "maker": False,
+            }
+        )
+        return order
+
+    def available(self) -> Decimal:
+        margin = sum((abs(p.amount) * p.entry / LEVERAGE for p in self.positions.values()), ZERO)
+        return self.wallet + self.unrealized() - margin
+
+    def unrealized(self) -> Decimal:
+        return sum(((self.prices[s] - p.entry) * p.amount for (s, _), p in self.positions.items()), ZERO)
+
+    def find(self, p: dict[str, str]) -> dict[str, Any]:
+        self._market(p.get("symbol", ""))
+        if "orderId" in p:
+            order = self.orders.get(int(p["orderId"]))
+        elif "origClientOrderId" in p:
+            order = next(
+                (o for o in reversed(self.orders.values()) if o["clientOrderId"] == p["origClientOrderId"]),
+                None,
+            )
+        else:
+            raise BinanceError(
+                -1102, "Param 'orderId' or 'origClientOrderId' must be sent, but both were empty/null!"
+            )
+        if order is None or order["symbol"] != p["symbol"]:
+            raise BinanceError(-2013, "Order does not exist.")
+        return order
+
+    def by_hand(
+        self, symbol: str, position_side: str, side: str, qty: Decimal, liquidation: bool
+    ) -> dict[str, Any]:
+        """A trade the worker did not order: a person on the web UI, or the liquidation engine."""
+        market = self._market(symbol)
+        prefix = "autoclose-" if liquidation else "web_"
+        return self._fill(
+            market,
+            (symbol, position_side),
+            side,
+            position_side,
+            qty,
+            self.prices[symbol],
+            f"{prefix}{next(self.ids)}",
+            liquidation,
+            "LIQUIDATION" if liquidation else "MARKET",
+        )
+
+    def liquidate(self, symbol: str, position_side: str) -> dict[str, Any]:
+        pos = self.positions.get((symbol, position_side))
+        if pos is None or not pos.amount:
+            raise BinanceError(-2022, "nothing to liquidate")
+        side = "SELL" if pos.amount > 0 else "BUY"
+        return self.by_hand(symbol, position_side, side, abs(pos.amount), liquidation=True)
+
+    def _market(self, symbol: str) -> EmulatedMarket:
+        market = MARKETS.get(symbol)
+        if market is None:
+            raise BinanceError(-1121, "Invalid symbol.")
+        return market
+
+    # --- read models --------------------------------------------------------------------
+    def position_rows(self, symbol: str | None) -> list[dict[str, Any]]:
+        sides = ("LONG", "SHORT") if self.dual_side else ("BOTH",)
+        rows = []
+        for s in MARKETS if symbol is None else (symbol,):
+            for ps in sides:
+                pos = self.positions.get((s, ps), Position())
+                mark = self.prices[s]
+                rows.append(
+                    {
+                        "symbol": s,
+                        "positionAmt": str(pos.amount),
+                        "entryPrice": str(pos.entry),
+                        "breakEvenPrice": str(pos.entry),
+                        "markPrice": str(mark),
+                        "unRealizedProfit": str((mark - pos.entry) * pos.amount),
+                        "liquidationPrice": "0",
+                        "leverage": str(LEVERAGE),
+                        "maxNotionalValue": "1000000",
+                        "marginType": "cross",
+                        "isolatedMargin": "0",
+                        "isAutoAddMargin": "false",
+                        "positionSide": ps,
+                        "notional": str(pos.amount * mark),
+                        "isolatedWallet": "0",
+                        "updateTime": pos.updated,
+                    }
+                )
+        return rows
+
+    def account(self) -> dict[str, Any]:
+        unrealized = self.unrealized()
+        available = self.available()
+        asset = {
+            "asset": "USDT",
+            "walletBalance": str(self.wallet),
+            "unrealizedProfit": str(unrealized),
+            "marginBalance": str(self.wallet + unrealized),
+            "maintMargin": "0",
+            "initialMargin": "0",
+            "positionInitialMargin": "0",
+            "openOrderInitialMargin": "0",
+            "crossWalletBalance": str(self.wallet),
+            "crossUnPnl": str(unrealized),
+            "availableBalance": str(available),
+            "maxWithdrawAmount": str(available),
+            "marginAvailable": True,
+            "updateTime": _ms(),
+        }
+        return {
+            "totalWalletBalance": str(self.wallet),
+            "totalUnrealizedProfit": str(unrealized),
+            "totalMarginBalance": str(self.wallet + unrealized),
+            "availableBalance": str(available),
+            "maxWithdrawAmount": str(available),
+            "assets": [asset],
+            "positions": [],
+        }
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "dual_side": self.dual_side,
+            "positions": {
+                f"{s}_{ps}": str(p.amount) for (s, ps), p in sorted(self.positions.items()) if p.amount
+            },
+            "orders": len(self.orders),
+            "duplicate_client_ids": {c: n for c, n in self.client_ids.items() if n > 1},
+            "wallet": str(self.wallet),
+            "requests": dict(self.request_count),
+        }
+
+
+def _trade(pos: Position, signed: Decimal, price: Decimal) -> Decimal:
+    """Apply a fill to a position; returns the realized PnL of the part that reduced it."""
+    realized = ZERO
+    if pos.amount and (pos.amount > 0) != (signed > 0):
+        closing = min(abs(signed), abs(pos.amount))
+        direction = 1 if pos.amount > 0 else -1
+        realized = (price - pos.entry) * closing * direction
+        pos.amount += closing * direction * -1
+        signed += closing * direction  # what is left opens the other way (one-way mode)
+        if not pos.amount:
+            pos.entry = ZERO
+    if signed:
+        total = pos.amount + signed
+        pos.entry = (pos.entry * abs(pos.amount) + price * abs(signed)) / abs(total)
+        pos.amount = total
+    return realized
+
+
+def _reduces(position_side: str, amount: Decimal, signed: Decimal) -> bool:
+    if position_side == "LONG":
+        return signed < 0
+    if position_side == "SHORT":
+        return signed > 0
+    return bool(amount) and (amount > 0) != (signed > 0)
+
+
+def _decimal(raw: str | None, name: str) -> Decimal:
+    try:
+        return D(raw or "")
+    except ArithmeticError:
+        raise BinanceError(-1100, f"Illegal characters found in parameter '{name}'.") from None
+
+
+def _ms() -> int:
+    return int(time.time() * 1000)
+
+
+def exchange_info() -> dict[str, Any]:
+    return {
+        "timezone": "UTC",
+        "serverTime": _ms(),
+        "futuresType": "U_MARGINED",
+        "rateLimits": [],
+        "exchangeFilters": [],
+        "assets": [{"asset": "USDT", "marginAvailable": True, "autoAssetExchange": "-10000"}],
+        "symbols": [
+            {
+                "symbol": m.symbol,
+                "pair": m.symbol,
+                "contractType": "PERPETUAL",
+                "deliveryDate": 4133404800000,
+                "onboardDate": 1569398400000,
+                "status": "TRADING",
+                "maintMarginPercent": "2.5000",
+                "requiredMarginPercent": "5.0000",
+                "baseAsset": m.base,
+                "quoteAsset": "USDT",
+                "marginAsset": "USDT",
+                "pricePrecision": -m.tick.as_tuple().exponent,  # type: ignore[operator]
+                "quantityPrecision": -m.step.as_tuple().exponent,  # type: ignore[operator]
+                "baseAssetPrecision": 8,
+                "quotePrecision": 8,
+                "underlyingType": "COIN",
+                "underlyingSubType": [],
+                "triggerProtect": "0.0500",
+                "liquidationFee": "0.012500",
+                "marketTakeBound": "0.05",
+                "filters": [
+                    {
+                        "filterType": "PRICE_FILTER",
+                        "minPrice": str(m.tick),
+                        "maxPrice": "1000000",
+                        "tickSize": str(m.tick),
+                    },
+                    {
+                        "filterType": "LOT_SIZE",
+                        "stepSize": str(m.step),
+                        "maxQty": "100000",
+                        "minQty": str(m.min_qty),
+                    },
+                    {
+                        "filterType": "MARKET_LOT_SIZE",
+                        "stepSize": str(m.step),
+                        "maxQty": "100000",
+                        "minQty": str(m.min_qty),
+                    },
+                    {"filterType": "MAX_NUM_ORDERS", "limit": 200},
+                    {"filterType": "MIN_NOTIONAL", "notional": str(m.min_notional)},
+                    {
+                        "filterType": "PERCENT_PRICE",
+                        "multiplierUp": "1.0500",
+                        "multiplierDown": "0.9500",
+                        "multiplierDecimal": "4",
+                    },
+                ],
+                "orderTypes": ["LIMIT", "MARKET"],
+                "timeInForce": ["GTC", "IOC", "FOK", "GTX"],
+            }
+            for m in MARKETS.values()
+        ],
+    }
+
+
+# --- HTTP ----------------------------------------------------------------------------------
+EXCHANGE_KEY: web.AppKey[Exchange] = web.AppKey("exchange", Exchange)
+
+
+def _error(exc: BinanceError) -> web.Response:
+    return web.json_response({"code": exc.code, "msg": exc.msg}, status=exc.status)
+
+
+async def _params(request: web.Request, signed: bool) -> dict[str, str]:
+    body = await request.text() if request.method in ("POST", "PUT") else ""
+    raw = "&".join(part for part in (request.query_string, body) if part)
+    if signed:
+        exchange = request.app[EXCHANGE_KEY]
+        if request.headers.get("X-MBX-APIKEY") != exchange.api_key:
+            raise BinanceError(-2015, "Invalid API-key, IP, or permissions for action.", 401)
+        payload, _, signature = raw.rpartition("&signature=")
+        expected = hmac.new(exchange.secret.encode(), payload.encode(), hashlib.sha256).hexdigest()
+        if not hmac.compare_digest(signature, expected):
+            raise BinanceError(-1022, "Signature for this request is not valid.")
+    return dict(parse_qsl(raw, keep_blank_values=True))
+
+
+@web.middleware
+async def faults_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    exchange = request.app[EXCHANGE_KEY]
+    exchange.request_count[f"{request.method} {request.path}"] += 1
+    if request.path.startswith("/emulator/"):
+        return await handler(request)  # type: ignore[no-any-return]
+    fault = next((f for f in exchange.faults if f.method == request.method and f.path == request.path), None)
+    if fault is not None:
+        fault.times -= 1
+        if fault.times <= 0:
+            exchange.faults.remove(fault)
+        match fault.kind:
+            case "http_5xx":
+                return web.json_response(
+                    {"code": -1000, "msg": "An unknown error occured while processing the request."},
+                    status=503,
+                )
+            case "http_5xx_empty":
+                return web.Response(status=502, text="")
+            case "http_429":
+                return web.json_response(
+                    {"code": -1003, "msg": "Too many requests; current limit is 2400 requests per minute."},
+                    status=429,
+                )
+            case "drop_before":
+                return _drop(request)
+            case "drop_after":
+                await handler(request)
+                return _drop(request)
+            case "stall":
+                response = await handler(request)  # committed at the venue, answered too late
+                await asyncio.sleep(fault.seconds)
+                return response  # type: ignore[no-any-return]
+    try:
+        return await handler(request)  # type: ignore[no-any-return]
+    except BinanceError as exc:
+        return _error(exc)
+
+
+def _drop(request: web.Request) -> web.Response:
+    if request.transport is not None:
+        request.transport.abort()
+    return web.Response(status=500)  # never reaches the client: the connection is gone
+
+
+def build_app(exchange: Exchange | None = None) -> web.Application:
+    app = web.Application(middlewares=[faults_middleware])
+    app[EXCHANGE_KEY] = exchange or Exchange()
+    ex = app[EXCHANGE_KEY]
+
+    async def wrap(request: web.Request, signed: bool, fn: Any) -> web.Response:
+        try:
+            return web.json_response(fn(await _params(request, signed)))
+        except BinanceError as exc:
+            return _error(exc)
+
+    def public(fn: Any) -> Any:
+        async def handle(request: web.Request) -> web.Response:
+            return await wrap(request, False, fn)
+
+        return handle
+
+    def private(fn: Any) -> Any:
+        async def handle(request: web.Request) -> web.Response:
+            return await wrap(request, True, fn)
+
+        return handle
+
+    def control(action: Any) -> Any:
+        async def handle(request: web.Request) -> web.Response:
+            return await _control(request, action)
+
+        return handle
+
+    async def state(request: web.Request) -> web.Response:
+        return web.json_response(ex.state())
+
+    def set_dual(p: dict[str, str]) -> dict[str, Any]:
+        wanted = p.get("dualSidePosition") == "true"
+        if wanted == ex.dual_side:
+            raise BinanceError(-4059, "No need to change position side.")
+        if any(pos.amount for pos in ex.positions.values()):
+            raise BinanceError(-4068, "Position side cannot be changed if there exists position.")
+        ex.dual_side = wanted
+        return {"code": 200, "msg": "success"}
+
+    def cancel(p: dict[str, str]) -> dict[str, Any]:
+        try:
+            ex.find(p)
+        except BinanceError:
+            raise BinanceError(-2011, "Unknown order sent.") from None
+        raise BinanceError(-2011, "Unknown order sent.")  # market orders are filled, never open
+
+    def since(rows: list[dict[str, Any]], p: dict[str, str], stamp: str) -> list[dict[str, Any]]:
+        start = int(p.get("startTime", "0"))
+        chosen = [r for r in rows if r["symbol"] == p.get("symbol") and r[stamp] >= start]
+        if "orderId" in p and stamp == "time" and "id" in (chosen[0] if chosen else {}):
+            chosen = [r for r in chosen if r["orderId"] == int(p["orderId"])]
+        return chosen[-int(p.get("limit", "500")) :]
+
+    routes = [
+        web.get("/fapi/v1/ping", public(lambda p: {})),
+        web.get("/fapi/v1/time", public(lambda p: {"serverTime": _ms()})),
+        web.get("/fapi/v1/exchangeInfo", public(lambda p: exchange_info())),
+        web.get("/fapi/v1/ticker/price", public(lambda p: _ticker(ex, p))),
+        web.get("/fapi/v2/ticker/price", public(lambda p: _ticker(ex, p))),
+        web.get("/fapi/v1/positionSide/dual", private(lambda p: {"dualSidePosition": ex.dual_side})),
+        web.post("/fapi/v1/positionSide/dual", private(set_dual)),
+        web.post("/fapi/v1/order", private(ex.place)),
+        web.get("/fapi/v1/order", private(ex.find)),
+        web.delete("/fapi/v1/order", private(cancel)),
+        web.get("/fapi/v1/openOrders", private(lambda p: [])),
+        web.get("/fapi/v1/allOrders", private(lambda p: since(list(ex.orders.values()), p, "updateTime"))),
+        web.get("/fapi/v1/userTrades", private(lambda p: since(ex.trades, p, "time"))),
+        web.get("/fapi/v2/positionRisk", private(lambda p: ex.position_rows(p.get("symbol")))),
+        web.get("/fapi/v3/positionRisk", private(lambda p: ex.position_rows(p.get("symbol")))),
+        web.get("/fapi/v2/account", private(lambda p: ex.account())),
+        web.get("/fapi/v3/account", private(lambda p: ex.account())),
+        web.get("/fapi/v2/balance", private(lambda p: ex.account()["assets"])),
+        web.get("/fapi/v1/leverageBracket", private(lambda p: _brackets(p))),
+        # --- control, for tests and rehearsals -------------------------------------------
+        web.get("/emulator/state", state),
+        web.post(
+            "/emulator/price",
+            control(lambda b: ex.prices.__setitem__(b["symbol"], D(str(b["price"])))),
+        ),
+        web.post("/emulator/fault", control(lambda b: ex.faults.append(Fault(**b)))),
+        web.post(
+            "/emulator/liquidate",
+            control(lambda b: ex.liquidate(b["symbol"], b["positionSide"])),
+        ),
+        web.post(
+            "/emulator/by-hand",
+            lambda r: _control(
+                r,
+                lambda b: ex.by_hand(b["symbol"], b["positionSide"], b["side"], D(str(b["quantity"])), False),
+            ),
+        ),
+    ]
+    app.add_routes(routes)
+    return app
+
+
+def _ticker(ex: Exchange, p: dict[str, str]) -> Any:
+    rows = [{"symbol": s, "price": str(price), "time": _ms()} for s, price in ex.prices.items()]
+    if "symbol" in p:
+        found = [r for r in rows if r["symbol"] == p["symbol"]]
+        if not found:
+            raise BinanceError(-1121, "Invalid symbol.")
+        return found[0]
+    return rows
+
+
+def _brackets(p: dict[str, str]) -> list[dict[str, Any]]:
+    bracket = {
+        "bracket": 1,
+        "initialLeverage": 125,
+        "notionalCap": 50000,
+        "notionalFloor": 0,
+        "maintMarginRatio": 0.004,
+        "cum": 0.0,
+    }
+    return [{"symbol": s, "brackets": [bracket]} for s in MARKETS if p.get("symbol", s) == s]
+
+
+async def _control(request: web.Request, action: Any) -> web.Response:
+    try:
+        result = action(await request.json())
+    except BinanceError as exc:
+        return _error(exc)
+    return web.json_response(result if isinstance(result, dict) else {"ok": True})
+
+
+async def serve(host: str, port: int, exchange: Exchange | None = None) -> web.AppRunner:
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        raise ValueError("the emulator listens on loopback only")
+    runner = web.AppRunner(build_app(exchange), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    return runner
+
+
+async def main(port: int, dual_side: bool, api_key: str, secret: str) -> None:
+    runner = await serve("127.0.0.1", port, Exchange(api_key=api_key, secret=secret, dual_side=dual_side))
+    print(f"binanceusdm emulator on http://127.0.0.1:{port}", flush=True)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()
