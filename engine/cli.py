@@ -58,6 +58,12 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--since", type=_utc_time, help="ISO-8601, UTC if naive")
     rep.add_argument("--until", type=_utc_time, help="ISO-8601, UTC if naive")
     rep.add_argument("--html", metavar="FILE", help="also write a self-contained HTML report with charts")
+
+    emu = sub.add_parser("emulator", help="serve the Binance USD-M emulator on 127.0.0.1 (tests, rehearsals)")
+    emu.add_argument("--port", type=int, default=8099)
+    emu.add_argument("--hedge", action="store_true", help="start in hedge mode (dual side position)")
+    emu.add_argument("--api-key", default="emulator-key")
+    emu.add_argument("--api-secret", default="emulator-secret")
     return parser
 
 
@@ -90,6 +96,11 @@ async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         from engine.app import runner  # roles never load rich or the ops commands
 
         await runner.run_roles(settings, ROLES[args.command])
+        return 0
+    if args.command == "emulator":
+        from engine.emulator import binanceusdm
+
+        await binanceusdm.main(args.port, args.hedge, args.api_key, args.api_secret)
         return 0
     from engine.app import commands
 

@@ -36,6 +36,7 @@ from ccxt.base.errors import (
     OperationRejected,
     OrderNotFound,
     PermissionDenied,
+    RateLimitExceeded,
 )
 
 from engine import metrics
@@ -65,10 +66,7 @@ FINAL_CLASSES: tuple[type[Exception], ...] = (
     AuthenticationError,
     PermissionDenied,
 )
-RETRY_CLASSES: tuple[type[Exception], ...] = (
-    DDoSProtection,
-    InvalidNonce,
-)  # RateLimitExceeded is a DDoSProtection
+RETRY_CLASSES: tuple[type[Exception], ...] = (RateLimitExceeded, DDoSProtection, InvalidNonce)
 # Binance codes behind a plain ExchangeError / OperationFailed: which mean "not placed, retry"
 # and which mean "we cannot tell"; every other venue code is a final rejection.
 VENUE_RETRY_CODES = {-1003, -1015, -1021}

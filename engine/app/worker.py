@@ -40,9 +40,9 @@ from engine.domain.events import (
 )
 from engine.domain.journal import OrderJournal, intent_of
 from engine.domain.ledger import SignalLedger
-from engine.domain.model import Outcome, StrategyPositionId, derive_id
+from engine.domain.model import CloseReason, Outcome, StrategyPositionId, derive_id
 from engine.domain.orders import CloseLeg, Fill, OrderIntent
-from engine.domain.reconcile import reconcile
+from engine.domain.reconcile import EXTERNAL_STRATEGY, reconcile
 from engine.domain.signals import MalformedSignal, Signal, parse_signal
 
 log = structlog.get_logger(__name__)
@@ -73,6 +73,7 @@ class Worker:
         self.journaled = not isinstance(gateway, PaperExchange)
         self._last_event_at: datetime | None = None
         self._reconciled_at: dict[str, datetime] = {}
+        self._attributed_orders: set[str] = set()  # venue orders reconciliation already booked
         self._wake_reconcile = asyncio.Event()
         self.last_prices: dict[str, Decimal] = {}
         self.ready = asyncio.Event()
@@ -275,7 +276,8 @@ class Worker:
             self._reconciled_at[symbol] = now
             return
         since = self._reconciled_at.get(symbol) or self._last_event_at or now - timedelta(days=1)
-        external = await self.gateway.orders_since(symbol, since - timedelta(seconds=60))
+        listed = await self.gateway.orders_since(symbol, since - timedelta(seconds=60))
+        external = [o for o in listed if o.exchange_order_id not in self._attributed_orders]
         findings = reconcile(
             self.book,
             symbol,
@@ -481,6 +483,8 @@ class Worker:
                     self.book.apply(event)  # a re-stored open of a slice closed since is not reopened
                 self.ledger.apply(event)
                 self.journal.apply(event)
+                if event.strategy_id == EXTERNAL_STRATEGY:
+                    self._attributed_orders.update(event.exchange_order_id.split(","))
                 if not replay:
                     metrics.child(metrics.STRATEGY_POSITIONS_OPENED, event.strategy_id).inc()
                     if event.exchange_position.quantity_before == 0:
@@ -490,6 +494,8 @@ class Worker:
                     self.book.apply(event)
                 self.ledger.apply(event)
                 self.journal.apply(event)
+                if event.close_reason in (CloseReason.MANUAL, CloseReason.LIQUIDATION):
+                    self._attributed_orders.update(event.exchange_order_id.split(","))
                 if not replay:
                     metrics.STRATEGY_POSITIONS_CLOSED.labels(
                         event.strategy_id, event.close_reason.value

@@ -108,7 +108,7 @@ def reconcile(
         held = book.exchange[key].quantity if key in book.exchange else ZERO
         at_venue = venue[key].quantity if key in venue else ZERO
         if held > at_venue:
-            findings.append(_reduction(book, key, held, at_venue, external, rule, fallback_price))
+            findings.append(_reduction(book, key, held, at_venue, external, market, rule, fallback_price))
         elif at_venue > held:
             findings.append(_increase(book, key, held, venue[key], external, market, fallback_price))
     return findings
@@ -120,6 +120,7 @@ def _reduction(
     held: Decimal,
     at_venue: Decimal,
     external: Sequence[VenueOrder],
+    market: Market,
     rule: ExternalCloseAttribution,
     fallback_price: Decimal | None,
 ) -> Finding:
@@ -130,7 +131,7 @@ def _reduction(
         orders, held - at_venue, fallback_price or book.exchange[key].avg_entry_price
     )
     open_positions = book.open_on(key)
-    shares = allocate(held - at_venue, [sp.remaining for sp in open_positions], rule)
+    shares = allocate(held - at_venue, [sp.remaining for sp in open_positions], rule, market.quantity_step)
     intents = [
         close_intent(sp, qty, reason, price, None)
         for sp, qty in zip(open_positions, shares, strict=True)
@@ -206,18 +207,18 @@ def _priced(
 
 
 def allocate(
-    quantity: Decimal, remaining: Sequence[Decimal], rule: ExternalCloseAttribution
+    quantity: Decimal, remaining: Sequence[Decimal], rule: ExternalCloseAttribution, step: Decimal
 ) -> list[Decimal]:
     """Split `quantity` over slices (in opening order) without exceeding any; sums exactly
-    to min(quantity, sum(remaining)). Pro rata works in the slices' own smallest unit."""
+    to min(quantity, sum(remaining)). Pro rata shares are whole multiples of the market's
+    quantity step, the rounding remainder going to the oldest slices."""
     quantity = min(quantity, sum(remaining, ZERO))
     if rule is ExternalCloseAttribution.PRO_RATA:
         total = sum(remaining, ZERO)
         if total <= 0:
             return [ZERO for _ in remaining]
-        exponent = min([quantity.as_tuple().exponent, *(r.as_tuple().exponent for r in remaining)])
-        unit = Decimal(1).scaleb(int(exponent))
-        shares = [(quantity * r / total).quantize(unit, rounding="ROUND_DOWN") for r in remaining]
+        unit = step
+        shares = [(quantity * r / total // unit) * unit for r in remaining]
         left = quantity - sum(shares, ZERO)
         for i, r in enumerate(remaining):  # the rounding remainder goes to the oldest first
             take = min(left, r - shares[i])

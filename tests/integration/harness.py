@@ -15,9 +15,9 @@ from nats.aio.client import Client
 from nats.js.api import DeliverPolicy
 
 from engine.adapters.gateway import ExchangeGateway
-from engine.adapters.paper import PaperExchange
 from engine.adapters.mysql_store import MysqlStore
 from engine.adapters.nats_bus import EVENT_SUBJECTS, NatsBus
+from engine.adapters.paper import PaperExchange
 from engine.app.attribution import AttributionConsumer
 from engine.app.runner import build_gateway
 from engine.app.worker import Worker

@@ -1,0 +1,177 @@
+"""ccxt against the Binance USD-M emulator: faults, final rejections, crashes around an order,
+and reconciliation of changes the worker did not make. Real NATS, real MariaDB, real HTTP."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from decimal import Decimal
+
+import pytest
+
+from engine.adapters.embedded_nats import EmbeddedNats
+from engine.adapters.gateway import ExchangeGateway
+from engine.app.worker import Worker
+from engine.domain.model import CloseReason, Outcome
+from engine.domain.orders import Fill, OrderIntent
+from engine.emulator.binanceusdm import Fault
+from tests.integration.harness import Pipeline
+from tests.integration.venues import Emulator
+
+D = Decimal
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+async def on_emulator(
+    nats_server: EmbeddedNats, mysql_url: str, emulator: Emulator
+) -> AsyncIterator[Pipeline]:
+    async with Pipeline(
+        nats_server.url, mysql_url, emulator.exchange, **emulator.venue_settings()
+    ) as running:
+        yield running
+
+
+def orders_sent(emulator: Emulator) -> int:
+    return emulator.exchange.request_count["POST /fapi/v1/order"]
+
+
+@pytest.mark.parametrize(
+    "kind", ["stall", "http_5xx", "http_5xx_empty", "http_429", "drop_before", "drop_after"]
+)
+async def test_an_order_hit_by_a_venue_fault_is_executed_exactly_once(
+    on_emulator: Pipeline, emulator: Emulator, kind: str
+) -> None:
+    await on_emulator.tick("BTCUSDT", "45000")
+    emulator.exchange.faults.append(Fault(kind, seconds=3.0))  # stall: past the 2 s client timeout
+    sid = await on_emulator.publish(
+        "s1", "BTCUSDT", "buy", quantity="0.01", confidence=0.9, take_profit_pct=0.01
+    )
+    decision = await on_emulator.decision(sid, timeout=20)
+    assert (decision.outcome, decision.reason_code) == (Outcome.ACCEPTED, "accepted")
+    assert len(emulator.exchange.orders) == 1 and not emulator.exchange.state()["duplicate_client_ids"]
+    (opened,) = on_emulator.opened()
+    assert (opened.quantity, opened.entry_price) == (D("0.01"), D("45000"))
+    assert opened.fee == D("0.225")  # from the venue's trade, not estimated
+    # committed-then-lost answers are looked up, never re-sent; refusals are re-sent
+    assert orders_sent(emulator) == (1 if kind in ("stall", "drop_after") else 2)
+    await on_emulator.tick("BTCUSDT", "45450")  # the TP still works on the venue
+    await on_emulator.wait_events(lambda _: len(on_emulator.closed()) == 1, "TP close")
+    assert emulator.exchange.state()["positions"] == {}
+
+
+async def test_a_venue_rejection_is_final_and_carries_the_venues_message(
+    on_emulator: Pipeline, emulator: Emulator
+) -> None:
+    await on_emulator.tick("BTCUSDT", "45000")
+    sid = await on_emulator.publish("s1", "BTCUSDT", "buy", quantity="1000", confidence=0.9)
+    decision = await on_emulator.decision(sid)
+    assert (decision.outcome, decision.reason_code) == (Outcome.REJECTED, "insufficient_margin")
+    assert decision.reason == "venue: Margin is insufficient. (code -2019)"
+    assert orders_sent(emulator) == 1 and not emulator.exchange.orders
+    await on_emulator.mysql_caught_up()
+    rows = await on_emulator.query("SELECT reason_code FROM signal_decisions WHERE signal_id = %s", sid)
+    assert rows == [{"reason_code": "insufficient_margin"}]
+
+
+async def test_reconciliation_books_manual_reductions_liquidations_and_external_positions(
+    on_emulator: Pipeline, emulator: Emulator
+) -> None:
+    await on_emulator.tick("ETHUSDT", "3000")
+    for strategy, qty in (("a", "0.1"), ("b", "0.3")):
+        await on_emulator.decision(
+            await on_emulator.publish(strategy, "ETHUSDT", "buy", quantity=qty, confidence=0.9)
+        )
+    worker = on_emulator.worker
+    assert worker is not None
+    await on_emulator.tick("ETHUSDT", "3100")
+    emulator.exchange.by_hand("ETHUSDT", "LONG", "SELL", D("0.2"), liquidation=False)  # someone on the web UI
+    await worker.reconcile_all()
+    await on_emulator.wait_events(lambda _: len(on_emulator.closed()) == 2, "manual closes")
+    manual = on_emulator.closed()
+    assert {(e.strategy_id, e.closed_quantity, e.close_reason) for e in manual} == {
+        ("a", D("0.05"), CloseReason.MANUAL),
+        ("b", D("0.15"), CloseReason.MANUAL),
+    }  # pro rata, at the venue's fill price
+    assert all(e.exit_price == D("3100") for e in manual)
+
+    await on_emulator.tick("ETHUSDT", "2000")
+    emulator.exchange.liquidate("ETHUSDT", "LONG")
+    emulator.exchange.by_hand("ETHUSDT", "SHORT", "SELL", D("0.5"), liquidation=False)
+    await worker.reconcile_all()
+    await on_emulator.wait_events(lambda _: len(on_emulator.opened()) == 3, "liquidation and external")
+    liquidated = [e for e in on_emulator.closed() if e.close_reason is CloseReason.LIQUIDATION]
+    assert {(e.strategy_id, e.closed_quantity, e.exit_price) for e in liquidated} == {
+        ("a", D("0.05"), D("2000")),
+        ("b", D("0.15"), D("2000")),
+    }
+    (external,) = [e for e in on_emulator.opened() if e.strategy_id == "external"]
+    assert (external.side.value, external.quantity, external.entry_price) == ("SHORT", D("0.5"), D("2000"))
+    await worker.reconcile_all()  # nothing left to find
+    await on_emulator.mysql_caught_up()
+    assert len(on_emulator.closed()) == 4 and len(on_emulator.opened()) == 3
+    reasons = await on_emulator.query(
+        "SELECT close_reason, COUNT(*) AS n FROM position_closes GROUP BY close_reason ORDER BY close_reason"
+    )
+    assert [(r["close_reason"], r["n"]) for r in reasons] == [("liquidation", 2), ("manual", 2)]
+
+
+class Crash(BaseException):
+    """Stands for the process dying: nothing after it runs, not even `except Exception`."""
+
+
+class CrashingGateway:
+    """Delegates to the real gateway but dies before or after the venue took the order."""
+
+    def __init__(self, real: ExchangeGateway, after_sending: bool) -> None:
+        self.real, self.after_sending = real, after_sending
+        self.name = real.name
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.real, name)
+
+    async def execute(self, intent: OrderIntent) -> Fill:
+        if self.after_sending:
+            await self.real.execute(intent)
+        raise Crash
+
+
+@pytest.mark.parametrize("after_sending", [True, False], ids=["after-sending", "before-sending"])
+async def test_a_crash_around_an_order_neither_loses_nor_doubles_it(
+    on_emulator: Pipeline, emulator: Emulator, after_sending: bool
+) -> None:
+    await on_emulator.tick("ETHUSDT", "3000")
+    worker = on_emulator.worker
+    assert worker is not None and on_emulator.worker_task is not None
+    worker.gateway = CrashingGateway(worker.gateway, after_sending)  # type: ignore[assignment]
+    sid = await on_emulator.publish("s1", "ETHUSDT", "buy", quantity="0.1", confidence=0.9)
+    with pytest.raises(Crash):
+        await on_emulator.worker_task
+    assert len(emulator.exchange.orders) == (1 if after_sending else 0)
+    assert not on_emulator.opened() and not on_emulator.decisions()  # nothing but the journal was stored
+    on_emulator.worker_task = None
+    await on_emulator.stop_worker()
+    restarted: Worker = await on_emulator.start_worker()
+    decision = await on_emulator.decision(sid)
+    assert decision.outcome is Outcome.ACCEPTED
+    assert decision.reason_code == ("recovered" if after_sending else "accepted")
+    assert len(emulator.exchange.orders) == 1 and not emulator.exchange.state()["duplicate_client_ids"]
+    (opened,) = on_emulator.opened()
+    assert opened.quantity == D("0.1") and restarted.book.exchange
+    assert not restarted.journal.pending
+
+
+async def test_the_gateway_never_leaves_the_configured_host(on_emulator: Pipeline) -> None:
+    gateway = on_emulator.gateway
+    assert gateway is not None
+    with pytest.raises(PermissionError, match=r"only 127\.0\.0\.1"):
+        await gateway.exchange.fetch("https://fapi.binance.com/fapi/v1/time")  # type: ignore[attr-defined]
+
+
+async def test_a_venue_in_the_wrong_position_mode_stops_start_up_clearly(
+    nats_server: EmbeddedNats, mysql_url: str, emulator: Emulator
+) -> None:
+    settings = emulator.venue_settings() | {"SET_POSITION_MODE": False}
+    pipeline = Pipeline(nats_server.url, mysql_url, emulator.exchange, **settings)
+    with pytest.raises(RuntimeError, match=r"one-way mode but POSITION_MODE=hedge.*SET_POSITION_MODE=true"):
+        async with pipeline:
+            pass
