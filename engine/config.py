@@ -64,6 +64,7 @@ class Settings(BaseSettings):
     reconcile_interval_seconds: Annotated[float, Field(ge=0)] = 30.0
     order_timeout_seconds: Annotated[float, Field(gt=0)] = 10.0
     order_attempts: Annotated[int, Field(ge=1, le=20)] = 5
+    exchange_rate_limit_ms: Annotated[float, Field(ge=0)] | None = None
 
     http_port: Annotated[int, Field(ge=0, le=65535)] | None = None
     log_format: LogFormat | None = None

@@ -162,6 +162,7 @@ class CcxtGateway:
         set_position_mode: bool = False,
         timeout: float = 10.0,
         policy: RetryPolicy | None = None,
+        rate_limit_ms: float | None = None,  # ccxt's client-side throttle; by default the venue's
     ) -> None:
         if not hasattr(ccxt_async, exchange_id):
             raise ValueError(f"ccxt has no exchange {exchange_id!r}")
@@ -169,8 +170,10 @@ class CcxtGateway:
         self.mode = mode
         self.policy = policy or RetryPolicy()
         self.set_position_mode = set_position_mode
+        config: dict[str, Any] = {} if rate_limit_ms is None else {"rateLimit": rate_limit_ms}
         self.exchange: Any = getattr(ccxt_async, exchange_id)(
-            {
+            config
+            | {
                 "apiKey": api_key or "",
                 "secret": secret or "",
                 "enableRateLimit": True,

@@ -51,6 +51,7 @@ def build_gateway(settings: Settings) -> ExchangeGateway:
             set_position_mode=settings.set_position_mode,
             timeout=settings.order_timeout_seconds,
             policy=RetryPolicy(attempts=settings.order_attempts),
+            rate_limit_ms=settings.exchange_rate_limit_ms,
         )
     except ValueError as exc:
         raise ConfigError(f"EXCHANGE: {exc}; use 'paper' or a ccxt id such as 'binanceusdm'") from None

@@ -28,6 +28,7 @@ class Emulator:
             "SET_POSITION_MODE": True,
             "ORDER_TIMEOUT_SECONDS": 2,
             "RECONCILE_INTERVAL_SECONDS": 0,
+            "EXCHANGE_RATE_LIMIT_MS": 1,
         }
 
 
