@@ -83,31 +83,60 @@ class MysqlStore:
             return (await cur.fetchone()) is not None
 
     async def migrate(self, directory: Path | None = None) -> list[str]:
-        """Apply the ordered SQL files not yet applied; returns the versions applied now."""
+        """Apply the ordered SQL files not yet applied; returns the versions applied now.
+
+        MySQL commits every DDL statement on its own, so a file can stop half-way (a lost
+        connection, a kill). Each statement done is recorded, and a rerun resumes after the
+        last one recorded. A named lock keeps two starting processes from migrating at once."""
         directory = directory or migrations_dir()
         applied_now: list[str] = []
         async with self.pool.acquire() as conn:
             async with conn.cursor() as cur:
-                await cur.execute(
-                    "CREATE TABLE IF NOT EXISTS schema_migrations ("
-                    " version VARCHAR(64) NOT NULL PRIMARY KEY, applied_at DATETIME(6) NOT NULL)"
-                )
-                await cur.execute("SELECT version FROM schema_migrations")
-                done = {row[0] for row in await cur.fetchall()}
-            for path in sorted(directory.glob("*.sql")):
-                if not MIGRATION_FILE.match(path.name) or path.stem in done:
-                    continue
+                await cur.execute("SELECT GET_LOCK('tradeengine_migrate', 120)")
+            try:
                 async with conn.cursor() as cur:
-                    for statement in _statements(path.read_text()):
-                        await cur.execute(statement)
                     await cur.execute(
-                        "INSERT INTO schema_migrations (version, applied_at) VALUES (%s, %s)",
-                        (path.stem, _utc(datetime.now(UTC))),
+                        "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                        " version VARCHAR(64) NOT NULL PRIMARY KEY, applied_at DATETIME(6) NOT NULL)"
                     )
+                    await cur.execute(
+                        "CREATE TABLE IF NOT EXISTS schema_migration_steps ("
+                        " version VARCHAR(64) NOT NULL, step INT NOT NULL, PRIMARY KEY (version, step))"
+                    )
+                    await cur.execute("SELECT version FROM schema_migrations")
+                    done = {row[0] for row in await cur.fetchall()}
                 await conn.commit()
-                applied_now.append(path.stem)
-                log.info("mysql.migrated", version=path.stem)
+                for path in sorted(directory.glob("*.sql")):
+                    if not MIGRATION_FILE.match(path.name) or path.stem in done:
+                        continue
+                    await self._apply_file(conn, path)
+                    applied_now.append(path.stem)
+                    log.info("mysql.migrated", version=path.stem)
+            finally:
+                async with conn.cursor() as cur:
+                    await cur.execute("SELECT RELEASE_LOCK('tradeengine_migrate')")
         return applied_now
+
+    @staticmethod
+    async def _apply_file(conn: Any, path: Path) -> None:
+        async with conn.cursor() as cur:
+            await cur.execute("SELECT step FROM schema_migration_steps WHERE version = %s", (path.stem,))
+            steps_done = {row[0] for row in await cur.fetchall()}
+            if steps_done:
+                log.warning("mysql.migration_resumed", version=path.stem, steps_done=len(steps_done))
+            for step, statement in enumerate(_statements(path.read_text())):
+                if step in steps_done:
+                    continue
+                await cur.execute(statement)
+                await cur.execute(
+                    "INSERT INTO schema_migration_steps (version, step) VALUES (%s, %s)", (path.stem, step)
+                )
+                await conn.commit()
+            await cur.execute(
+                "INSERT INTO schema_migrations (version, applied_at) VALUES (%s, %s)",
+                (path.stem, _utc(datetime.now(UTC))),
+            )
+        await conn.commit()
 
     async def write(self, events: Sequence[tuple[Event, int | None]]) -> int:
         """Project a batch in one transaction; returns how many events were new.

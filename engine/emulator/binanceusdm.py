@@ -586,9 +586,8 @@ def build_app(exchange: Exchange | None = None) -> web.Application:
         ),
         web.post(
             "/emulator/by-hand",
-            lambda r: _control(
-                r,
-                lambda b: ex.by_hand(b["symbol"], b["positionSide"], b["side"], D(str(b["quantity"])), False),
+            control(
+                lambda b: ex.by_hand(b["symbol"], b["positionSide"], b["side"], D(str(b["quantity"])), False)
             ),
         ),
     ]

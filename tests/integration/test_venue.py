@@ -143,7 +143,8 @@ async def test_a_crash_around_an_order_neither_loses_nor_doubles_it(
     worker = on_emulator.worker
     assert worker is not None and on_emulator.worker_task is not None
     worker.gateway = CrashingGateway(worker.gateway, after_sending)  # type: ignore[assignment]
-    sid = await on_emulator.publish("s1", "ETHUSDT", "buy", quantity="0.1", confidence=0.9)
+    # The signal carries its price: the restarted worker has seen no tick yet.
+    sid = await on_emulator.publish("s1", "ETHUSDT", "buy", quantity="0.1", confidence=0.9, price="3000")
     with pytest.raises(Crash):
         await on_emulator.worker_task
     assert len(emulator.exchange.orders) == (1 if after_sending else 0)
