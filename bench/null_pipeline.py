@@ -24,7 +24,7 @@ async def run(url: str) -> None:
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     print("ready", flush=True)
     while not stop.is_set():
-        msgs = await bus.next_batch(sub, 256, idle_wait=0.5)
+        msgs = await sub.next_batch(256, idle_wait=0.5)
         futures = []
         for msg in msgs:
             signal_id = (msg.headers or {}).get("Nats-Msg-Id", "")

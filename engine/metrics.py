@@ -57,6 +57,9 @@ REALIZED_PNL = Counter("tradeengine_realized_pnl_total", "Net realized PnL (posi
 REALIZED_LOSS = Counter(
     "tradeengine_realized_loss_total", "Net realized loss (absolute value)", ["strategy_id"]
 )
+EVENTS_QUARANTINED = Counter(
+    "tradeengine_attribution_quarantined_total", "Events MySQL refused for good, kept aside", ["type"]
+)
 EVENTS_PERSISTED = Counter("tradeengine_attribution_events_total", "Events written to MySQL", ["type"])
 ATTRIBUTION_BATCH = Histogram(
     "tradeengine_attribution_batch_size",
@@ -66,6 +69,11 @@ ATTRIBUTION_BATCH = Histogram(
 
 CONSUMER_REDELIVERED = Gauge(
     "tradeengine_consumer_redelivered", "Messages redelivered and not yet acked", ["consumer"]
+)
+CONSUMER_GAPS = Counter(
+    "tradeengine_consumer_gaps_total",
+    "Deliveries this client never saw (consumer re-created at its ack floor to get them)",
+    ["consumer"],
 )
 CONSUMER_ACK_PENDING = Gauge(
     "tradeengine_consumer_ack_pending", "Messages delivered, not yet acked", ["consumer"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -124,7 +125,8 @@ class MysqlStore:
             steps_done = {row[0] for row in await cur.fetchall()}
             if steps_done:
                 log.warning("mysql.migration_resumed", version=path.stem, steps_done=len(steps_done))
-            for step, statement in enumerate(_statements(path.read_text())):
+            text = await asyncio.to_thread(path.read_text)
+            for step, statement in enumerate(_statements(text)):
                 if step in steps_done:
                     continue
                 await cur.execute(statement)
@@ -137,6 +139,23 @@ class MysqlStore:
                 (path.stem, _utc(datetime.now(UTC))),
             )
         await conn.commit()
+
+    async def quarantine(self, event: Event, stream_seq: int | None, error: str) -> None:
+        async with self.pool.acquire() as conn, conn.cursor() as cur:
+            await cur.execute(
+                "INSERT IGNORE INTO quarantined_events"
+                " (event_id, event_type, stream_seq, error, payload, quarantined_at)"
+                " VALUES (%s, %s, %s, %s, %s, %s)",
+                (
+                    event.event_id[:64],
+                    event.type,
+                    stream_seq,
+                    error[:4000],
+                    event.model_dump_json(),
+                    _utc(datetime.now(UTC)),
+                ),
+            )
+            await conn.commit()
 
     async def write(self, events: Sequence[tuple[Event, int | None]]) -> int:
         """Project a batch in one transaction; returns how many events were new.

@@ -17,6 +17,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, S
 from nats.js.client import JetStreamContext
 from nats.js.errors import NotFoundError
 
+from engine import metrics
 from engine.domain.events import Event, decode_event, encode_event, event_subject
 
 log = structlog.get_logger(__name__)
@@ -166,6 +167,13 @@ class NatsBus:
 
     async def durable_consumer(
         self, stream: str, durable: str, subject: str, max_ack_pending: int = 4096
+    ) -> DurableConsumer:
+        consumer = DurableConsumer(self, stream, durable, subject, max_ack_pending)
+        await consumer.restart()
+        return consumer
+
+    async def _subscribe_at_ack_floor(
+        self, stream: str, durable: str, subject: str, max_ack_pending: int
     ) -> JetStreamContext.PushSubscription:
         """(Re)start our durable push consumer at its ack floor and subscribe to it.
 
@@ -223,3 +231,59 @@ class NatsBus:
 
     async def subscribe_prices(self, handler: Callable[[Msg], Awaitable[None]]) -> Any:
         return await self.nc.subscribe(PRICE_SUBJECT, cb=handler, pending_msgs_limit=65_536)
+
+
+def contiguous_prefix(
+    msgs: Sequence[Msg], last_consumer_seq: int | None
+) -> tuple[list[Msg], int | None, bool]:
+    """The messages up to the first gap in consumer sequence, the last sequence taken, and
+    whether a gap was found. A gap is a delivery this client never saw (e.g. dropped as a
+    slow consumer); with ack policy ALL, acking past it would acknowledge it unprocessed."""
+    taken: list[Msg] = []
+    last = last_consumer_seq
+    for msg in msgs:
+        seq = msg.metadata.sequence.consumer
+        if last is not None and seq != last + 1:
+            return taken, last, True
+        taken.append(msg)
+        last = seq
+    return taken, last, False
+
+
+class DurableConsumer:
+    """Our durable push consumer, delivering contiguous batches only: after a gap the role
+    acks what it took, and the next call re-creates the consumer at its ack floor, which
+    redelivers the missing message first."""
+
+    def __init__(self, bus: NatsBus, stream: str, durable: str, subject: str, max_ack_pending: int) -> None:
+        self.bus, self.stream, self.durable, self.subject = bus, stream, durable, subject
+        self.max_ack_pending = max_ack_pending
+        self.sub: JetStreamContext.PushSubscription | None = None
+        self._last_seq: int | None = None
+        self._gap = False
+
+    async def restart(self) -> None:
+        if self.sub is not None:
+            with contextlib.suppress(Exception):
+                await self.sub.unsubscribe()
+            await self.bus.nc.flush(timeout=5)  # our last ack reaches the server first
+        self.sub = await self.bus._subscribe_at_ack_floor(
+            self.stream, self.durable, self.subject, self.max_ack_pending
+        )
+        self._last_seq, self._gap = 0, False  # a new consumer's first delivery is number 1
+
+    async def next_batch(self, batch: int, idle_wait: float, linger: float = 0.0) -> list[Msg]:
+        if self._gap:
+            await self.restart()
+        assert self.sub is not None
+        msgs = await NatsBus.next_batch(self.sub, batch, idle_wait, linger)
+        taken, self._last_seq, self._gap = contiguous_prefix(msgs, self._last_seq)
+        if self._gap:
+            metrics.CONSUMER_GAPS.labels(self.durable).inc()
+            log.warning(
+                "consumer.gap",
+                durable=self.durable,
+                after=self._last_seq,
+                dropped_from_batch=len(msgs) - len(taken),
+            )
+        return taken

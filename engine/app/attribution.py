@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
+import asyncmy.errors
 import structlog
 from nats.aio.msg import Msg
 
@@ -15,6 +16,9 @@ from engine.config import Settings
 from engine.domain.events import Event, decode_event
 
 log = structlog.get_logger(__name__)
+# MySQL refusing the values themselves (out of range, too long, a broken reference): retrying
+# cannot help. Connection losses and deadlocks are OperationalError and are retried.
+PERMANENT_DATA_ERRORS = (asyncmy.errors.DataError, asyncmy.errors.IntegrityError)
 
 
 class AttributionConsumer:
@@ -56,7 +60,7 @@ class AttributionConsumer:
         try:
             while not self._stopping.is_set():
                 # Analysts can wait 50 ms; MySQL prefers few large transactions to many small ones.
-                msgs = await self.bus.next_batch(sub, 2000, idle_wait=0.5, linger=0.05)
+                msgs = await sub.next_batch(2000, idle_wait=0.5, linger=0.05)
                 if msgs:
                     await self.persist(msgs)
         finally:
@@ -76,7 +80,7 @@ class AttributionConsumer:
         delay = 0.1
         while True:
             try:
-                new = await self.store.write(batch)
+                new = await self._write_or_quarantine(batch)
                 break
             except Exception as exc:  # a lost connection or a deadlock: retry the same batch
                 log.warning("attribution.write_failed", error=repr(exc)[:500], events=len(batch))
@@ -90,3 +94,22 @@ class AttributionConsumer:
         for event, _ in batch:
             metrics.EVENTS_PERSISTED.labels(event.type).inc()
         log.debug("attribution.persisted", events=len(batch), new=new)
+
+    async def _write_or_quarantine(self, batch: list[tuple[Event, int | None]]) -> int:
+        """Write the batch; if MySQL refuses its data for good, find the refused events by
+        halving (order kept) and quarantine them, so one bad event cannot stall the rest."""
+        try:
+            return await self.store.write(batch)
+        except PERMANENT_DATA_ERRORS as exc:
+            if len(batch) == 1:
+                event, seq = batch[0]
+                log.error(
+                    "attribution.quarantined", event_id=event.event_id, type=event.type, error=str(exc)[:500]
+                )
+                metrics.EVENTS_QUARANTINED.labels(event.type).inc()
+                await self.store.quarantine(event, seq, repr(exc))
+                return 0
+            middle = len(batch) // 2
+            return await self._write_or_quarantine(batch[:middle]) + await self._write_or_quarantine(
+                batch[middle:]
+            )

@@ -103,7 +103,7 @@ class Worker:
         upkeep = asyncio.create_task(self.keep_reconciling())
         try:
             while not self._stopping.is_set():
-                msgs = await self.bus.next_batch(sub, self.settings.fetch_batch, idle_wait=0.5)
+                msgs = await sub.next_batch(self.settings.fetch_batch, idle_wait=0.5)
                 if msgs:
                     await self.process_batch(msgs)
         finally:
@@ -375,25 +375,34 @@ class Worker:
         if not isinstance(verdict, Accepted):
             self._decide(signal, sequence, verdict.outcome, verdict.reason_code, verdict.reason, ())
             return
-        refused = await self._execute(verdict, now)
+        refused, done = await self._execute(verdict)
         if refused is None:
             self._decide(
                 signal, sequence, Outcome.ACCEPTED, "accepted", verdict.reason, verdict.strategy_position_ids
             )
-        else:
-            self._decide(signal, sequence, Outcome.REJECTED, refused.reason_code, str(refused), ())
+            return
+        reason = str(refused)
+        if done:
+            # A hedge-mode reversal closes first, then opens: the closes stand, and the record
+            # says so rather than pretending nothing happened.
+            reason += f"; the {len(done)} opposite position(s) had already been closed (reversed)"
+        self._decide(signal, sequence, Outcome.REJECTED, refused.reason_code, reason, tuple(done))
 
-    async def _execute(self, verdict: Accepted, now: datetime) -> OrderRejected | None:
+    async def _execute(self, verdict: Accepted) -> tuple[OrderRejected | None, list[str]]:
+        """Place the verdict's orders in turn; stop at the first refusal. Returns it and the
+        strategy positions the orders placed before it closed."""
+        done: list[str] = []
         for intent in verdict.orders:
             outcome = await self._place(intent)
             if isinstance(outcome, OrderUncertain):
                 return OrderRejected(
                     "venue_uncertain",
                     f"{outcome}; the order is looked up by client order id and booked if the venue filled it",
-                )
+                ), done
             if outcome is not None:
-                return outcome
-        return None
+                return outcome, done
+            done.extend(leg.position_id for leg in intent.legs if isinstance(leg, CloseLeg))
+        return None, done
 
     def _decide(
         self,

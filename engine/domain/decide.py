@@ -164,6 +164,12 @@ def _decide_open(
         return _reject("invalid_tp_sl", misplaced)
 
     key = PositionKey(signal.symbol, side)
+    added = qty * price
+    # Risk before conflicts (DESIGN §4.1): over the key's limit is a risk rejection, whatever
+    # else the signal would meet. The total limit waits for the conflicts: a reversal frees
+    # the notional of the positions it closes.
+    if rules.max_notional_per_key is not None and book.key_cost(key) + added > rules.max_notional_per_key:
+        return _reject("risk_limit_key", f"{key} notional would exceed {rules.max_notional_per_key}")
     verdict = resolve_conflicts(
         signal.confidence,
         book.open_on(key),
@@ -173,9 +179,6 @@ def _decide_open(
     if isinstance(verdict, Conflict):
         return _reject(verdict.reason_code, verdict.reason)
 
-    added = qty * price
-    if rules.max_notional_per_key is not None and book.key_cost(key) + added > rules.max_notional_per_key:
-        return _reject("risk_limit_key", f"{key} notional would exceed {rules.max_notional_per_key}")
     released = sum((sp.entry_price * sp.remaining for sp in verdict.reverse), ZERO)
     if (
         rules.max_total_notional is not None

@@ -13,7 +13,9 @@ from engine.config import MysqlTarget
 pytestmark = pytest.mark.integration
 
 
-async def test_a_half_applied_migration_resumes_after_its_last_statement(tmp_path: Path, mysql_url: str) -> None:
+async def test_a_half_applied_migration_resumes_after_its_last_statement(
+    tmp_path: Path, mysql_url: str
+) -> None:
     (tmp_path / "001_first.sql").write_text(
         "CREATE TABLE first_table (id INT PRIMARY KEY);\n"
         "CREATE TABLE second_table (id INT PRIMARY KEY, ref INT NOT NULL REFERENCES nowhere_yet (id));\n"
@@ -34,7 +36,9 @@ async def test_a_half_applied_migration_resumes_after_its_last_statement(tmp_pat
         async with store.pool.acquire() as conn, conn.cursor() as cur:
             await cur.execute("SELECT COUNT(*) FROM both_tables")
             assert (await cur.fetchone())[0] == 0
-            await cur.execute("SELECT step FROM schema_migration_steps WHERE version = '001_first' ORDER BY step")
+            await cur.execute(
+                "SELECT step FROM schema_migration_steps WHERE version = '001_first' ORDER BY step"
+            )
             assert [row[0] for row in await cur.fetchall()] == [0, 1, 2]
     finally:
         await store.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from decimal import Decimal
 
 import pytest
@@ -12,7 +13,7 @@ from engine.adapters.paper import PaperExchange
 from engine.app.worker import Worker
 from engine.domain.model import CloseReason, Outcome
 from tests.helpers import make_signal
-from tests.integration.harness import Pipeline, eventually_async
+from tests.integration.harness import Pipeline, eventually, eventually_async
 
 D = Decimal
 pytestmark = pytest.mark.integration
@@ -53,7 +54,7 @@ async def test_signal_redelivered_after_a_crash_is_not_executed_again(pipeline: 
     doomed = Worker(pipeline.settings, doomed_bus, PaperExchange())
     doomed.last_prices["BTCUSDT"] = D("45000")
     sub = await doomed_bus.durable_consumer(SIGNALS_STREAM, pipeline.settings.worker_durable, "signals.>")
-    msg = await sub.next_msg(timeout=5)
+    (msg,) = await sub.next_batch(1, idle_wait=5)
     await doomed.on_signal_message(msg)
     await doomed._flush()  # events stored ...
     await msg.nak()  # ... and the ack never comes: redelivered at once
@@ -107,3 +108,23 @@ async def test_duplicate_after_restart_is_recognised(pipeline: Pipeline) -> None
     await pipeline.wait_events(lambda _: len(pipeline.decisions()) == 2, "duplicate decision")
     assert pipeline.decisions()[1].outcome is Outcome.DUPLICATE
     assert len(pipeline.opened()) == 1
+
+
+async def test_a_delivery_the_client_never_saw_is_not_acked_past(pipeline: Pipeline) -> None:
+    """Ack policy ALL acknowledges everything up to the acked message: a delivery the client
+    dropped (a slow consumer) must be fetched again, not acknowledged unprocessed."""
+    await pipeline.stop_worker()
+    sids = [await pipeline.publish("s1", "BTCUSDT", "hold", signal_id=f"gap-{n}") for n in range(3)]
+    assert pipeline.settings.nats_url
+    bus = await NatsBus.connect(pipeline.settings.nats_url, "gap-test")
+    try:
+        consumer = await bus.durable_consumer(SIGNALS_STREAM, pipeline.settings.worker_durable, "signals.>")
+        assert consumer.sub is not None
+        await consumer.sub.next_msg(timeout=5)  # delivered, never seen by the role
+        await eventually(lambda: consumer.sub is not None and consumer.sub.pending_msgs == 2, what="the rest")
+        assert await consumer.next_batch(10, idle_wait=1) == []  # the gap is noticed at once
+        batch = await consumer.next_batch(10, idle_wait=5)  # re-created at the ack floor
+        assert [m.metadata.sequence.stream for m in batch] == [1, 2, 3]
+        assert [json.loads(m.data)["signal_id"] for m in batch] == sids
+    finally:
+        await bus.close()

@@ -176,3 +176,23 @@ async def test_a_venue_in_the_wrong_position_mode_stops_start_up_clearly(
     with pytest.raises(RuntimeError, match=r"one-way mode but POSITION_MODE=hedge.*SET_POSITION_MODE=true"):
         async with pipeline:
             pass
+
+
+async def test_a_reversal_whose_open_is_refused_reports_the_closes_it_made(
+    nats_server: EmbeddedNats, mysql_url: str, emulator: Emulator
+) -> None:
+    settings = emulator.venue_settings() | {"POSITION_MODE_AWARE_CONFLICTS": False}
+    async with Pipeline(nats_server.url, mysql_url, emulator.exchange, **settings) as pipeline:
+        await pipeline.tick("ETHUSDT", "3000")
+        short = await pipeline.decision(
+            await pipeline.publish("a", "ETHUSDT", "sell", quantity="0.1", confidence=0.7)
+        )
+        refused = await pipeline.decision(
+            await pipeline.publish("b", "ETHUSDT", "buy", quantity="10000", confidence=0.9)  # 1.5M margin
+        )
+        assert (refused.outcome, refused.reason_code) == (Outcome.REJECTED, "insufficient_margin")
+        assert refused.reason.endswith("the 1 opposite position(s) had already been closed (reversed)")
+        assert refused.strategy_position_ids == short.strategy_position_ids
+        await pipeline.wait_events(lambda _: len(pipeline.closed()) == 1, "the reversal's close")
+        assert pipeline.closed()[0].close_reason is CloseReason.REVERSED
+        assert emulator.exchange.state()["positions"] == {}
