@@ -17,6 +17,7 @@ from engine.domain.events import (
     OrderSubmitted,
     PositionClosed,
     PositionOpened,
+    PositionReconciled,
     PriceTick,
     SignalDead,
     SignalDecided,
@@ -33,6 +34,7 @@ MODELS: dict[str, type[BaseModel]] = {
     "order_submitted": OrderSubmitted,
     "order_settled": OrderSettled,
     "order_failed": OrderFailed,
+    "position_reconciled": PositionReconciled,
 }
 SCHEMA_DIR = Path(__file__).resolve().parents[1] / "schemas"
 

@@ -25,6 +25,7 @@ from engine.domain.events import (
     OrderSubmitted,
     PositionClosed,
     PositionOpened,
+    PositionReconciled,
     SignalDead,
     SignalDecided,
     decode_event,
@@ -112,6 +113,12 @@ def describe(event: Event) -> str:
             )
         case SignalDead():
             return f"[red]DEAD[/] {event.subject} {event.reason_code}: {'; '.join(event.errors)}"
+        case PositionReconciled():
+            return (
+                f"[yellow]RECONCILED[/] {event.kind} {event.symbol} {event.side.value} "
+                f"book {event.book_quantity} -> venue {event.venue_quantity} "
+                f"({len(event.strategy_position_ids)} slice(s), orders {','.join(event.venue_order_ids)})"
+            )
         case OrderSubmitted():
             return (
                 f"[dim]ORDER[/] {event.client_order_id} {event.side} {event.quantity} {event.symbol} "

@@ -34,6 +34,7 @@ from engine.domain.events import (
     OrderSubmitted,
     PositionClosed,
     PositionOpened,
+    PositionReconciled,
     SignalDead,
     SignalDecided,
     parse_tick,
@@ -82,6 +83,7 @@ class Worker:
         self._flush_lock = asyncio.Lock()
         self._symbol_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._price_sub: object | None = None
+        self._background_flush: asyncio.Task[None] | None = None
 
     # --- lifecycle -----------------------------------------------------------------------
     async def run(self) -> None:
@@ -297,6 +299,22 @@ class Worker:
                 venue_quantity=str(finding.venue_quantity),
                 slices=len(finding.settlements),
             )
+            order_ids = sorted({fill.exchange_order_id for _, fill in finding.settlements})
+            self._emit(
+                PositionReconciled(
+                    event_id=derive_id("position.reconciled", str(finding.key), now.isoformat(), *order_ids),
+                    occurred_at=now,
+                    kind=finding.kind.value,
+                    symbol=finding.key.symbol,
+                    side=finding.key.side,
+                    book_quantity=finding.book_quantity,
+                    venue_quantity=finding.venue_quantity,
+                    strategy_position_ids=[
+                        leg.position_id for intent, _ in finding.settlements for leg in intent.legs
+                    ],
+                    venue_order_ids=order_ids,
+                )
+            )
             for intent, fill in finding.settlements:
                 self._book(intent, fill)
         self._reconciled_at[symbol] = now
@@ -477,7 +495,7 @@ class Worker:
                     self.book.rearm(sp)
                 # An uncertain close stays disarmed until its lookup says it was never placed.
         if fired:
-            await self._flush()
+            self._flush_soon()  # nothing waits on these: let ticks in a burst share one flush
 
     # --- events --------------------------------------------------------------------------
     def _remember(self, event: Event, replay: bool = False) -> None:
@@ -518,13 +536,17 @@ class Worker:
             case OrderSubmitted() | OrderSettled() | OrderFailed():
                 if replay:
                     self.journal.apply(event)
-            case SignalDead():
+            case SignalDead() | PositionReconciled():
                 pass
         if not replay:
             metrics.OPEN_STRATEGY_POSITIONS.set(len(self.book.positions))
 
     def _emit(self, event: Event) -> None:
         self._outbox.append(event)
+
+    def _flush_soon(self) -> None:
+        if self._background_flush is None or self._background_flush.done():
+            self._background_flush = asyncio.create_task(self._flush())
 
     async def _flush(self) -> None:
         """Store every pending event; on failure keep them and retry: nothing is dropped.

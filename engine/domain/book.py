@@ -7,7 +7,7 @@ and hands each to `apply`; recovery replays the stored events through `apply` al
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
@@ -103,6 +103,11 @@ class PositionBook:
     triggers: TriggerIndex = field(default_factory=TriggerIndex)
 
     # --- queries -------------------------------------------------------------------------
+    def keyed(self, key: PositionKey) -> Collection[StrategyPosition]:
+        """The key's open slices without copying them (conflict rules mostly need the count)."""
+        keyed = self.by_key.get(key)
+        return keyed.values() if keyed else ()
+
     def open_on(self, key: PositionKey) -> list[StrategyPosition]:
         keyed = self.by_key.get(key)
         return list(keyed.values()) if keyed else []

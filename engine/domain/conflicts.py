@@ -7,7 +7,7 @@ opposite position's confidence to reverse them. Same-direction policies apply pe
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection
 from dataclasses import dataclass
 from decimal import Decimal
 
@@ -42,8 +42,8 @@ class Conflict:
 
 def resolve_conflicts(
     confidence: Decimal,
-    same_side: Sequence[StrategyPosition],
-    opposite_side: Sequence[StrategyPosition],
+    same_side: Collection[StrategyPosition],
+    opposite_side: Collection[StrategyPosition],
     policy: ConflictPolicy,
 ) -> Proceed | Conflict:
     reverse: tuple[StrategyPosition, ...] = ()

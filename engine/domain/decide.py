@@ -172,8 +172,8 @@ def _decide_open(
         return _reject("risk_limit_key", f"{key} notional would exceed {rules.max_notional_per_key}")
     verdict = resolve_conflicts(
         signal.confidence,
-        book.open_on(key),
-        book.open_on(PositionKey(signal.symbol, side.opposite)),
+        book.keyed(key),
+        book.keyed(PositionKey(signal.symbol, side.opposite)),
         rules.conflicts,
     )
     if isinstance(verdict, Conflict):

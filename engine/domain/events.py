@@ -176,6 +176,20 @@ class OrderFailed(_Event):
     reason: str
 
 
+class PositionReconciled(_Event):
+    """A difference reconciliation found between the venue and the book, and what it booked
+    for it (the position events that follow carry the attribution)."""
+
+    type: Literal["position.reconciled"] = "position.reconciled"
+    kind: Literal["manual_reduction", "liquidation", "external_increase"]
+    symbol: str
+    side: PositionSide
+    book_quantity: Amount
+    venue_quantity: Amount
+    strategy_position_ids: list[str]
+    venue_order_ids: list[str]
+
+
 class PriceTick(BaseModel):
     """`prices.<symbol>` (DESIGN §3.2)."""
 
@@ -220,10 +234,10 @@ Event = Annotated[
     | SignalDead
     | OrderSubmitted
     | OrderSettled
-    | OrderFailed,
+    | OrderFailed
+    | PositionReconciled,
     Field(discriminator="type"),
 ]
-OrderEvent = OrderSubmitted | OrderSettled | OrderFailed
 EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
 
 
@@ -237,6 +251,8 @@ def event_subject(event: Event) -> str:
             return f"positions.closed.{event.symbol}.{event.side.value}"
         case SignalDead():
             return "deadletter.signals"
+        case PositionReconciled():
+            return f"positions.reconciled.{event.symbol}.{event.side.value}"
         case OrderSubmitted():
             return f"orders.submitted.{event.symbol}"
         case OrderSettled():

@@ -80,6 +80,9 @@ class Exchange:
     api_key: str = "emulator-key"
     secret: str = "emulator-secret"
     dual_side: bool = False
+    # Binance refuses a client order id only while an order with it is open (-4116); market
+    # orders never stay open. `strict_client_ids` refuses any reuse, as some venues do.
+    strict_client_ids: bool = False
     wallet: Decimal = STARTING_WALLET
     prices: dict[str, Decimal] = field(default_factory=lambda: {s: m.price for s, m in MARKETS.items()})
     positions: dict[tuple[str, str], Position] = field(default_factory=dict)
@@ -127,6 +130,8 @@ class Exchange:
         if not reducing and qty * price / LEVERAGE > self.available():
             raise BinanceError(-2019, "Margin is insufficient.")
         client_id = p.get("newClientOrderId") or f"emu-{next(self.ids)}"
+        if self.strict_client_ids and client_id in self.client_ids:
+            raise BinanceError(-4116, "ClientOrderId is duplicated.")
         order = self._fill(
             market, key, side, position_side, qty, price, client_id, p.get("reduceOnly") == "true"
         )

@@ -16,7 +16,7 @@ from nats.js.api import DeliverPolicy
 
 from engine.adapters.gateway import ExchangeGateway
 from engine.adapters.mysql_store import MysqlStore
-from engine.adapters.nats_bus import EVENT_SUBJECTS, NatsBus
+from engine.adapters.nats_bus import EVENTS_STREAM, NatsBus
 from engine.adapters.paper import PaperExchange
 from engine.app.attribution import AttributionConsumer
 from engine.app.runner import build_gateway
@@ -95,10 +95,15 @@ class Pipeline:
         self.client = await nats.connect(self.settings.nats_url)
         bootstrap = NatsBus(self.client)
         await bootstrap.ensure_streams()
-        for subject in EVENT_SUBJECTS:
-            await self.client.jetstream().subscribe(
-                subject, cb=self._collect, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
-            )
+        # One ordered consumer over the whole stream: events arrive in stream order, so a test
+        # that has seen a decision has seen the positions stored before it.
+        await self.client.jetstream().subscribe(
+            "",
+            stream=EVENTS_STREAM,
+            cb=self._collect,
+            ordered_consumer=True,
+            deliver_policy=DeliverPolicy.ALL,
+        )
         await self.start_worker()
         await self.start_attribution()
         return self

@@ -11,7 +11,8 @@ import pytest
 from engine.adapters.embedded_nats import EmbeddedNats
 from engine.adapters.gateway import ExchangeGateway
 from engine.app.worker import Worker
-from engine.domain.model import CloseReason, Outcome
+from engine.domain.events import PositionReconciled
+from engine.domain.model import ClientOrderId, CloseReason, OrderSide, Outcome, PositionSide
 from engine.domain.orders import Fill, OrderIntent
 from engine.emulator.binanceusdm import Fault
 from tests.integration.harness import Pipeline
@@ -106,6 +107,12 @@ async def test_reconciliation_books_manual_reductions_liquidations_and_external_
     }
     (external,) = [e for e in on_emulator.opened() if e.strategy_id == "external"]
     assert (external.side.value, external.quantity, external.entry_price) == ("SHORT", D("0.5"), D("2000"))
+    findings = [e for e in on_emulator.events if isinstance(e, PositionReconciled)]
+    assert [(f.kind, f.side.value, f.book_quantity, f.venue_quantity) for f in findings] == [
+        ("manual_reduction", "LONG", D("0.4"), D("0.2")),
+        ("liquidation", "LONG", D("0.2"), D("0")),
+        ("external_increase", "SHORT", D("0"), D("0.5")),
+    ]
     await worker.reconcile_all()  # nothing left to find
     await on_emulator.mysql_caught_up()
     assert len(on_emulator.closed()) == 4 and len(on_emulator.opened()) == 3
@@ -196,3 +203,26 @@ async def test_a_reversal_whose_open_is_refused_reports_the_closes_it_made(
         await pipeline.wait_events(lambda _: len(pipeline.closed()) == 1, "the reversal's close")
         assert pipeline.closed()[0].close_reason is CloseReason.REVERSED
         assert emulator.exchange.state()["positions"] == {}
+
+
+async def test_a_client_order_id_the_venue_calls_duplicated_is_looked_up_not_placed_again(
+    on_emulator: Pipeline, emulator: Emulator
+) -> None:
+    """-4116 means the venue holds an order with our id: its fill is ours, nothing is re-sent."""
+    gateway = on_emulator.gateway
+    assert gateway is not None
+    emulator.exchange.strict_client_ids = True
+    intent = OrderIntent(
+        ClientOrderId("te" + "4116" * 8),
+        "ETHUSDT",
+        OrderSide.BUY,
+        D("0.1"),
+        PositionSide.LONG,
+        False,
+        (),
+        D("3000"),
+    )
+    first = await gateway.execute(intent)
+    again = await gateway.execute(intent)
+    assert again == first and len(emulator.exchange.orders) == 1
+    assert orders_sent(emulator) == 2  # the second send was refused with -4116, then looked up
