@@ -111,7 +111,8 @@ async def through_consumer(events: list[Event], tmp: Path) -> float:
 
 
 async def raw_insert(events: list[Event]) -> float:
-    """The floor: the same rows, one executemany per table, no idempotency, no updates."""
+    """The floor: the same rows, one executemany per table, no idempotency, no updates. Only
+    placeholders in VALUES, so each executemany is one multi-row statement."""
     name = f"te_bench_{uuid.uuid4().hex[:8]}"
     try:
         await create_db(name)
@@ -129,9 +130,9 @@ async def raw_insert(events: list[Event]) -> float:
             await cur.executemany(
                 "INSERT INTO strategy_positions (strategy_position_id, strategy_id, signal_id, symbol, position_side,"
                 " exchange_position_id, status, entry_price, quantity, remaining_quantity, confidence, entry_fee,"
-                " client_order_id, exchange_order_id, opened_at) VALUES (%s,%s,%s,%s,%s,%s,'open',%s,%s,%s,%s,%s,%s,%s,%s)",
+                " client_order_id, exchange_order_id, opened_at) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)",
                 [(e.strategy_position_id, e.strategy_id, e.signal_id, e.symbol, e.side.value,
-                  e.exchange_position.exchange_position_id, e.entry_price, e.quantity, e.quantity, e.confidence,
+                  e.exchange_position.exchange_position_id, "open", e.entry_price, e.quantity, e.quantity, e.confidence,
                   e.fee, e.client_order_id, e.exchange_order_id, at) for e in opened],
             )  # fmt: skip
             await cur.executemany(
@@ -155,9 +156,9 @@ async def raw_insert(events: list[Event]) -> float:
             )  # fmt: skip
             await cur.executemany(
                 "INSERT INTO signal_decisions (event_id, signal_id, strategy_id, symbol, action, outcome,"
-                " reason_code, reason, strategy_position_ids, decided_at) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,'[]',%s)",
+                " reason_code, reason, strategy_position_ids, decided_at) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)",
                 [(e.event_id, e.signal_id, e.strategy_id, e.symbol, e.action.value, e.outcome.value,
-                  e.reason_code, e.reason, at) for e in decided],
+                  e.reason_code, e.reason, "[]", at) for e in decided],
             )  # fmt: skip
         await conn.commit()
         elapsed = time.perf_counter() - started

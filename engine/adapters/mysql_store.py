@@ -250,14 +250,16 @@ _INSERT_STRATEGY_POSITION = (
     "INSERT INTO strategy_positions (strategy_position_id, strategy_id, signal_id, symbol, position_side,"
     " exchange_position_id, status, entry_price, quantity, remaining_quantity, take_profit_price,"
     " stop_loss_price, confidence, entry_fee, client_order_id, exchange_order_id, timeframe, metadata,"
-    " opened_at) VALUES (%s, %s, %s, %s, %s, %s, 'open', %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+    " opened_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
 )
+# Only placeholders inside VALUES (...): with a literal there, executemany falls back to one
+# round trip per row instead of one multi-row statement (10x slower at 2,000 rows).
 
 
 def _strategy_position_row(e: PositionOpened) -> tuple[Any, ...]:
     return (
         e.strategy_position_id, e.strategy_id, e.signal_id, e.symbol, e.side.value,
-        e.exchange_position.exchange_position_id, e.entry_price, e.quantity, e.quantity, e.take_profit_price,
+        e.exchange_position.exchange_position_id, "open", e.entry_price, e.quantity, e.quantity, e.take_profit_price,
         e.stop_loss_price, e.confidence, e.fee, e.client_order_id, e.exchange_order_id, e.timeframe,
         json.dumps(e.metadata, default=str) if e.metadata is not None else None, _utc(e.occurred_at),
     )  # fmt: skip
@@ -305,7 +307,7 @@ _UPSERT_STRATEGY_CLOSES = (
     " exit_notional, gross_pnl, realized_pnl, close_reason, status, closed_at, strategy_id, signal_id, symbol,"
     " position_side, exchange_position_id, entry_price, quantity, confidence, entry_fee, client_order_id,"
     " exchange_order_id, opened_at)"
-    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, '', '', '', 'LONG', '', 0, 0, 0, 0, '', '', %s)"
+    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
     " ON DUPLICATE KEY UPDATE remaining_quantity = VALUES(remaining_quantity),"
     " closed_quantity = closed_quantity + VALUES(closed_quantity), exit_fees = exit_fees + VALUES(exit_fees),"
     " exit_notional = exit_notional + VALUES(exit_notional), gross_pnl = gross_pnl + VALUES(gross_pnl),"
@@ -341,7 +343,9 @@ def _fold_strategy_closes(closed: list[PositionClosed]) -> list[tuple[Any, ...]]
         row[7] = e.close_reason.value
         row[8] = "closed" if e.remaining_quantity == 0 else "open"
         row[9] = at if e.remaining_quantity == 0 else None
-    return [(*row, row[9] or _utc(closed[0].occurred_at)) for row in folded.values()]
+    # The columns after closed_at only matter if the open was never projected (never, in order).
+    placeholders = ("", "", "", "LONG", "", 0, 0, 0, 0, "", "")
+    return [(*row, *placeholders, row[9] or _utc(closed[0].occurred_at)) for row in folded.values()]
 
 
 _UPSERT_EXCHANGE_POSITION = (

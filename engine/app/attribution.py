@@ -11,7 +11,7 @@ from nats.aio.msg import Msg
 
 from engine import metrics
 from engine.adapters.mysql_store import MysqlStore
-from engine.adapters.nats_bus import EVENTS_STREAM, NatsBus
+from engine.adapters.nats_bus import EVENTS_STREAM, DurableConsumer, NatsBus
 from engine.config import Settings
 from engine.domain.events import Event, decode_event
 
@@ -57,19 +57,40 @@ class AttributionConsumer:
         self.ready.set()
         log.info("attribution.ready", database=self.store.target.database)
         lag = asyncio.create_task(self.report_lag())
+        # Receiving and decoding the next batch overlaps with MySQL writing this one; batches
+        # are still written and acked one at a time, in stream order.
+        decoded: asyncio.Queue[tuple[list[Msg], list[tuple[Event, int | None]]]] = asyncio.Queue(maxsize=1)
+        reader = asyncio.create_task(self._read(sub, decoded))
         try:
             while not self._stopping.is_set():
-                # Analysts can wait 50 ms; MySQL prefers few large transactions to many small ones.
-                msgs = await sub.next_batch(2000, idle_wait=0.5, linger=0.05)
-                if msgs:
-                    await self.persist(msgs)
+                getter = asyncio.ensure_future(decoded.get())
+                done, _ = await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
+                if getter not in done:
+                    getter.cancel()
+                    reader.result()  # the reader died: raise what killed it
+                    break
+                msgs, batch = getter.result()
+                await self.persist(msgs, batch)
         finally:
             self.ready.clear()
             self._stopping.set()
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
             await lag
             log.info("attribution.stopped")
 
-    async def persist(self, msgs: list[Msg]) -> None:
+    async def _read(
+        self, sub: DurableConsumer, decoded: asyncio.Queue[tuple[list[Msg], list[tuple[Event, int | None]]]]
+    ) -> None:
+        while not self._stopping.is_set():
+            # Analysts can wait 50 ms; MySQL prefers few large transactions to many small ones.
+            msgs = await sub.next_batch(2000, idle_wait=0.5, linger=0.05)
+            if msgs:
+                await decoded.put((msgs, self.decode(msgs)))
+
+    @staticmethod
+    def decode(msgs: list[Msg]) -> list[tuple[Event, int | None]]:
         batch: list[tuple[Event, int | None]] = []
         for msg in msgs:
             try:
@@ -77,6 +98,11 @@ class AttributionConsumer:
             except ValueError as exc:
                 # Not ours to judge: keep it out of MySQL, keep it in the stream, move on.
                 log.error("attribution.undecodable", subject=msg.subject, error=str(exc)[:500])
+        return batch
+
+    async def persist(self, msgs: list[Msg], batch: list[tuple[Event, int | None]] | None = None) -> None:
+        if batch is None:
+            batch = self.decode(msgs)
         delay = 0.1
         while True:
             try:
