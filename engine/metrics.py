@@ -70,6 +70,9 @@ ATTRIBUTION_BATCH = Histogram(
 CONSUMER_REDELIVERED = Gauge(
     "tradeengine_consumer_redelivered", "Messages redelivered and not yet acked", ["consumer"]
 )
+TICKS_DROPPED = Counter(
+    "tradeengine_price_ticks_dropped_total", "Oldest ticks dropped while a symbol's backlog was full"
+)
 CONSUMER_GAPS = Counter(
     "tradeengine_consumer_gaps_total",
     "Deliveries this client never saw (consumer re-created at its ack floor to get them)",

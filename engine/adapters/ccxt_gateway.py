@@ -91,6 +91,9 @@ class RetryPolicy:
     backoff: float = 0.25  # seconds, doubled per attempt
     max_backoff: float = 4.0
     fill_wait: float = 10.0  # how long a placed market order may take to report its fill
+    # The venue refuses a request older than this when it reaches the matching engine, so an
+    # order not found once this much (plus a margin) has passed since sending will never be.
+    recv_window: float = 5.0
 
 
 def venue_code(exc: Exception) -> int | None:
@@ -276,8 +279,8 @@ class CcxtGateway:
             params["reduceOnly"] = True
         unified = self._unified[intent.symbol]
         delay = self.policy.backoff
-        uncertain = False
         for attempt in range(1, self.policy.attempts + 1):
+            sent_at = time.monotonic()
             try:
                 order = await self.exchange.create_order(
                     unified, "market", intent.side.value, float(intent.quantity), None, dict(params)
@@ -296,19 +299,21 @@ class CcxtGateway:
                 if kind == "final":
                     raise OrderRejected(reason_code(exc), venue_message(exc)) from exc
                 if kind == "ambiguous":
-                    uncertain = True
-                    await asyncio.sleep(delay)
-                    found = await self._lookup(intent.client_order_id, unified, intent.symbol)
+                    found = await self._await_unknown_outcome(intent, sent_at)
                     if found is not None:
                         return found
-                    uncertain = False  # the venue answered: it has no such order, so send again
+                    # The venue says it has no such order, and the request is too old to be
+                    # executed any more: sending it again cannot make a second order.
                 else:
                     await asyncio.sleep(delay)
                 delay = min(delay * 2, self.policy.max_backoff)
                 continue
-            return await self._fill_of(str(order["id"]), unified, intent.symbol)
-        if uncertain:
-            raise OrderUncertain(f"{intent.client_order_id}: no answer after {self.policy.attempts} attempts")
+            try:
+                return await self._fill_of(str(order["id"]), unified, intent.symbol)
+            except OrderRejected:
+                raise
+            except Exception as exc:  # placed, but its fill could not be read: look it up later
+                raise OrderUncertain(f"{intent.client_order_id}: placed, fill unknown ({exc!r})") from exc
         raise OrderRejected(
             "venue_unavailable", f"{self.name} kept refusing for now after {self.policy.attempts} attempts"
         )
@@ -327,11 +332,25 @@ class CcxtGateway:
             return None  # canceled or expired with nothing filled: as good as never placed
         return await self._fill_of(str(order["id"]), unified, symbol)
 
-    async def _lookup(self, client_order_id: ClientOrderId, unified: str, symbol: str) -> Fill | None:
-        try:
-            return await self.find_order(client_order_id, symbol)
-        except Exception as exc:
-            raise OrderUncertain(f"{client_order_id}: lookup failed ({type(exc).__name__})") from exc
+    async def _await_unknown_outcome(self, intent: OrderIntent, sent_at: float) -> Fill | None:
+        """After an answer we cannot read: look the order up until it shows, or until the
+        venue's receive window has closed on the request (then it never will). Raises
+        OrderUncertain when the venue cannot even be asked."""
+        closes_at = sent_at + self.policy.recv_window + 1.0
+        delay = self.policy.backoff
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                found = await self.find_order(intent.client_order_id, intent.symbol)
+            except Exception as exc:
+                if time.monotonic() > closes_at + self.policy.fill_wait:
+                    raise OrderUncertain(
+                        f"{intent.client_order_id}: lookup failed ({type(exc).__name__})"
+                    ) from exc
+                found = None
+            if found is not None or time.monotonic() > closes_at:
+                return found
+            delay = min(delay * 2, self.policy.max_backoff, max(closes_at - time.monotonic(), 0.05))
 
     async def _fill_of(self, order_id: str, unified: str, symbol: str) -> Fill:
         """The order's own filled amount and average (never a create answer's `price`, which

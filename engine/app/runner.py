@@ -50,7 +50,9 @@ def build_gateway(settings: Settings) -> ExchangeGateway:
             api_url=settings.exchange_api_url,
             set_position_mode=settings.set_position_mode,
             timeout=settings.order_timeout_seconds,
-            policy=RetryPolicy(attempts=settings.order_attempts),
+            policy=RetryPolicy(
+                attempts=settings.order_attempts, recv_window=settings.exchange_recv_window_ms / 1000
+            ),
             rate_limit_ms=settings.exchange_rate_limit_ms,
         )
     except ValueError as exc:

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import gc
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -41,13 +41,14 @@ from engine.domain.events import (
 )
 from engine.domain.journal import OrderJournal, intent_of
 from engine.domain.ledger import SignalLedger
-from engine.domain.model import CloseReason, Outcome, StrategyPositionId, derive_id
+from engine.domain.model import ClientOrderId, CloseReason, Outcome, StrategyPositionId, derive_id
 from engine.domain.orders import CloseLeg, Fill, OrderIntent
 from engine.domain.reconcile import EXTERNAL_STRATEGY, reconcile
 from engine.domain.signals import MalformedSignal, Signal, parse_signal
 
 log = structlog.get_logger(__name__)
 DEAD_LETTER_PAYLOAD_LIMIT = 64 * 1024
+TICK_BACKLOG_LIMIT = 10_000  # per symbol, while its lock is held by a slow venue call
 
 
 def utc_now() -> datetime:
@@ -84,6 +85,9 @@ class Worker:
         self._symbol_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._price_sub: object | None = None
         self._background_flush: asyncio.Task[None] | None = None
+        self._abandoned_events = False
+        self._ticks: defaultdict[str, deque[Decimal]] = defaultdict(deque)
+        self._tick_runners: dict[str, asyncio.Task[None]] = {}
 
     # --- lifecycle -----------------------------------------------------------------------
     async def run(self) -> None:
@@ -167,13 +171,14 @@ class Worker:
         journaled (and stored) first, and an order the journal still holds open is looked up
         by client order id instead of being sent again (DESIGN §4.3)."""
         if self.journaled:
-            if intent.client_order_id in self.journal.pending:
+            journaled = self.journal.pending.get(intent.client_order_id)
+            if journaled is not None:
                 try:
                     known = await self.gateway.find_order(intent.client_order_id, intent.symbol)
                 except Exception as exc:
                     return OrderUncertain(f"{intent.client_order_id}: lookup failed ({exc!r})")
                 if known is not None:
-                    self._book_journaled(intent, known)
+                    self._book_journaled(intent_of(journaled), known)  # what was sent, not a new plan
                     return None
             self._emit(self.journal.submit(intent, self.clock()))
             await self._flush()  # stored before it is sent
@@ -186,10 +191,10 @@ class Worker:
             if self.journaled:
                 self._emit(self.journal.failed(intent, exc.reason_code, str(exc), self.clock()))
             return exc
-        except OrderUncertain as exc:
+        except Exception as exc:  # OrderUncertain, or anything unforeseen: the journal keeps it
             metrics.ORDER_ERRORS.labels(self.gateway.name, "uncertain").inc()
-            log.error("order.uncertain", client_order_id=intent.client_order_id, error=str(exc))
-            return exc
+            log.error("order.uncertain", client_order_id=intent.client_order_id, error=repr(exc))
+            return exc if isinstance(exc, OrderUncertain) else OrderUncertain(repr(exc))
         metrics.child(metrics.ORDER_LATENCY, self.gateway.name).observe(time.perf_counter() - started)
         self._book(intent, fill)
         if self.journaled:
@@ -211,26 +216,34 @@ class Worker:
     async def resolve_pending(self) -> None:
         """Look up every journaled order without an outcome: book it if the venue filled it,
         mark it failed if the venue never placed it (its signal may then place it again)."""
-        for cid, submitted in list(self.journal.pending.items()):
-            async with self._symbol_locks[submitted.symbol]:
-                if cid not in self.journal.pending:
-                    continue
-                intent = intent_of(submitted)
-                try:
-                    fill = await self.gateway.find_order(cid, submitted.symbol)
-                except Exception as exc:
-                    log.warning("order.lookup_failed", client_order_id=cid, error=repr(exc))
-                    continue
-                if fill is not None:
-                    log.info("order.found_after_restart", client_order_id=cid, quantity=str(fill.quantity))
-                    self._book_journaled(intent, fill)
-                else:
-                    log.info("order.not_placed", client_order_id=cid)
-                    self._emit(
-                        self.journal.failed(intent, "not_placed", "the venue has no such order", self.clock())
-                    )
-                    self._rearm_closes(intent)
+        for symbol in sorted({p.symbol for p in self.journal.pending.values()}):
+            async with self._symbol_locks[symbol]:
+                await self._resolve_symbol(symbol)
         await self._flush()
+
+    async def _resolve_symbol(self, symbol: str) -> bool:
+        """Resolve the symbol's pending orders (its lock held); True when none is left."""
+        for submitted in self.journal.pending_on(symbol):
+            cid = ClientOrderId(submitted.client_order_id)
+            intent = intent_of(submitted)
+            try:
+                fill = await self.gateway.find_order(cid, symbol)
+            except Exception as exc:
+                log.warning("order.lookup_failed", client_order_id=cid, error=repr(exc))
+                continue
+            if fill is not None:
+                log.info("order.found_at_venue", client_order_id=cid, quantity=str(fill.quantity))
+                self._book_journaled(intent, fill)
+                for leg in intent.legs:  # a partial fill leaves a slice open: re-arm it
+                    if isinstance(leg, CloseLeg) and leg.position_id in self.book.positions:
+                        self.book.rearm(self.book.positions[StrategyPositionId(leg.position_id)])
+            else:
+                log.info("order.not_placed", client_order_id=cid)
+                self._emit(
+                    self.journal.failed(intent, "not_placed", "the venue has no such order", self.clock())
+                )
+                self._rearm_closes(intent)
+        return not self.journal.pending_on(symbol)
 
     def _rearm_closes(self, intent: OrderIntent) -> None:
         """A TP/SL close that never reached the venue: arm the slice's levels again."""
@@ -369,7 +382,7 @@ class Worker:
                 event_id=derive_id("signal.duplicate", signal.strategy_id, signal.id, str(sequence)),
             )
             return
-        if self.ledger.was_executed(signal.strategy_id, signal.id):
+        if signal.opening_side is not None and self.ledger.was_opened(signal.strategy_id, signal.id):
             # A crash fell between the fill's events and the decision: finish the record.
             self._decide(
                 signal,
@@ -378,6 +391,23 @@ class Worker:
                 "recovered",
                 "executed before a restart; decision recorded now",
                 (strategy_position_id_for(signal),),
+            )
+            return
+        closed_before = self.ledger.closed_for(signal.strategy_id, signal.id)
+        if closed_before is not None and signal.quantity is not None:
+            # A close signal cut short by a crash: close what is left of it, no more.
+            signal = signal.model_copy(update={"quantity": signal.quantity - closed_before})
+
+        if self.journal.pending and not await self._resolve_symbol(signal.symbol):
+            # The book may be wrong about this symbol until the venue tells us what happened.
+            self._decide(
+                signal,
+                sequence,
+                Outcome.REJECTED,
+                "venue_uncertain",
+                f"an earlier order on {signal.symbol} has an unknown outcome at the venue; "
+                "nothing is placed on this symbol until it is looked up",
+                (),
             )
             return
 
@@ -391,6 +421,16 @@ class Worker:
             self.rules,
         )
         if not isinstance(verdict, Accepted):
+            if closed_before is not None:  # nothing left to do: it all happened before a restart
+                self._decide(
+                    signal,
+                    sequence,
+                    Outcome.ACCEPTED,
+                    "recovered",
+                    "closed before a restart; decision recorded now",
+                    (),
+                )
+                return
             self._decide(signal, sequence, verdict.outcome, verdict.reason_code, verdict.reason, ())
             return
         refused, done = await self._execute(verdict)
@@ -473,12 +513,30 @@ class Worker:
 
     # --- prices and TP/SL ----------------------------------------------------------------
     async def on_price_message(self, msg: Msg) -> None:
+        """Queue the tick for its symbol: a symbol whose order waits on the venue must not hold
+        up the ticks (and the TP/SL) of every other symbol. Each symbol's ticks run in order."""
         tick = parse_tick(msg.subject, msg.data)
         if isinstance(tick, str):
             metrics.BAD_TICKS.inc()
             log.warning("price.invalid", subject=msg.subject, error=tick)
             return
-        await self.on_price(*tick)
+        symbol, price = tick
+        queue = self._ticks[symbol]
+        if len(queue) >= TICK_BACKLOG_LIMIT:
+            queue.popleft()  # a stalled symbol keeps its newest prices
+            metrics.TICKS_DROPPED.inc()
+        queue.append(price)
+        runner = self._tick_runners.get(symbol)
+        if runner is None or runner.done():
+            self._tick_runners[symbol] = asyncio.create_task(self._run_ticks(symbol))
+
+    async def _run_ticks(self, symbol: str) -> None:
+        queue = self._ticks[symbol]
+        while queue:
+            try:
+                await self.on_price(symbol, queue.popleft())
+            except Exception:  # a bug must cost one tick, not the symbol's price feed
+                log.exception("price.internal_error", symbol=symbol)
 
     async def on_price(self, symbol: str, price: Decimal) -> None:
         metrics.PRICE_TICKS.inc()
@@ -488,11 +546,15 @@ class Worker:
             self.gateway.on_price(symbol, price)
             fired = self.book.fire_triggers(symbol, price)
             for sp, reason in fired:
+                if sp.id in self.journal.closing:
+                    continue  # its close has an unknown outcome: the lookup decides, not the price
                 intent = close_intent(sp, sp.remaining, reason, price, None)
                 outcome = await self._place(intent)
                 if isinstance(outcome, OrderRejected):
                     log.warning("trigger.close_refused", strategy_position_id=sp.id, error=str(outcome))
                     self.book.rearm(sp)
+                elif outcome is None and sp.id in self.book.positions:
+                    self.book.rearm(sp)  # partly filled: the rest keeps its TP/SL
                 # An uncertain close stays disarmed until its lookup says it was never placed.
         if fired:
             self._flush_soon()  # nothing waits on these: let ticks in a burst share one flush
@@ -506,7 +568,7 @@ class Worker:
             case SignalDecided():
                 self.ledger.apply(event)
             case PositionOpened():
-                if replay and not self.ledger.was_executed(event.strategy_id, event.signal_id):
+                if replay and not self.ledger.was_opened(event.strategy_id, event.signal_id):
                     self.book.apply(event)  # a re-stored open of a slice closed since is not reopened
                 self.ledger.apply(event)
                 self.journal.apply(event)
@@ -555,6 +617,10 @@ class Worker:
         unpublished events are not acked, so the next start redelivers them, and the book that
         start replays never saw these events, so nothing is counted twice."""
         async with self._flush_lock:  # one flusher: retries keep stream order, acks wait for storage
+            if self._abandoned_events:
+                # Events were dropped on the way out: nothing after them may count as stored
+                # (no ack, no order sent on the strength of a journal entry).
+                raise RuntimeError("events were abandoned while stopping; nothing more is stored")
             await self._flush_locked()
 
     async def _flush_locked(self) -> None:
@@ -571,6 +637,7 @@ class Worker:
                     give_up_at = give_up_at or time.monotonic() + 30
                     if time.monotonic() > give_up_at:
                         log.error("events.abandoned_on_stop", pending=len(self._outbox))
+                        self._abandoned_events = True
                         self._outbox.clear()
                         raise
                 await asyncio.sleep(delay)

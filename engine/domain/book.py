@@ -131,6 +131,8 @@ class PositionBook:
         remaining = fill.quantity
         allocations: list[tuple[OpenLeg | CloseLeg, Decimal]] = []
         for leg in intent.legs:
+            if isinstance(leg, CloseLeg) and leg.position_id not in self.positions:
+                continue  # closed since by other means: reconciliation sees the venue's side
             take = min(leg.quantity, remaining)
             if take > 0:
                 allocations.append((leg, take))

@@ -97,6 +97,8 @@ class OrderJournal:
     # Legs of pending orders whose position events are already stored (a crash can fall
     # between the events of one fill): their quantities, by position id.
     booked: dict[ClientOrderId, dict[str, Decimal]] = field(default_factory=dict)
+    # Slices a pending order closes: nothing else may close them until its outcome is known.
+    closing: dict[str, ClientOrderId] = field(default_factory=dict)
 
     def submit(self, intent: OrderIntent, at: datetime) -> OrderSubmitted:
         count = self.submissions.get(intent.client_order_id, 0) + 1
@@ -152,19 +154,30 @@ class OrderJournal:
                 self.submissions[cid] = self.submissions.get(cid, 0) + 1
                 self.pending[cid] = event
                 self.booked.pop(cid, None)
+                for leg in event.legs:
+                    if leg.kind == "close":
+                        self.closing[leg.position_id] = cid
             case OrderSettled():
-                self.pending.pop(cid, None)
-                self.booked.pop(cid, None)
+                self._resolved(cid)
             case OrderFailed():
                 self.failures[cid] = self.failures.get(cid, 0) + 1
-                self.pending.pop(cid, None)
-                self.booked.pop(cid, None)
+                self._resolved(cid)
             case PositionOpened():
                 if cid in self.pending:
                     self.booked.setdefault(cid, {})[event.strategy_position_id] = event.quantity
             case PositionClosed():
                 if cid in self.pending:
                     self.booked.setdefault(cid, {})[event.strategy_position_id] = event.closed_quantity
+
+    def _resolved(self, cid: ClientOrderId) -> None:
+        done = self.pending.pop(cid, None)
+        self.booked.pop(cid, None)
+        for leg in done.legs if done else ():
+            if self.closing.get(leg.position_id) == cid:
+                del self.closing[leg.position_id]
+
+    def pending_on(self, symbol: str) -> list[OrderSubmitted]:
+        return [p for p in self.pending.values() if p.symbol == symbol] if self.pending else []
 
     def unbooked_part(self, intent: OrderIntent, fill: Fill) -> tuple[OrderIntent, Fill] | None:
         """The legs of `intent` whose events are not stored yet, and the matching rest of the

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from decimal import Decimal
 
 from engine.domain.events import PositionClosed, PositionOpened, SignalDecided
-from engine.domain.model import Outcome
+from engine.domain.model import ZERO, Outcome
 
 _EXECUTED_ONLY = -1
 
@@ -25,6 +26,8 @@ class SignalLedger:
     # digest -> stream sequence of the decided signal message (0 if unknown), or
     # _EXECUTED_ONLY when its open order filled but no decision was stored yet
     _signals: dict[bytes, int] = field(default_factory=dict)
+    # digest of (slice owner, signal) -> quantity closed for that close signal so far
+    _closed: dict[bytes, Decimal] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self._signals)
@@ -36,18 +39,26 @@ class SignalLedger:
             return False
         return seq or None
 
-    def was_executed(self, strategy_id: str, signal_id: str) -> bool:
+    def was_opened(self, strategy_id: str, signal_id: str) -> bool:
+        """The signal's own position was opened (its decision may have been lost in a crash)."""
         return _key(strategy_id, signal_id) in self._signals
+
+    def closed_for(self, strategy_id: str, signal_id: str) -> Decimal | None:
+        """How much a close signal of this strategy has closed so far, None if nothing."""
+        return self._closed.get(_key(strategy_id, signal_id))
 
     def apply(self, event: SignalDecided | PositionOpened | PositionClosed) -> None:
         if isinstance(event, PositionClosed):
-            # A close made for a signal (close or reversal) executed that signal: if its decision
-            # was lost in a crash, the redelivery must not close again.
+            # Closes made for a signal: if its decision was lost in a crash, the redelivery
+            # closes only what is left of it. (A reversal's closes need no record: the slices
+            # it closed are gone, so deciding it again finds nothing opposite to reverse.)
             if event.signal_id is not None:
-                self._signals.setdefault(_key(event.strategy_id, event.signal_id), _EXECUTED_ONLY)
+                key = _key(event.strategy_id, event.signal_id)
+                self._closed[key] = self._closed.get(key, ZERO) + event.closed_quantity
             return
         key = _key(event.strategy_id, event.signal_id)
         if isinstance(event, PositionOpened):
             self._signals.setdefault(key, _EXECUTED_ONLY)
         elif event.outcome is not Outcome.DUPLICATE:
             self._signals[key] = event.signal_sequence or 0
+            self._closed.pop(key, None)  # decided: the redelivery is recognised by its sequence

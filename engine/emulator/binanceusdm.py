@@ -455,7 +455,14 @@ async def _params(request: web.Request, signed: bool) -> dict[str, str]:
         expected = hmac.new(exchange.secret.encode(), payload.encode(), hashlib.sha256).hexdigest()
         if not hmac.compare_digest(signature, expected):
             raise BinanceError(-1022, "Signature for this request is not valid.")
-    return dict(parse_qsl(raw, keep_blank_values=True))
+    params = dict(parse_qsl(raw, keep_blank_values=True))
+    if signed:
+        # Binance refuses a request that reaches it later than its receive window: an order
+        # whose answer was lost is executed now or never.
+        stamp, window = int(params.get("timestamp", "0")), int(params.get("recvWindow", "5000"))
+        if not stamp - 1000 <= _ms() <= stamp + window:
+            raise BinanceError(-1021, "Timestamp for this request is outside of the recvWindow.")
+    return params
 
 
 @web.middleware

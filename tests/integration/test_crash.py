@@ -95,6 +95,7 @@ def processes(tmp_path: Path, nats_server: EmbeddedNats) -> Iterator[Processes]:
         MAX_SIGNAL_AGE_SECONDS="3600",
         MIN_CONFIDENCE="0.5",
         FETCH_BATCH="16",
+        EXCHANGE_RECV_WINDOW_MS="1000",
         EXCHANGE_RATE_LIMIT_MS="1",  # the emulator has no limit; Binance's weights would pace us at ~0.4 s/order
     )
     procs = Processes(tmp_path, env, http_port, f"http://127.0.0.1:{emulator_port}")

@@ -9,13 +9,13 @@ from decimal import Decimal
 import pytest
 
 from engine.adapters.embedded_nats import EmbeddedNats
-from engine.adapters.gateway import ExchangeGateway
+from engine.adapters.gateway import ExchangeGateway, OrderUncertain
 from engine.app.worker import Worker
 from engine.domain.events import PositionReconciled
 from engine.domain.model import ClientOrderId, CloseReason, OrderSide, Outcome, PositionSide
 from engine.domain.orders import Fill, OrderIntent
 from engine.emulator.binanceusdm import Fault
-from tests.integration.harness import Pipeline
+from tests.integration.harness import Pipeline, eventually
 from tests.integration.venues import Emulator
 
 D = Decimal
@@ -226,3 +226,112 @@ async def test_a_client_order_id_the_venue_calls_duplicated_is_looked_up_not_pla
     again = await gateway.execute(intent)
     assert again == first and len(emulator.exchange.orders) == 1
     assert orders_sent(emulator) == 2  # the second send was refused with -4116, then looked up
+
+
+class VenueGoesDark:
+    """Delegates to the real gateway; while `dark`, an order is sent but its answer is lost
+    and lookups fail, as when the venue stops answering right after taking an order."""
+
+    def __init__(self, real: ExchangeGateway) -> None:
+        self.real, self.name, self.dark = real, real.name, False
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.real, name)
+
+    async def execute(self, intent: OrderIntent) -> Fill:
+        fill = await self.real.execute(intent)
+        if self.dark:
+            raise OrderUncertain("no answer")
+        return fill
+
+    async def find_order(self, client_order_id: ClientOrderId, symbol: str) -> Fill | None:
+        if self.dark:
+            raise ConnectionError("venue unreachable")
+        return await self.real.find_order(client_order_id, symbol)
+
+
+async def test_nothing_acts_on_a_symbol_while_an_order_of_it_has_an_unknown_outcome(
+    on_emulator: Pipeline, emulator: Emulator
+) -> None:
+    worker = on_emulator.worker
+    assert worker is not None
+    venue = VenueGoesDark(worker.gateway)
+    worker.gateway = venue  # type: ignore[assignment]
+    await on_emulator.tick("ETHUSDT", "3000")
+    a = await on_emulator.publish("a", "ETHUSDT", "buy", quantity="0.1", confidence=0.9, take_profit=3100)
+    await on_emulator.decision(a)
+    venue.dark = True
+    await on_emulator.tick("ETHUSDT", "3100")  # the TP close is sent; its answer is lost
+    await eventually(lambda: worker.journal.closing, what="the TP close journaled, outcome unknown")
+    close = await on_emulator.publish("a", "ETHUSDT", "close", confidence=0.9)
+    refused = await on_emulator.decision(close)
+    assert (refused.outcome, refused.reason_code) == (Outcome.REJECTED, "venue_uncertain")
+    assert len(emulator.exchange.orders) == 2  # the open and the TP close: nothing closed twice
+
+    venue.dark = False
+    later = await on_emulator.publish("b", "ETHUSDT", "buy", quantity="0.2", confidence=0.9)
+    assert (await on_emulator.decision(later)).outcome is Outcome.ACCEPTED  # looked up first
+    (tp,) = on_emulator.closed()
+    assert (tp.strategy_id, tp.close_reason, tp.closed_quantity) == ("a", CloseReason.TAKE_PROFIT, D("0.1"))
+    assert emulator.exchange.state()["positions"] == {"ETHUSDT_LONG": "0.2"}
+    assert not worker.journal.pending
+
+
+class CrashOnSecondClose:
+    def __init__(self, real: ExchangeGateway) -> None:
+        self.real, self.name, self.closes = real, real.name, 0
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.real, name)
+
+    async def execute(self, intent: OrderIntent) -> Fill:
+        if intent.reduce_only:
+            self.closes += 1
+            if self.closes == 2:
+                raise Crash
+        return await self.real.execute(intent)
+
+
+async def test_a_close_signal_cut_short_by_a_crash_closes_only_what_is_left(
+    on_emulator: Pipeline, emulator: Emulator
+) -> None:
+    await on_emulator.tick("ETHUSDT", "3000")
+    for _ in range(2):
+        await on_emulator.decision(
+            await on_emulator.publish("a", "ETHUSDT", "buy", quantity="0.1", confidence=0.9)
+        )
+    worker = on_emulator.worker
+    assert worker is not None and on_emulator.worker_task is not None
+    worker.gateway = CrashOnSecondClose(worker.gateway)  # type: ignore[assignment]
+    close = await on_emulator.publish("a", "ETHUSDT", "close", quantity="0.15", confidence=0.9, price="3000")
+    with pytest.raises(Crash):
+        await on_emulator.worker_task
+    on_emulator.worker_task = None
+    await on_emulator.stop_worker()
+    await on_emulator.start_worker()
+    decision = await on_emulator.decision(close)
+    assert decision.outcome is Outcome.ACCEPTED
+    await on_emulator.wait_events(lambda _: len(on_emulator.closed()) == 2, "both closes")
+    assert [e.closed_quantity for e in on_emulator.closed()] == [D("0.1"), D("0.05")]
+    assert emulator.exchange.state()["positions"] == {"ETHUSDT_LONG": "0.05"}
+
+
+async def test_a_symbol_waiting_on_the_venue_does_not_hold_up_another_symbols_ticks(
+    on_emulator: Pipeline, emulator: Emulator
+) -> None:
+    await on_emulator.tick("ETHUSDT", "3000")
+    await on_emulator.tick("BTCUSDT", "45000")
+    eth = await on_emulator.publish("a", "ETHUSDT", "buy", quantity="0.1", confidence=0.9, take_profit=3100)
+    await on_emulator.decision(eth)
+    emulator.exchange.faults.append(Fault("stall", seconds=3.0))  # the next order's answer comes late
+    btc = await on_emulator.publish("b", "BTCUSDT", "buy", quantity="0.01", confidence=0.9)
+    await eventually(
+        lambda: emulator.exchange.request_count["POST /fapi/v1/order"] == 2, what="BTC order sent"
+    )
+    await on_emulator.tick("ETHUSDT", "3100")  # while BTC waits on the venue
+    await on_emulator.wait_events(lambda _: len(on_emulator.closed()) == 1, "ETH TP close")
+    await on_emulator.decision(btc, timeout=20)
+    order = [e.event_id for e in on_emulator.events]
+    tp_close = on_emulator.closed()[0]
+    btc_decision = next(d for d in on_emulator.decisions() if d.signal_id == btc)
+    assert order.index(tp_close.event_id) < order.index(btc_decision.event_id)

@@ -29,6 +29,7 @@ class Emulator:
             "ORDER_TIMEOUT_SECONDS": 2,
             "RECONCILE_INTERVAL_SECONDS": 0,
             "EXCHANGE_RATE_LIMIT_MS": 1,
+            "EXCHANGE_RECV_WINDOW_MS": 1000,
         }
 
 
