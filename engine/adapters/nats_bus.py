@@ -178,6 +178,14 @@ class NatsBus:
             with contextlib.suppress(NotFoundError):
                 await self.js.delete_consumer(EVENTS_STREAM, name)
 
+    async def ack_floor(self, stream: str, durable: str) -> int:
+        """The stream sequence up to which the durable has acknowledged (0 if it is new)."""
+        try:
+            info = await self.js.consumer_info(stream, durable)
+        except NotFoundError:
+            return 0
+        return info.ack_floor.stream_seq if info.ack_floor else 0
+
     async def durable_consumer(
         self, stream: str, durable: str, subject: str, max_ack_pending: int = 4096
     ) -> DurableConsumer:

@@ -32,6 +32,7 @@ from engine.domain.events import (
     OrderFailed,
     OrderSettled,
     OrderSubmitted,
+    PendingDecision,
     PositionClosed,
     PositionOpened,
     PositionReconciled,
@@ -41,7 +42,7 @@ from engine.domain.events import (
 )
 from engine.domain.journal import OrderJournal, intent_of
 from engine.domain.ledger import SignalLedger
-from engine.domain.model import ClientOrderId, CloseReason, Outcome, StrategyPositionId, derive_id
+from engine.domain.model import Action, ClientOrderId, CloseReason, Outcome, StrategyPositionId, derive_id
 from engine.domain.orders import CloseLeg, Fill, OrderIntent
 from engine.domain.reconcile import EXTERNAL_STRATEGY, reconcile
 from engine.domain.signals import MalformedSignal, Signal, parse_signal
@@ -86,6 +87,7 @@ class Worker:
         self._price_sub: object | None = None
         self._background_flush: asyncio.Task[None] | None = None
         self._abandoned_events = False
+        self._redelivered_from: int | None = None
         self._ticks: defaultdict[str, deque[Decimal]] = defaultdict(deque)
         self._tick_runners: dict[str, asyncio.Task[None]] = {}
 
@@ -94,7 +96,11 @@ class Worker:
         await self.bus.ensure_streams()
         await self.gateway.start()
         await self.recover()
+        # Signals past the ack floor come again: an order of theirs the venue never placed is
+        # decided by their redelivery, not by the lookup.
+        self._redelivered_from = await self.bus.ack_floor(SIGNALS_STREAM, self.settings.worker_durable) + 1
         await self.resolve_pending()
+        self._redelivered_from = None
         await self.reconcile_all()
         self.bus.on_reconnect.append(self._wake_reconcile.set)
         # The book is a large, long-lived object graph: keep the cyclic GC from rescanning it
@@ -166,7 +172,9 @@ class Worker:
         )
 
     # --- orders at the venue -------------------------------------------------------------
-    async def _place(self, intent: OrderIntent) -> OrderRejected | OrderUncertain | None:
+    async def _place(
+        self, intent: OrderIntent, decision: PendingDecision | None = None
+    ) -> OrderRejected | OrderUncertain | None:
         """Send one order and book its fill; None when booked. With a real venue the order is
         journaled (and stored) first, and an order the journal still holds open is looked up
         by client order id instead of being sent again (DESIGN §4.3)."""
@@ -180,7 +188,7 @@ class Worker:
                 if known is not None:
                     self._book_journaled(intent_of(journaled), known)  # what was sent, not a new plan
                     return None
-            self._emit(self.journal.submit(intent, self.clock()))
+            self._emit(self.journal.submit(intent, self.clock(), decision))
             await self._flush()  # stored before it is sent
         started = time.perf_counter()
         try:
@@ -234,6 +242,7 @@ class Worker:
             if fill is not None:
                 log.info("order.found_at_venue", client_order_id=cid, quantity=str(fill.quantity))
                 self._book_journaled(intent, fill)
+                self._decide_after_lookup(submitted, filled=True)
                 for leg in intent.legs:  # a partial fill leaves a slice open: re-arm it
                     if isinstance(leg, CloseLeg) and leg.position_id in self.book.positions:
                         self.book.rearm(self.book.positions[StrategyPositionId(leg.position_id)])
@@ -243,6 +252,7 @@ class Worker:
                     self.journal.failed(intent, "not_placed", "the venue has no such order", self.clock())
                 )
                 self._rearm_closes(intent)
+                self._decide_after_lookup(submitted, filled=False)
         return not self.journal.pending_on(symbol)
 
     def _rearm_closes(self, intent: OrderIntent) -> None:
@@ -382,6 +392,9 @@ class Worker:
                 event_id=derive_id("signal.duplicate", signal.strategy_id, signal.id, str(sequence)),
             )
             return
+        if self.journal.pending and self.journal.awaiting(signal.strategy_id, signal.id):
+            log.info("signal.awaiting_venue")  # the lookup of its order records its decision
+            return
         if signal.opening_side is not None and self.ledger.was_opened(signal.strategy_id, signal.id):
             # A crash fell between the fill's events and the decision: finish the record.
             self._decide(
@@ -433,11 +446,16 @@ class Worker:
                 return
             self._decide(signal, sequence, verdict.outcome, verdict.reason_code, verdict.reason, ())
             return
-        refused, done = await self._execute(verdict)
+        refused, done = await self._execute(signal, sequence, verdict)
         if refused is None:
             self._decide(
                 signal, sequence, Outcome.ACCEPTED, "accepted", verdict.reason, verdict.strategy_position_ids
             )
+            return
+        if isinstance(refused, OrderUncertain):
+            # No decision yet: the journal holds the order and the signal's decision, and the
+            # lookup that resolves the order records it (accepted if filled, else rejected).
+            log.warning("signal.awaiting_venue", error=str(refused))
             return
         reason = str(refused)
         if done:
@@ -446,21 +464,57 @@ class Worker:
             reason += f"; the {len(done)} opposite position(s) had already been closed (reversed)"
         self._decide(signal, sequence, Outcome.REJECTED, refused.reason_code, reason, tuple(done))
 
-    async def _execute(self, verdict: Accepted) -> tuple[OrderRejected | None, list[str]]:
-        """Place the verdict's orders in turn; stop at the first refusal. Returns it and the
-        strategy positions the orders placed before it closed."""
+    async def _execute(
+        self, signal: Signal, sequence: int, verdict: Accepted
+    ) -> tuple[OrderRejected | OrderUncertain | None, list[str]]:
+        """Place the verdict's orders in turn; stop at the first refusal or unknown outcome.
+        Returns it and the strategy positions the orders placed before it closed."""
         done: list[str] = []
-        for intent in verdict.orders:
-            outcome = await self._place(intent)
-            if isinstance(outcome, OrderUncertain):
-                return OrderRejected(
-                    "venue_uncertain",
-                    f"{outcome}; the order is looked up by client order id and booked if the venue filled it",
-                ), done
+        for n, intent in enumerate(verdict.orders):
+            pending = None
+            if self.journaled:
+                pending = PendingDecision(
+                    strategy_id=signal.strategy_id,
+                    signal_id=signal.id,
+                    symbol=signal.symbol,
+                    action=signal.action,
+                    confidence=signal.confidence,
+                    signal_sequence=sequence,
+                    strategy_position_ids=[*done, *verdict.strategy_position_ids],
+                    reason=verdict.reason,
+                    later_orders=len(verdict.orders) - n - 1,
+                )
+            outcome = await self._place(intent, pending)
             if outcome is not None:
                 return outcome, done
             done.extend(leg.position_id for leg in intent.legs if isinstance(leg, CloseLeg))
         return None, done
+
+    def _decide_after_lookup(self, submitted: OrderSubmitted, filled: bool) -> None:
+        """Record the decision an unknown venue outcome held back, now that it is known."""
+        pending = submitted.decision
+        if pending is None:
+            return
+        if filled and not pending.later_orders:
+            outcome, code, reason = Outcome.ACCEPTED, "accepted_after_lookup", pending.reason
+            ids = pending.strategy_position_ids
+        elif filled:
+            outcome, code = Outcome.REJECTED, "partly_placed"
+            reason = f"an order was filled after an unknown outcome; the {pending.later_orders} after it were not sent"
+            ids = [leg.position_id for leg in submitted.legs]
+        elif self._redelivered_from is not None and pending.signal_sequence >= self._redelivered_from:
+            return  # its redelivery decides it afresh
+        else:
+            outcome, code, reason, ids = (
+                Outcome.REJECTED,
+                "not_placed",
+                "the venue never placed the order",
+                [],
+            )
+        self._record_decision(
+            pending.strategy_id, pending.signal_id, pending.symbol, pending.action, pending.confidence,
+            pending.signal_sequence, outcome, code, reason, tuple(ids),
+        )  # fmt: skip
 
     def _decide(
         self,
@@ -472,18 +526,37 @@ class Worker:
         position_ids: tuple[str, ...],
         event_id: str | None = None,
     ) -> None:
+        self._record_decision(
+            signal.strategy_id, signal.id, signal.symbol, signal.action, signal.confidence, sequence,
+            outcome, reason_code, reason, position_ids, event_id,
+        )  # fmt: skip
+
+    def _record_decision(
+        self,
+        strategy_id: str,
+        signal_id: str,
+        symbol: str,
+        action: Action,
+        confidence: Decimal,
+        sequence: int,
+        outcome: Outcome,
+        reason_code: str,
+        reason: str,
+        position_ids: tuple[str, ...],
+        event_id: str | None = None,
+    ) -> None:
         decided = SignalDecided(
-            event_id=event_id or derive_id("signal.decided", signal.strategy_id, signal.id),
+            event_id=event_id or derive_id("signal.decided", strategy_id, signal_id),
             occurred_at=self.clock(),
-            signal_id=signal.id,
-            strategy_id=signal.strategy_id,
-            symbol=signal.symbol,
-            action=signal.action,
+            signal_id=signal_id,
+            strategy_id=strategy_id,
+            symbol=symbol,
+            action=action,
             outcome=outcome,
             reason_code=reason_code,
             reason=reason,
             strategy_position_ids=list(position_ids),
-            confidence=signal.confidence,
+            confidence=confidence,
             signal_sequence=sequence,
         )
         metrics.child(metrics.SIGNALS, outcome.value, reason_code).inc()

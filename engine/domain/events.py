@@ -138,6 +138,23 @@ class JournalLeg(BaseModel):
     metadata: dict[str, Any] | None = None
 
 
+class PendingDecision(BaseModel):
+    """The decision of the signal an order was sent for, held back while the venue's answer
+    is unknown: whoever resolves the order records the decision from this."""
+
+    model_config = ConfigDict(frozen=True)
+
+    strategy_id: str
+    signal_id: str
+    symbol: str
+    action: Action
+    confidence: Amount
+    signal_sequence: int
+    strategy_position_ids: list[str]
+    reason: str
+    later_orders: int = 0  # orders of the same signal that were not sent after this one
+
+
 class OrderSubmitted(_Event):
     """Stored before an order goes to a real venue (write-ahead): after a crash, every
     submitted order without an outcome is looked up at the venue by its client order id."""
@@ -152,6 +169,7 @@ class OrderSubmitted(_Event):
     reference_price: Amount
     signal_id: str | None = None
     legs: list[JournalLeg]
+    decision: PendingDecision | None = None
 
 
 class OrderSettled(_Event):

@@ -17,6 +17,7 @@ from engine.domain.events import (
     OrderFailed,
     OrderSettled,
     OrderSubmitted,
+    PendingDecision,
     PositionClosed,
     PositionOpened,
 )
@@ -100,7 +101,9 @@ class OrderJournal:
     # Slices a pending order closes: nothing else may close them until its outcome is known.
     closing: dict[str, ClientOrderId] = field(default_factory=dict)
 
-    def submit(self, intent: OrderIntent, at: datetime) -> OrderSubmitted:
+    def submit(
+        self, intent: OrderIntent, at: datetime, decision: PendingDecision | None = None
+    ) -> OrderSubmitted:
         count = self.submissions.get(intent.client_order_id, 0) + 1
         event = OrderSubmitted(
             event_id=derive_id("order.submitted", intent.client_order_id, str(count)),
@@ -114,6 +117,7 @@ class OrderJournal:
             reference_price=intent.reference_price,
             signal_id=intent.signal_id,
             legs=[to_journal_leg(leg) for leg in intent.legs],
+            decision=decision,
         )
         self.apply(event)
         return event
@@ -175,6 +179,15 @@ class OrderJournal:
         for leg in done.legs if done else ():
             if self.closing.get(leg.position_id) == cid:
                 del self.closing[leg.position_id]
+
+    def awaiting(self, strategy_id: str, signal_id: str) -> bool:
+        """Is this signal's decision held back by one of its orders with an unknown outcome?"""
+        return any(
+            p.decision is not None
+            and p.decision.signal_id == signal_id
+            and p.decision.strategy_id == strategy_id
+            for p in self.pending.values()
+        )
 
     def pending_on(self, symbol: str) -> list[OrderSubmitted]:
         return [p for p in self.pending.values() if p.symbol == symbol] if self.pending else []

@@ -161,7 +161,7 @@ async def test_a_crash_around_an_order_neither_loses_nor_doubles_it(
     restarted: Worker = await on_emulator.start_worker()
     decision = await on_emulator.decision(sid)
     assert decision.outcome is Outcome.ACCEPTED
-    assert decision.reason_code == ("recovered" if after_sending else "accepted")
+    assert decision.reason_code == ("accepted_after_lookup" if after_sending else "accepted")
     assert len(emulator.exchange.orders) == 1 and not emulator.exchange.state()["duplicate_client_ids"]
     (opened,) = on_emulator.opened()
     assert opened.quantity == D("0.1") and restarted.book.exchange
@@ -233,7 +233,7 @@ class VenueGoesDark:
     and lookups fail, as when the venue stops answering right after taking an order."""
 
     def __init__(self, real: ExchangeGateway) -> None:
-        self.real, self.name, self.dark = real, real.name, False
+        self.real, self.name, self.dark, self.lost_answers = real, real.name, False, 0
 
     def __getattr__(self, name: str) -> object:
         return getattr(self.real, name)
@@ -241,6 +241,7 @@ class VenueGoesDark:
     async def execute(self, intent: OrderIntent) -> Fill:
         fill = await self.real.execute(intent)
         if self.dark:
+            self.lost_answers += 1
             raise OrderUncertain("no answer")
         return fill
 
@@ -262,7 +263,7 @@ async def test_nothing_acts_on_a_symbol_while_an_order_of_it_has_an_unknown_outc
     await on_emulator.decision(a)
     venue.dark = True
     await on_emulator.tick("ETHUSDT", "3100")  # the TP close is sent; its answer is lost
-    await eventually(lambda: worker.journal.closing, what="the TP close journaled, outcome unknown")
+    await eventually(lambda: venue.lost_answers == 1, what="the TP close sent, its answer lost")
     close = await on_emulator.publish("a", "ETHUSDT", "close", confidence=0.9)
     refused = await on_emulator.decision(close)
     assert (refused.outcome, refused.reason_code) == (Outcome.REJECTED, "venue_uncertain")
@@ -335,3 +336,24 @@ async def test_a_symbol_waiting_on_the_venue_does_not_hold_up_another_symbols_ti
     tp_close = on_emulator.closed()[0]
     btc_decision = next(d for d in on_emulator.decisions() if d.signal_id == btc)
     assert order.index(tp_close.event_id) < order.index(btc_decision.event_id)
+
+
+async def test_a_signal_whose_order_outcome_is_unknown_is_decided_when_the_lookup_tells(
+    on_emulator: Pipeline, emulator: Emulator
+) -> None:
+    worker = on_emulator.worker
+    assert worker is not None
+    venue = VenueGoesDark(worker.gateway)
+    worker.gateway = venue  # type: ignore[assignment]
+    await on_emulator.tick("ETHUSDT", "3000")
+    venue.dark = True
+    sid = await on_emulator.publish("a", "ETHUSDT", "buy", quantity="0.1", confidence=0.9)
+    await eventually(lambda: venue.lost_answers == 1, what="the open sent, its answer lost")
+    assert not on_emulator.decisions()  # held back, not guessed
+    venue.dark = False
+    await worker.resolve_pending()
+    decision = await on_emulator.decision(sid)
+    assert (decision.outcome, decision.reason_code) == (Outcome.ACCEPTED, "accepted_after_lookup")
+    (opened,) = on_emulator.opened()
+    assert decision.strategy_position_ids == [opened.strategy_position_id]
+    assert len(on_emulator.decisions()) == 1 and len(emulator.exchange.orders) == 1
