@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncmy
+import asyncmy.errors
 import structlog
 
 from engine.config import MysqlTarget
@@ -21,6 +22,10 @@ from engine.domain.model import CloseReason
 
 log = structlog.get_logger(__name__)
 MIGRATION_FILE = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
+
+
+# table exists, duplicate column, duplicate key name, duplicate foreign key
+ALREADY_DONE_ERRORS = {1050, 1060, 1061, 1826}
 
 
 def migrations_dir() -> Path:
@@ -94,6 +99,9 @@ class MysqlStore:
         async with self.pool.acquire() as conn:
             async with conn.cursor() as cur:
                 await cur.execute("SELECT GET_LOCK('tradeengine_migrate', 120)")
+                (locked,) = await cur.fetchone()
+            if locked != 1:
+                raise RuntimeError("another process has been migrating this database for 120 s; try again")
             try:
                 async with conn.cursor() as cur:
                     await cur.execute(
@@ -126,10 +134,19 @@ class MysqlStore:
             if steps_done:
                 log.warning("mysql.migration_resumed", version=path.stem, steps_done=len(steps_done))
             text = await asyncio.to_thread(path.read_text)
+            resuming = bool(steps_done)
             for step, statement in enumerate(_statements(text)):
                 if step in steps_done:
                     continue
-                await cur.execute(statement)
+                try:
+                    await cur.execute(statement)
+                except asyncmy.errors.OperationalError as exc:
+                    # A kill can land between a DDL statement (committed on its own) and the
+                    # record of it: the first statement of a resumed file may already be done.
+                    if not (resuming and exc.args and exc.args[0] in ALREADY_DONE_ERRORS):
+                        raise
+                    log.warning("mysql.migration_step_already_applied", version=path.stem, step=step)
+                resuming = False
                 await cur.execute(
                     "INSERT INTO schema_migration_steps (version, step) VALUES (%s, %s)", (path.stem, step)
                 )

@@ -49,6 +49,7 @@ from engine.domain.signals import MalformedSignal, Signal, parse_signal
 
 log = structlog.get_logger(__name__)
 DEAD_LETTER_PAYLOAD_LIMIT = 64 * 1024
+ORDER_HISTORY_REACH = timedelta(days=6, hours=20)
 TICK_BACKLOG_LIMIT = 10_000  # per symbol, while its lock is held by a slow venue call
 
 
@@ -101,7 +102,10 @@ class Worker:
         self._redelivered_from = await self.bus.ack_floor(SIGNALS_STREAM, self.settings.worker_durable) + 1
         await self.resolve_pending()
         self._redelivered_from = None
-        await self.reconcile_all()
+        try:
+            await self.reconcile_all()
+        except Exception as exc:  # the venue may be unreachable now: the periodic round retries
+            log.warning("reconcile.failed", error=repr(exc))
         self.bus.on_reconnect.append(self._wake_reconcile.set)
         # The book is a large, long-lived object graph: keep the cyclic GC from rescanning it
         # (full collections grew into 100+ ms pauses in the latency bench).
@@ -282,10 +286,16 @@ class Worker:
         """Make the book hold what the venue holds; every difference is a finding (DESIGN §4.2)."""
         if isinstance(self.gateway, PaperExchange):
             return  # the paper venue is the book's own mirror
-        symbols = {k.symbol for k in await self.gateway.positions()} | {k.symbol for k in self.book.exchange}
-        for symbol in sorted(symbols):
+        snapshot = {k: v.quantity for k, v in (await self.gateway.positions()).items()}
+        held = {k: ep.quantity for k, ep in self.book.exchange.items()}
+        # Only symbols that differ in this snapshot are looked at again, under their lock.
+        differing = {k.symbol for k in snapshot.keys() | held.keys() if snapshot.get(k) != held.get(k)}
+        now = self.clock()
+        for symbol in {k.symbol for k in snapshot.keys() | held.keys()} - differing:
+            self._reconciled_at[symbol] = now
+        for symbol in sorted(differing):
             async with self._symbol_locks[symbol]:  # no order of ours is in flight on it
-                if any(p.symbol == symbol for p in self.journal.pending.values()):
+                if self.journal.pending_on(symbol):
                     continue  # an order with an unknown outcome: look it up first
                 await self._reconcile_symbol(symbol)
         await self._flush()
@@ -301,7 +311,9 @@ class Worker:
             self._reconciled_at[symbol] = now
             return
         since = self._reconciled_at.get(symbol) or self._last_event_at or now - timedelta(days=1)
-        listed = await self.gateway.orders_since(symbol, since - timedelta(seconds=60))
+        # Venues keep a limited order history (Binance: 7 days); older is out of reach anyway.
+        since = max(since - timedelta(seconds=60), now - ORDER_HISTORY_REACH)
+        listed = await self.gateway.orders_since(symbol, since)
         external = [o for o in listed if o.exchange_order_id not in self._attributed_orders]
         findings = reconcile(
             self.book,
@@ -322,7 +334,8 @@ class Worker:
                 venue_quantity=str(finding.venue_quantity),
                 slices=len(finding.settlements),
             )
-            order_ids = sorted({fill.exchange_order_id for _, fill in finding.settlements})
+            order_ids = sorted(finding.venue_order_ids)
+            self._attributed_orders.update(order_ids)
             self._emit(
                 PositionReconciled(
                     event_id=derive_id("position.reconciled", str(finding.key), now.isoformat(), *order_ids),
@@ -671,7 +684,9 @@ class Worker:
             case OrderSubmitted() | OrderSettled() | OrderFailed():
                 if replay:
                     self.journal.apply(event)
-            case SignalDead() | PositionReconciled():
+            case PositionReconciled():
+                self._attributed_orders.update(event.venue_order_ids)
+            case SignalDead():
                 pass
         if not replay:
             metrics.OPEN_STRATEGY_POSITIONS.set(len(self.book.positions))

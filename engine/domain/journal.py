@@ -93,8 +93,6 @@ def intent_of(e: OrderSubmitted) -> OrderIntent:
 @dataclass(slots=True)
 class OrderJournal:
     pending: dict[ClientOrderId, OrderSubmitted] = field(default_factory=dict)
-    submissions: dict[ClientOrderId, int] = field(default_factory=dict)
-    failures: dict[ClientOrderId, int] = field(default_factory=dict)
     # Legs of pending orders whose position events are already stored (a crash can fall
     # between the events of one fill): their quantities, by position id.
     booked: dict[ClientOrderId, dict[str, Decimal]] = field(default_factory=dict)
@@ -104,9 +102,10 @@ class OrderJournal:
     def submit(
         self, intent: OrderIntent, at: datetime, decision: PendingDecision | None = None
     ) -> OrderSubmitted:
-        count = self.submissions.get(intent.client_order_id, 0) + 1
         event = OrderSubmitted(
-            event_id=derive_id("order.submitted", intent.client_order_id, str(count)),
+            # Its own id per submission (an id never filled may be sent again later); it is
+            # stored before the order is sent, so no replay has to derive it again.
+            event_id=derive_id("order.submitted", intent.client_order_id, at.isoformat()),
             occurred_at=at,
             client_order_id=intent.client_order_id,
             symbol=intent.symbol,
@@ -137,9 +136,9 @@ class OrderJournal:
         return event
 
     def failed(self, intent: OrderIntent, reason_code: str, reason: str, at: datetime) -> OrderFailed:
-        count = self.failures.get(intent.client_order_id, 0) + 1
+        submitted = self.pending.get(intent.client_order_id)
         event = OrderFailed(
-            event_id=derive_id("order.failed", intent.client_order_id, str(count)),
+            event_id=derive_id("order.failed", submitted.event_id if submitted else intent.client_order_id),
             occurred_at=at,
             client_order_id=intent.client_order_id,
             symbol=intent.symbol,
@@ -155,7 +154,6 @@ class OrderJournal:
         cid = ClientOrderId(event.client_order_id)
         match event:
             case OrderSubmitted():
-                self.submissions[cid] = self.submissions.get(cid, 0) + 1
                 self.pending[cid] = event
                 self.booked.pop(cid, None)
                 for leg in event.legs:
@@ -164,7 +162,6 @@ class OrderJournal:
             case OrderSettled():
                 self._resolved(cid)
             case OrderFailed():
-                self.failures[cid] = self.failures.get(cid, 0) + 1
                 self._resolved(cid)
             case PositionOpened():
                 if cid in self.pending:

@@ -90,6 +90,7 @@ class Finding:
     book_quantity: Decimal
     venue_quantity: Decimal
     settlements: tuple[tuple[OrderIntent, Fill], ...]
+    venue_order_ids: tuple[str, ...] = ()  # the venue's orders this finding accounts for
 
 
 def reconcile(
@@ -143,7 +144,7 @@ def _reduction(
         for intent, f in zip(intents, fees, strict=True)
     )
     kind = FindingKind.LIQUIDATION if liquidated else FindingKind.MANUAL_REDUCTION
-    return Finding(kind, key, held, at_venue, settlements)
+    return Finding(kind, key, held, at_venue, settlements, tuple(o.exchange_order_id for o in orders))
 
 
 def _increase(
@@ -188,7 +189,14 @@ def _increase(
         reference_price=price,
     )
     fill = Fill(intent.client_order_id, order_id, delta, price, fee)
-    return Finding(FindingKind.EXTERNAL_INCREASE, key, held, venue.quantity, ((intent, fill),))
+    return Finding(
+        FindingKind.EXTERNAL_INCREASE,
+        key,
+        held,
+        venue.quantity,
+        ((intent, fill),),
+        tuple(o.exchange_order_id for o in orders),
+    )
 
 
 def _priced(

@@ -42,3 +42,23 @@ async def test_a_half_applied_migration_resumes_after_its_last_statement(
             assert [row[0] for row in await cur.fetchall()] == [0, 1, 2]
     finally:
         await store.close()
+
+
+async def test_a_statement_applied_but_not_recorded_before_a_kill_counts_as_done(
+    tmp_path: Path, mysql_url: str
+) -> None:
+    (tmp_path / "001_table.sql").write_text(
+        "CREATE TABLE t_a (id INT PRIMARY KEY);\nALTER TABLE t_a ADD COLUMN x INT;\n"
+    )
+    store = await MysqlStore.open(MysqlTarget.parse(mysql_url))
+    try:
+        assert await store.migrate(tmp_path / "none") == []  # creates the bookkeeping tables
+        async with store.pool.acquire() as conn, conn.cursor() as cur:
+            # What a kill right after the ALTER (committed by MySQL) and before its record leaves:
+            await cur.execute("CREATE TABLE t_a (id INT PRIMARY KEY)")
+            await cur.execute("ALTER TABLE t_a ADD COLUMN x INT")
+            await cur.execute("INSERT INTO schema_migration_steps (version, step) VALUES ('001_table', 0)")
+            await conn.commit()
+        assert await store.migrate(tmp_path) == ["001_table"]
+    finally:
+        await store.close()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import ccxt
@@ -161,12 +161,11 @@ async def test_the_journal_knows_which_orders_need_a_lookup_and_what_is_left_to_
     assert journal.unbooked_part(intent, fill) is None  # the crash fell after the events
     journal.settled(intent, fill, NOW)
     assert not journal.pending
-    again = journal.submit(intent, NOW)
+    failed = journal.failed(intent, "not_placed", "gone", NOW)
+    assert not journal.pending and failed.event_id != submitted.event_id
+    again = journal.submit(intent, NOW + timedelta(seconds=1))  # an id never filled may go again
     assert again.event_id != submitted.event_id  # a second submission is its own record
-    assert (
-        journal.failed(intent, "not_placed", "gone", NOW).event_id
-        != journal.failed(intent, "x", "y", NOW).event_id
-    )
+    assert journal.failed(intent, "x", "y", NOW).event_id != failed.event_id
 
 
 @pytest.mark.parametrize(
