@@ -185,6 +185,7 @@ class CcxtGateway:
                     "fetchCurrencies": False,
                     "defaultType": "swap",
                     "warnOnFetchOpenOrdersWithoutSymbol": False,
+                    "recvWindow": int(self.policy.recv_window * 1000),
                 },
             }
         )
@@ -280,7 +281,6 @@ class CcxtGateway:
         unified = self._unified[intent.symbol]
         delay = self.policy.backoff
         for attempt in range(1, self.policy.attempts + 1):
-            sent_at = time.monotonic()
             try:
                 order = await self.exchange.create_order(
                     unified, "market", intent.side.value, float(intent.quantity), None, dict(params)
@@ -299,7 +299,7 @@ class CcxtGateway:
                 if kind == "final":
                     raise OrderRejected(reason_code(exc), venue_message(exc)) from exc
                 if kind == "ambiguous":
-                    found = await self._await_unknown_outcome(intent, sent_at)
+                    found = await self._await_unknown_outcome(intent, time.monotonic())
                     if found is not None:
                         return found
                     # The venue says it has no such order, and the request is too old to be
@@ -332,24 +332,27 @@ class CcxtGateway:
             return None  # canceled or expired with nothing filled: as good as never placed
         return await self._fill_of(str(order["id"]), unified, symbol)
 
-    async def _await_unknown_outcome(self, intent: OrderIntent, sent_at: float) -> Fill | None:
+    async def _await_unknown_outcome(self, intent: OrderIntent, failed_at: float) -> Fill | None:
         """After an answer we cannot read: look the order up until it shows, or until the
-        venue's receive window has closed on the request (then it never will). Raises
-        OrderUncertain when the venue cannot even be asked."""
-        closes_at = sent_at + self.policy.recv_window + 1.0
+        venue has said "no such order" after its receive window closed on the request (then
+        it never will be executed). A lookup that fails proves nothing: if no lookup succeeds
+        in time, the outcome stays unknown (OrderUncertain)."""
+        # The request was stamped before it failed: its window closes by failed_at + window.
+        closes_at = failed_at + self.policy.recv_window + 1.0
+        gives_up_at = closes_at + self.policy.fill_wait
         delay = self.policy.backoff
         while True:
             await asyncio.sleep(delay)
             try:
                 found = await self.find_order(intent.client_order_id, intent.symbol)
             except Exception as exc:
-                if time.monotonic() > closes_at + self.policy.fill_wait:
+                if time.monotonic() > gives_up_at:
                     raise OrderUncertain(
                         f"{intent.client_order_id}: lookup failed ({type(exc).__name__})"
                     ) from exc
-                found = None
-            if found is not None or time.monotonic() > closes_at:
-                return found
+            else:
+                if found is not None or time.monotonic() > closes_at:
+                    return found  # found, or absent for good
             delay = min(delay * 2, self.policy.max_backoff, max(closes_at - time.monotonic(), 0.05))
 
     async def _fill_of(self, order_id: str, unified: str, symbol: str) -> Fill:

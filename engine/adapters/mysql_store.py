@@ -134,7 +134,9 @@ class MysqlStore:
             if steps_done:
                 log.warning("mysql.migration_resumed", version=path.stem, steps_done=len(steps_done))
             text = await asyncio.to_thread(path.read_text)
-            resuming = bool(steps_done)
+            # The first statement this run executes may have been applied by a run killed
+            # before it could record it (even the file's very first statement).
+            resuming = True
             for step, statement in enumerate(_statements(text)):
                 if step in steps_done:
                     continue
@@ -142,7 +144,7 @@ class MysqlStore:
                     await cur.execute(statement)
                 except asyncmy.errors.OperationalError as exc:
                     # A kill can land between a DDL statement (committed on its own) and the
-                    # record of it: the first statement of a resumed file may already be done.
+                    # record of it.
                     if not (resuming and exc.args and exc.args[0] in ALREADY_DONE_ERRORS):
                         raise
                     log.warning("mysql.migration_step_already_applied", version=path.stem, step=step)

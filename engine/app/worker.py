@@ -15,6 +15,7 @@ from collections import defaultdict, deque
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from typing import Any
 
 import nats.errors
 import structlog
@@ -50,6 +51,7 @@ from engine.domain.signals import MalformedSignal, Signal, parse_signal
 log = structlog.get_logger(__name__)
 DEAD_LETTER_PAYLOAD_LIMIT = 64 * 1024
 ORDER_HISTORY_REACH = timedelta(days=6, hours=20)
+LOOKUP_COOLDOWN = 5.0  # seconds between lookups on a symbol whose venue did not answer
 TICK_BACKLOG_LIMIT = 10_000  # per symbol, while its lock is held by a slow venue call
 
 
@@ -85,10 +87,12 @@ class Worker:
         self._outbox: list[Event] = []
         self._flush_lock = asyncio.Lock()
         self._symbol_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
-        self._price_sub: object | None = None
+        self._price_sub: Any = None
         self._background_flush: asyncio.Task[None] | None = None
         self._abandoned_events = False
         self._redelivered_from: int | None = None
+        self._lookup_cooldown: dict[str, float] = {}
+        self._replayed_opens: set[str] = set()  # during recovery only
         self._ticks: defaultdict[str, deque[Decimal]] = defaultdict(deque)
         self._tick_runners: dict[str, asyncio.Task[None]] = {}
 
@@ -125,11 +129,20 @@ class Worker:
         finally:
             self.ready.clear()
             self._stopping.set()
-            await self._flush()
             self._wake_reconcile.set()
-            await gauges
-            await upkeep
-            log.info("worker.stopped")
+            # No TP/SL order may start after this point: stop the price feed and its runners.
+            if self._price_sub is not None:
+                with contextlib.suppress(Exception):
+                    await self._price_sub.unsubscribe()
+            runners = [t for t in self._tick_runners.values() if not t.done()]
+            for runner in runners:
+                runner.cancel()
+            await asyncio.gather(*runners, return_exceptions=True)
+            try:
+                await self._flush()
+            finally:
+                await asyncio.gather(gauges, upkeep, return_exceptions=True)
+                log.info("worker.stopped")
 
     def stop(self) -> None:
         self._stopping.set()
@@ -165,6 +178,7 @@ class Worker:
         async for event in self.bus.replay_events():
             self._remember(event, replay=True)
             count += 1
+        self._replayed_opens = set()
         if isinstance(self.gateway, PaperExchange):
             self.gateway.restore(self.book)
         metrics.OPEN_STRATEGY_POSITIONS.set(len(self.book.positions))
@@ -230,11 +244,15 @@ class Worker:
         mark it failed if the venue never placed it (its signal may then place it again)."""
         for symbol in sorted({p.symbol for p in self.journal.pending.values()}):
             async with self._symbol_locks[symbol]:
-                await self._resolve_symbol(symbol)
+                await self._resolve_symbol(symbol, cooldown=False)
         await self._flush()
 
-    async def _resolve_symbol(self, symbol: str) -> bool:
-        """Resolve the symbol's pending orders (its lock held); True when none is left."""
+    async def _resolve_symbol(self, symbol: str, *, cooldown: bool = True) -> bool:
+        """Resolve the symbol's pending orders (its lock held); True when none is left. After
+        a failed lookup the symbol waits LOOKUP_COOLDOWN before asking again, so an unreachable
+        venue costs each signal of that symbol a rejection, not a minute of everyone's time."""
+        if cooldown and time.monotonic() < self._lookup_cooldown.get(symbol, 0.0):
+            return not self.journal.pending_on(symbol)
         for submitted in self.journal.pending_on(symbol):
             cid = ClientOrderId(submitted.client_order_id)
             intent = intent_of(submitted)
@@ -242,27 +260,29 @@ class Worker:
                 fill = await self.gateway.find_order(cid, symbol)
             except Exception as exc:
                 log.warning("order.lookup_failed", client_order_id=cid, error=repr(exc))
-                continue
+                self._lookup_cooldown[symbol] = time.monotonic() + LOOKUP_COOLDOWN
+                break
             if fill is not None:
                 log.info("order.found_at_venue", client_order_id=cid, quantity=str(fill.quantity))
-                self._book_journaled(intent, fill)
+                rest = self.journal.unbooked_part(intent, fill)
+                if rest is not None:
+                    self._book(*rest)
+                # The held-back decision goes before the record that closes the journal entry:
+                # if a crash stores only part of this, the entry is looked up again.
                 self._decide_after_lookup(submitted, filled=True)
-                for leg in intent.legs:  # a partial fill leaves a slice open: re-arm it
-                    if isinstance(leg, CloseLeg) and leg.position_id in self.book.positions:
-                        self.book.rearm(self.book.positions[StrategyPositionId(leg.position_id)])
+                self._emit(self.journal.settled(intent, fill, self.clock()))
+                self._rearm_still_open(intent)
             else:
                 log.info("order.not_placed", client_order_id=cid)
+                self._decide_after_lookup(submitted, filled=False)
                 self._emit(
                     self.journal.failed(intent, "not_placed", "the venue has no such order", self.clock())
                 )
-                self._rearm_closes(intent)
-                self._decide_after_lookup(submitted, filled=False)
+                self._rearm_still_open(intent)
         return not self.journal.pending_on(symbol)
 
-    def _rearm_closes(self, intent: OrderIntent) -> None:
-        """A TP/SL close that never reached the venue: arm the slice's levels again."""
-        if intent.signal_id is not None:
-            return
+    def _rearm_still_open(self, intent: OrderIntent) -> None:
+        """Slices a resolved close left open (not placed, or partly filled) get their TP/SL back."""
         for leg in intent.legs:
             if isinstance(leg, CloseLeg) and leg.position_id in self.book.positions:
                 self.book.rearm(self.book.positions[StrategyPositionId(leg.position_id)])
@@ -419,7 +439,9 @@ class Worker:
                 (strategy_position_id_for(signal),),
             )
             return
-        closed_before = self.ledger.closed_for(signal.strategy_id, signal.id)
+        closed_before = (
+            self.ledger.closed_for(signal.strategy_id, signal.id) if signal.action is Action.CLOSE else None
+        )
         if closed_before is not None and signal.quantity is not None:
             # A close signal cut short by a crash: close what is left of it, no more.
             signal = signal.model_copy(update={"quantity": signal.quantity - closed_before})
@@ -465,11 +487,13 @@ class Worker:
                 signal, sequence, Outcome.ACCEPTED, "accepted", verdict.reason, verdict.strategy_position_ids
             )
             return
-        if isinstance(refused, OrderUncertain):
+        if isinstance(refused, OrderUncertain) and self.journaled:
             # No decision yet: the journal holds the order and the signal's decision, and the
             # lookup that resolves the order records it (accepted if filled, else rejected).
             log.warning("signal.awaiting_venue", error=str(refused))
             return
+        if isinstance(refused, OrderUncertain):  # the paper venue failed in a way it never should
+            refused = OrderRejected("venue_error", str(refused))
         reason = str(refused)
         if done:
             # A hedge-mode reversal closes first, then opens: the closes stand, and the record
@@ -506,7 +530,7 @@ class Worker:
     def _decide_after_lookup(self, submitted: OrderSubmitted, filled: bool) -> None:
         """Record the decision an unknown venue outcome held back, now that it is known."""
         pending = submitted.decision
-        if pending is None:
+        if pending is None or self.ledger.decided_at(pending.strategy_id, pending.signal_id) is not False:
             return
         if filled and not pending.later_orders:
             outcome, code, reason = Outcome.ACCEPTED, "accepted_after_lookup", pending.reason
@@ -654,7 +678,8 @@ class Worker:
             case SignalDecided():
                 self.ledger.apply(event)
             case PositionOpened():
-                if replay and not self.ledger.was_opened(event.strategy_id, event.signal_id):
+                if replay and event.strategy_position_id not in self._replayed_opens:
+                    self._replayed_opens.add(event.strategy_position_id)
                     self.book.apply(event)  # a re-stored open of a slice closed since is not reopened
                 self.ledger.apply(event)
                 self.journal.apply(event)

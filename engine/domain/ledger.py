@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 
 from engine.domain.events import PositionClosed, PositionOpened, SignalDecided
-from engine.domain.model import ZERO, Outcome
+from engine.domain.model import ZERO, CloseReason, Outcome
 
 _EXECUTED_ONLY = -1
 
@@ -52,8 +52,8 @@ class SignalLedger:
             # Closes made for a signal: if its decision was lost in a crash, the redelivery
             # closes only what is left of it. (A reversal's closes need no record: the slices
             # it closed are gone, so deciding it again finds nothing opposite to reverse.)
-            if event.signal_id is not None:
-                key = _key(event.strategy_id, event.signal_id)
+            if event.signal_id is not None and event.close_reason is CloseReason.SIGNAL:
+                key = _key(event.strategy_id, event.signal_id)  # a close signal's own slices
                 self._closed[key] = self._closed.get(key, ZERO) + event.closed_quantity
             return
         key = _key(event.strategy_id, event.signal_id)

@@ -60,5 +60,10 @@ async def test_a_statement_applied_but_not_recorded_before_a_kill_counts_as_done
             await cur.execute("INSERT INTO schema_migration_steps (version, step) VALUES ('001_table', 0)")
             await conn.commit()
         assert await store.migrate(tmp_path) == ["001_table"]
+        (tmp_path / "002_more.sql").write_text("CREATE TABLE t_b (id INT PRIMARY KEY);\n")
+        async with store.pool.acquire() as conn, conn.cursor() as cur:
+            await cur.execute("CREATE TABLE t_b (id INT PRIMARY KEY)")  # killed before any record
+            await conn.commit()
+        assert await store.migrate(tmp_path) == ["002_more"]
     finally:
         await store.close()

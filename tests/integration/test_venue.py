@@ -270,8 +270,9 @@ async def test_nothing_acts_on_a_symbol_while_an_order_of_it_has_an_unknown_outc
     assert len(emulator.exchange.orders) == 2  # the open and the TP close: nothing closed twice
 
     venue.dark = False
+    await worker.resolve_pending()  # the reconciliation round, which does not wait out the cooldown
     later = await on_emulator.publish("b", "ETHUSDT", "buy", quantity="0.2", confidence=0.9)
-    assert (await on_emulator.decision(later)).outcome is Outcome.ACCEPTED  # looked up first
+    assert (await on_emulator.decision(later)).outcome is Outcome.ACCEPTED
     (tp,) = on_emulator.closed()
     assert (tp.strategy_id, tp.close_reason, tp.closed_quantity) == ("a", CloseReason.TAKE_PROFIT, D("0.1"))
     assert emulator.exchange.state()["positions"] == {"ETHUSDT_LONG": "0.2"}
@@ -357,3 +358,33 @@ async def test_a_signal_whose_order_outcome_is_unknown_is_decided_when_the_looku
     (opened,) = on_emulator.opened()
     assert decision.strategy_position_ids == [opened.strategy_position_id]
     assert len(on_emulator.decisions()) == 1 and len(emulator.exchange.orders) == 1
+
+
+async def test_lookups_that_fail_prove_nothing_and_nothing_is_sent_again(emulator: Emulator) -> None:
+    from engine.adapters.ccxt_gateway import CcxtGateway, RetryPolicy
+    from engine.domain.model import PositionMode
+
+    gateway = CcxtGateway(
+        "binanceusdm", PositionMode.HEDGE, emulator.exchange.api_key, emulator.exchange.secret,
+        api_url=emulator.url, set_position_mode=True, timeout=1.0, rate_limit_ms=1,
+        policy=RetryPolicy(backoff=0.05, recv_window=0.5, fill_wait=0.5),
+    )  # fmt: skip
+    try:
+        await gateway.start()
+        emulator.exchange.faults.append(Fault("drop_after"))  # placed, answer lost
+        emulator.exchange.faults.append(Fault("http_5xx", method="GET", path="/fapi/v1/order", times=1000))
+        intent = OrderIntent(
+            ClientOrderId("te" + "0bad" * 8),
+            "ETHUSDT",
+            OrderSide.BUY,
+            D("0.1"),
+            PositionSide.LONG,
+            False,
+            (),
+            D("3000"),
+        )
+        with pytest.raises(OrderUncertain):
+            await gateway.execute(intent)
+        assert len(emulator.exchange.orders) == 1 and orders_sent(emulator) == 1
+    finally:
+        await gateway.close()

@@ -9,6 +9,7 @@ from engine.adapters.paper import PaperExchange
 from engine.app.worker import Worker
 from engine.config import load_settings
 from engine.domain.events import SignalDecided
+from engine.domain.model import CloseReason, SameDirectionPolicy
 from tests.helpers import NOW, Harness, make_signal
 
 
@@ -50,3 +51,37 @@ async def test_an_open_stored_again_after_its_close_does_not_reopen() -> None:
     for event in replayed:
         worker._remember(event, replay=True)
     assert not worker.book.positions and not worker.book.exchange
+
+
+async def test_a_decision_stored_before_its_open_does_not_hide_the_open_on_replay() -> None:
+    """An order whose outcome was unknown: its open may be stored after a decision."""
+    h = Harness()
+    await h.tick("ETHUSDT", "3000")
+    await h.signal("s", "ETHUSDT", "buy", quantity="0.1", confidence="0.9", signal_id="o1")
+    (opened,) = h.events
+    decided = SignalDecided(
+        event_id="d1", occurred_at=NOW, signal_id="o1", strategy_id="s", symbol="ETHUSDT", action="buy",
+        outcome="rejected", reason_code="venue_uncertain", reason="old worker", signal_sequence=1,
+    )  # fmt: skip
+    worker = fresh_worker()
+    for event in (decided, opened):
+        worker._remember(event, replay=True)
+    assert len(worker.book.positions) == 1
+
+
+async def test_only_a_close_signals_own_closes_shorten_its_redelivery() -> None:
+    h = Harness(same_direction=SameDirectionPolicy.ACCUMULATE, aware=False)
+    await h.tick("ETHUSDT", "3000")
+    await h.signal("s", "ETHUSDT", "buy", quantity="0.3", confidence="0.7", signal_id="o1")
+    await h.signal("s", "ETHUSDT", "sell", quantity="0.5", confidence="0.9", signal_id="r1")  # reverses o1
+    reversed_close = next(e for e in h.events if getattr(e, "close_reason", None) is CloseReason.REVERSED)
+    worker = fresh_worker()
+    for event in h.events:
+        if event is reversed_close or (event.type == "position.opened" and event.signal_id == "o1"):
+            worker._remember(event, replay=True)  # the crash fell before r1's open was stored
+    assert worker.ledger.closed_for("s", "r1") is None  # a reversal's close is not a close signal's
+    await worker.on_signal(
+        make_signal("s", "ETHUSDT", "sell", quantity="0.5", confidence="0.9", signal_id="r1"), 9
+    )
+    opened = [e for e in worker._outbox if e.type == "position.opened"]
+    assert [str(e.quantity) for e in opened] == ["0.5"]  # the whole open, not 0.5 - 0.3
