@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import Counter
 
 import asyncmy.errors
 import structlog
@@ -117,8 +118,8 @@ class AttributionConsumer:
         if msgs:
             await msgs[-1].ack()  # AckPolicy.ALL: acknowledges the whole batch
         metrics.ATTRIBUTION_BATCH.observe(len(batch))
-        for event, _ in batch:
-            metrics.EVENTS_PERSISTED.labels(event.type).inc()
+        for event_type, count in Counter(event.type for event, _ in batch).items():
+            metrics.child(metrics.EVENTS_PERSISTED, event_type).inc(count)
         log.debug("attribution.persisted", events=len(batch), new=new)
 
     async def _write_or_quarantine(self, batch: list[tuple[Event, int | None]]) -> int:
