@@ -239,7 +239,7 @@ class NatsBus:
         deadline = time.monotonic() + linger
         while len(msgs) < batch:
             if sub.pending_msgs > 0:
-                msgs.append(await sub.next_msg())
+                msgs.append(_take_pending(sub))
                 continue
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -252,6 +252,16 @@ class NatsBus:
 
     async def subscribe_prices(self, handler: Callable[[Msg], Awaitable[None]]) -> Any:
         return await self.nc.subscribe(PRICE_SUBJECT, cb=handler, pending_msgs_limit=65_536)
+
+
+def _take_pending(sub: JetStreamContext.PushSubscription) -> Msg:
+    """A message already delivered to `sub`, taken as `next_msg` would take it, without the
+    task, timer and uuid `next_msg` spends per call (~15 us, per signal and per event).
+    Relies on nats-py's queue bookkeeping as of the pinned 2.16.0 (tests cover it)."""
+    msg: Msg = sub._pending_queue.get_nowait()
+    sub._pending_size -= len(msg.data)
+    sub._pending_queue.task_done()
+    return msg
 
 
 def contiguous_prefix(
