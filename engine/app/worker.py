@@ -518,6 +518,7 @@ class Worker:
                     confidence=signal.confidence,
                     signal_sequence=sequence,
                     strategy_position_ids=[*done, *verdict.strategy_position_ids],
+                    closed_before=list(done),
                     reason=verdict.reason,
                     later_orders=len(verdict.orders) - n - 1,
                 )
@@ -538,16 +539,12 @@ class Worker:
         elif filled:
             outcome, code = Outcome.REJECTED, "partly_placed"
             reason = f"an order was filled after an unknown outcome; the {pending.later_orders} after it were not sent"
-            ids = [leg.position_id for leg in submitted.legs]
+            ids = [*pending.closed_before, *(leg.position_id for leg in submitted.legs)]
         elif self._redelivered_from is not None and pending.signal_sequence >= self._redelivered_from:
             return  # its redelivery decides it afresh
         else:
-            outcome, code, reason, ids = (
-                Outcome.REJECTED,
-                "not_placed",
-                "the venue never placed the order",
-                [],
-            )
+            outcome, code, reason = Outcome.REJECTED, "not_placed", "the venue never placed the order"
+            ids = pending.closed_before
         self._record_decision(
             pending.strategy_id, pending.signal_id, pending.symbol, pending.action, pending.confidence,
             pending.signal_sequence, outcome, code, reason, tuple(ids),

@@ -131,8 +131,6 @@ class PositionBook:
         remaining = fill.quantity
         allocations: list[tuple[OpenLeg | CloseLeg, Decimal]] = []
         for leg in intent.legs:
-            if isinstance(leg, CloseLeg) and leg.position_id not in self.positions:
-                continue  # closed since by other means: reconciliation sees the venue's side
             take = min(leg.quantity, remaining)
             if take > 0:
                 allocations.append((leg, take))
@@ -141,6 +139,10 @@ class PositionBook:
         events: list[PositionOpened | PositionClosed] = []
         for (leg, qty), fee in zip(allocations, fees, strict=True):
             event: PositionOpened | PositionClosed
+            if isinstance(leg, CloseLeg) and leg.position_id not in self.positions:
+                # Closed since by other means: its share of the fill (and fee) is nobody
+                # else's; reconciliation sees the venue's side of it.
+                continue
             if isinstance(leg, OpenLeg):
                 event = self._opened(leg, qty, fill, fee, intent, at)
             else:

@@ -153,6 +153,7 @@ class PendingDecision(BaseModel):
     strategy_position_ids: list[str]
     reason: str
     later_orders: int = 0  # orders of the same signal that were not sent after this one
+    closed_before: list[str] = Field(default_factory=list)  # slices its earlier orders closed
 
 
 class OrderSubmitted(_Event):

@@ -8,6 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from engine.domain.book import PositionBook
+from engine.domain.events import PositionOpened
 from engine.domain.model import ZERO, CloseReason, PositionKey, PositionMode, PositionSide
 from tests.helpers import Harness
 
@@ -150,3 +151,23 @@ def test_derived_ids_are_rfc4122_uuid5() -> None:
 
     for parts in [("a",), ("position.closed", "x", "1"), ("ü", "")]:
         assert derive_id(*parts) == str(uuid.uuid5(ID_NAMESPACE, "\x1f".join(parts)))
+
+
+async def test_a_close_leg_whose_slice_is_gone_does_not_grow_the_open_leg() -> None:
+    from engine.domain.decide import Accepted, decide
+    from tests.helpers import NOW, make_signal
+
+    h = Harness(mode=PositionMode.ONE_WAY)
+    await h.tick("ETHUSDT", "3000")
+    await h.signal("a", "ETHUSDT", "sell", quantity="0.1", confidence="0.7")
+    reversal = decide(
+        make_signal("b", "ETHUSDT", "buy", quantity="0.2", confidence="0.9"),
+        h.book, h.paper.market("ETHUSDT"), D("3000"), NOW, h.rules,
+    )  # fmt: skip
+    assert isinstance(reversal, Accepted)
+    (intent,) = reversal.orders  # one net order: close a's 0.1 SHORT, open b's 0.2 LONG
+    await h.signal("a", "ETHUSDT", "close")  # a's slice closes by other means first
+    fill = await h.paper.execute(intent)
+    (opened,) = h.book.settle(intent, fill, NOW)
+    assert isinstance(opened, PositionOpened) and opened.quantity == D("0.2")
+    assert opened.fee == D("0.3")  # its own 0.2 x 3000 x 0.05 %, not the whole order's fee
