@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from datetime import timedelta
 from decimal import Decimal
 from enum import StrEnum
@@ -96,11 +97,8 @@ class Settings(BaseSettings):
         found = [s.get_secret_value() for s in (self.exchange_api_key, self.exchange_api_secret) if s]
         for path in (self.exchange_api_key_file, self.exchange_api_secret_file):
             if path:
-                try:
-                    with open(path) as f:
-                        found.append(f.read().strip())
-                except OSError:
-                    pass
+                with contextlib.suppress(OSError):
+                    found.append(_read_mounted(path))
         for url in (self.mysql_url, self.nats_url):
             if url:
                 password = urlparse(url).password
@@ -117,8 +115,7 @@ class Settings(BaseSettings):
             if path is None:
                 return None
             try:
-                with open(path) as f:
-                    return f.read().strip()
+                return _read_mounted(path)
             except OSError as exc:
                 raise ConfigError(f"{name}: cannot read {path} ({exc.strerror})") from None
 
@@ -142,6 +139,12 @@ class Settings(BaseSettings):
             max_notional_per_key=self.max_notional_per_key,
             max_total_notional=self.max_total_notional,
         )
+
+
+def _read_mounted(path: str) -> str:
+    """A secret mounted as a file (k8s secrets end with a newline)."""
+    with open(path) as f:
+        return f.read().strip()
 
 
 class MysqlTarget:

@@ -368,9 +368,7 @@ class CcxtGateway:
                     f"order {order_id} still {order.get('status')} after {self.policy.fill_wait}s"
                 )
             await asyncio.sleep(0.05)
-        info = order.get("info") or {}
-        filled = _dec(info.get("executedQty", order.get("filled") or 0))
-        average = _dec(info.get("avgPrice", order.get("average") or 0))
+        filled, average = _filled_at(order)
         if filled <= 0 or average <= 0:
             raise OrderRejected(
                 "not_filled", f"{self.name} order {order_id} ended {order.get('status')} unfilled"
@@ -390,7 +388,7 @@ class CcxtGateway:
         if not trades:
             fee = filled * average * self._taker[symbol]
         return Fill(
-            client_order_id=ClientOrderId(str(order.get("clientOrderId") or info.get("clientOrderId") or "")),
+            client_order_id=ClientOrderId(_client_id(order)),
             exchange_order_id=order_id,
             quantity=filled,
             average_price=average,
@@ -406,12 +404,7 @@ class CcxtGateway:
             amount = _dec(info.get("positionAmt", row.get("contracts") or 0))
             if not amount or symbol not in self._markets:
                 continue
-            raw_side = info.get("positionSide", "BOTH")
-            side = (
-                PositionSide(raw_side)
-                if raw_side in ("LONG", "SHORT")
-                else (PositionSide.LONG if amount > 0 else PositionSide.SHORT)
-            )
+            side = _position_side(info) or (PositionSide.LONG if amount > 0 else PositionSide.SHORT)
             key = PositionKey(symbol, side)
             found[key] = VenuePosition(
                 key, abs(amount), _dec(info.get("entryPrice", row.get("entryPrice") or 0))
@@ -426,21 +419,20 @@ class CcxtGateway:
         orders = []
         for row in rows:
             info = row.get("info") or {}
-            filled = _dec(info.get("executedQty", row.get("filled") or 0))
+            filled, average = _filled_at(row)
             if filled <= 0:
                 continue
-            client_id = str(row.get("clientOrderId") or info.get("clientOrderId") or "")
-            raw_side = info.get("positionSide")
+            client_id = _client_id(row)
             orders.append(
                 VenueOrder(
                     client_order_id=client_id,
                     exchange_order_id=str(row["id"]),
                     symbol=symbol,
                     side=OrderSide(row["side"]),
-                    position_side=PositionSide(raw_side) if raw_side in ("LONG", "SHORT") else None,
+                    position_side=_position_side(info),
                     quantity=filled,
-                    average_price=_dec(info.get("avgPrice", row.get("average") or 0)),
-                    fee=filled * _dec(info.get("avgPrice", row.get("average") or 0)) * self._taker[symbol],
+                    average_price=average,
+                    fee=filled * average * self._taker[symbol],
                     liquidation=client_id.startswith(("autoclose", "adl_autoclose"))
                     or info.get("origType") == "LIQUIDATION",
                     at=datetime.fromtimestamp((row.get("timestamp") or 0) / 1000, UTC),
@@ -464,6 +456,26 @@ class CcxtGateway:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.policy.max_backoff)
         raise AssertionError("unreachable")
+
+
+def _filled_at(order: dict[str, Any]) -> tuple[Decimal, Decimal]:
+    """(filled quantity, average price) of a ccxt order, from the venue's own strings when
+    it sent them (Binance: executedQty, avgPrice), else from ccxt's floats."""
+    info = order.get("info") or {}
+    return (
+        _dec(info.get("executedQty", order.get("filled") or 0)),
+        _dec(info.get("avgPrice", order.get("average") or 0)),
+    )
+
+
+def _client_id(order: dict[str, Any]) -> str:
+    return str(order.get("clientOrderId") or (order.get("info") or {}).get("clientOrderId") or "")
+
+
+def _position_side(info: dict[str, Any]) -> PositionSide | None:
+    """The hedge-mode leg an order or position row names; None for one-way ("BOTH")."""
+    raw = info.get("positionSide")
+    return PositionSide(raw) if raw in ("LONG", "SHORT") else None
 
 
 def _dec(value: Any) -> Decimal:

@@ -204,7 +204,8 @@ class Worker:
                 except Exception as exc:
                     return OrderUncertain(f"{intent.client_order_id}: lookup failed ({exc!r})")
                 if known is not None:
-                    self._book_journaled(intent_of(journaled), known)  # what was sent, not a new plan
+                    # Booked as sent, not as planned now; the signal being handled decides.
+                    self._book_journaled(journaled, known, decide=False)
                     return None
             self._emit(self.journal.submit(intent, self.clock(), decision))
             await self._flush()  # stored before it is sent
@@ -232,12 +233,18 @@ class Worker:
             self._remember(event)
             self._emit(event)
 
-    def _book_journaled(self, intent: OrderIntent, fill: Fill) -> None:
-        """Book a fill found at the venue for a journaled order, minus legs already booked."""
+    def _book_journaled(self, submitted: OrderSubmitted, fill: Fill, decide: bool) -> None:
+        """Book a fill found at the venue for a journaled order, minus legs already booked,
+        then (with `decide`) the decision it held back, then the record that closes it: if a
+        crash stores only part of this, the entry is looked up again."""
+        intent = intent_of(submitted)
         rest = self.journal.unbooked_part(intent, fill)
         if rest is not None:
             self._book(*rest)
+        if decide:
+            self._decide_after_lookup(submitted, filled=True)
         self._emit(self.journal.settled(intent, fill, self.clock()))
+        self._rearm_still_open(intent)
 
     async def resolve_pending(self) -> None:
         """Look up every journaled order without an outcome: book it if the venue filled it,
@@ -264,14 +271,7 @@ class Worker:
                 break
             if fill is not None:
                 log.info("order.found_at_venue", client_order_id=cid, quantity=str(fill.quantity))
-                rest = self.journal.unbooked_part(intent, fill)
-                if rest is not None:
-                    self._book(*rest)
-                # The held-back decision goes before the record that closes the journal entry:
-                # if a crash stores only part of this, the entry is looked up again.
-                self._decide_after_lookup(submitted, filled=True)
-                self._emit(self.journal.settled(intent, fill, self.clock()))
-                self._rearm_still_open(intent)
+                self._book_journaled(submitted, fill, decide=True)
             else:
                 log.info("order.not_placed", client_order_id=cid)
                 self._decide_after_lookup(submitted, filled=False)
@@ -304,8 +304,6 @@ class Worker:
 
     async def reconcile_all(self) -> None:
         """Make the book hold what the venue holds; every difference is a finding (DESIGN §4.2)."""
-        if isinstance(self.gateway, PaperExchange):
-            return  # the paper venue is the book's own mirror
         snapshot = {k: v.quantity for k, v in (await self.gateway.positions()).items()}
         held = {k: ep.quantity for k, ep in self.book.exchange.items()}
         # Only symbols that differ in this snapshot are looked at again, under their lock.
@@ -517,7 +515,7 @@ class Worker:
                     action=signal.action,
                     confidence=signal.confidence,
                     signal_sequence=sequence,
-                    strategy_position_ids=[*done, *verdict.strategy_position_ids],
+                    strategy_position_ids=list(verdict.strategy_position_ids),
                     closed_before=list(done),
                     reason=verdict.reason,
                     later_orders=len(verdict.orders) - n - 1,

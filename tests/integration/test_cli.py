@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from engine.adapters.embedded_nats import free_port, port_is_open
+from tests.integration.processes import interrupt
 
 pytestmark = pytest.mark.integration
 CLI = [sys.executable, "-m", "engine.cli"]
@@ -46,13 +47,7 @@ def running(tmp_path: Path, mysql_url: str) -> Iterator[tuple[dict[str, str], in
         assert proc.poll() is None, (tmp_path / "run.log").read_text()
         yield env, http_port, proc
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        interrupt(proc, timeout=20)
         log.close()
 
 

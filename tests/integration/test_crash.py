@@ -34,6 +34,7 @@ from engine.domain.book import PositionBook
 from engine.domain.events import Event, PositionClosed, PositionOpened, SignalDecided, decode_event
 from engine.domain.model import CloseReason
 from tests.integration.harness import eventually_async
+from tests.integration.processes import interrupt
 
 pytestmark = pytest.mark.integration
 CLI = [sys.executable, "-m", "engine.cli"]
@@ -66,13 +67,8 @@ class Processes:
 
     def stop_all(self) -> None:
         for proc in (self.worker, self.emulator):
-            if proc is not None and proc.poll() is None:
-                proc.send_signal(signal.SIGINT)
-                try:
-                    proc.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            if proc is not None:
+                interrupt(proc, timeout=15)
         for log in self.logs:
             log.close()
 

@@ -32,6 +32,20 @@ async def on_emulator(
         yield running
 
 
+def buy_eth(tag: str) -> OrderIntent:
+    """0.1 ETH LONG at 3000 under client order id "te" + tag x 8 (34 chars, like ours)."""
+    return OrderIntent(
+        ClientOrderId("te" + tag * 8),
+        "ETHUSDT",
+        OrderSide.BUY,
+        D("0.1"),
+        PositionSide.LONG,
+        False,
+        (),
+        D("3000"),
+    )
+
+
 def orders_sent(emulator: Emulator) -> int:
     return emulator.exchange.request_count["POST /fapi/v1/order"]
 
@@ -212,16 +226,7 @@ async def test_a_client_order_id_the_venue_calls_duplicated_is_looked_up_not_pla
     gateway = on_emulator.gateway
     assert gateway is not None
     emulator.exchange.strict_client_ids = True
-    intent = OrderIntent(
-        ClientOrderId("te" + "4116" * 8),
-        "ETHUSDT",
-        OrderSide.BUY,
-        D("0.1"),
-        PositionSide.LONG,
-        False,
-        (),
-        D("3000"),
-    )
+    intent = buy_eth("4116")
     first = await gateway.execute(intent)
     again = await gateway.execute(intent)
     assert again == first and len(emulator.exchange.orders) == 1
@@ -251,13 +256,20 @@ class VenueGoesDark:
         return await self.real.find_order(client_order_id, symbol)
 
 
-async def test_nothing_acts_on_a_symbol_while_an_order_of_it_has_an_unknown_outcome(
-    on_emulator: Pipeline, emulator: Emulator
-) -> None:
+@pytest.fixture
+def dark_venue(on_emulator: Pipeline) -> tuple[Worker, VenueGoesDark]:
+    """The running worker, its gateway wrapped so that the venue can go dark."""
     worker = on_emulator.worker
     assert worker is not None
     venue = VenueGoesDark(worker.gateway)
     worker.gateway = venue  # type: ignore[assignment]
+    return worker, venue
+
+
+async def test_nothing_acts_on_a_symbol_while_an_order_of_it_has_an_unknown_outcome(
+    on_emulator: Pipeline, emulator: Emulator, dark_venue: tuple[Worker, VenueGoesDark]
+) -> None:
+    worker, venue = dark_venue
     await on_emulator.tick("ETHUSDT", "3000")
     a = await on_emulator.publish("a", "ETHUSDT", "buy", quantity="0.1", confidence=0.9, take_profit=3100)
     await on_emulator.decision(a)
@@ -340,12 +352,9 @@ async def test_a_symbol_waiting_on_the_venue_does_not_hold_up_another_symbols_ti
 
 
 async def test_a_signal_whose_order_outcome_is_unknown_is_decided_when_the_lookup_tells(
-    on_emulator: Pipeline, emulator: Emulator
+    on_emulator: Pipeline, emulator: Emulator, dark_venue: tuple[Worker, VenueGoesDark]
 ) -> None:
-    worker = on_emulator.worker
-    assert worker is not None
-    venue = VenueGoesDark(worker.gateway)
-    worker.gateway = venue  # type: ignore[assignment]
+    worker, venue = dark_venue
     await on_emulator.tick("ETHUSDT", "3000")
     venue.dark = True
     sid = await on_emulator.publish("a", "ETHUSDT", "buy", quantity="0.1", confidence=0.9)
@@ -373,16 +382,7 @@ async def test_lookups_that_fail_prove_nothing_and_nothing_is_sent_again(emulato
         await gateway.start()
         emulator.exchange.faults.append(Fault("drop_after"))  # placed, answer lost
         emulator.exchange.faults.append(Fault("http_5xx", method="GET", path="/fapi/v1/order", times=1000))
-        intent = OrderIntent(
-            ClientOrderId("te" + "0bad" * 8),
-            "ETHUSDT",
-            OrderSide.BUY,
-            D("0.1"),
-            PositionSide.LONG,
-            False,
-            (),
-            D("3000"),
-        )
+        intent = buy_eth("0bad")
         with pytest.raises(OrderUncertain):
             await gateway.execute(intent)
         assert len(emulator.exchange.orders) == 1 and orders_sent(emulator) == 1
