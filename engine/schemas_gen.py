@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import TypeAdapter
 
 from engine.domain.events import (
     OrderFailed,
@@ -24,7 +24,7 @@ from engine.domain.events import (
 )
 from engine.domain.signals import Signal
 
-MODELS: dict[str, type[BaseModel]] = {
+MODELS: dict[str, type[Any]] = {
     "signal": Signal,
     "price_tick": PriceTick,
     "signal_decided": SignalDecided,
@@ -44,7 +44,7 @@ def render() -> dict[str, str]:
     for name, model in MODELS.items():
         # Signals are validated as input; events are documented as they are written.
         mode: Any = "validation" if model in (Signal, PriceTick) else "serialization"
-        schema = model.model_json_schema(mode=mode)
+        schema = TypeAdapter(model).json_schema(mode=mode)
         schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
         schema["$id"] = f"https://tradeengine.dev/schemas/{name}.json"
         out[f"{name}.json"] = json.dumps(schema, indent=2, sort_keys=True) + "\n"

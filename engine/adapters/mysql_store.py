@@ -17,7 +17,14 @@ import asyncmy.errors
 import structlog
 
 from engine.config import MysqlTarget
-from engine.domain.events import Event, PositionClosed, PositionOpened, SignalDead, SignalDecided
+from engine.domain.events import (
+    Event,
+    PositionClosed,
+    PositionOpened,
+    SignalDead,
+    SignalDecided,
+    encode_event,
+)
 from engine.domain.model import CloseReason
 
 log = structlog.get_logger(__name__)
@@ -170,7 +177,7 @@ class MysqlStore:
                     event.type,
                     stream_seq,
                     error[:4000],
-                    event.model_dump_json(),
+                    encode_event(event).decode(),
                     _utc(datetime.now(UTC)),
                 ),
             )

@@ -47,6 +47,7 @@ from engine.domain.model import Action, ClientOrderId, CloseReason, Outcome, Str
 from engine.domain.orders import CloseLeg, Fill, OrderIntent
 from engine.domain.reconcile import EXTERNAL_STRATEGY, reconcile
 from engine.domain.signals import MalformedSignal, Signal, parse_signal
+from engine.logs import SIGNAL_CONTEXT
 
 log = structlog.get_logger(__name__)
 DEAD_LETTER_PAYLOAD_LIMIT = 64 * 1024
@@ -393,18 +394,23 @@ class Worker:
             self._emit(self._dead_letter(msg, parsed, sequence))
             return
         side = parsed.opening_side or parsed.position_side
-        with structlog.contextvars.bound_contextvars(
-            signal_id=parsed.signal_id,
-            strategy_id=parsed.strategy_id,
-            symbol=parsed.symbol,
-            side=side.value if side else None,
-        ):
+        context = SIGNAL_CONTEXT.set(
+            {
+                "signal_id": parsed.signal_id,
+                "strategy_id": parsed.strategy_id,
+                "symbol": parsed.symbol,
+                "side": side.value if side else None,
+            }
+        )
+        try:
             async with self._symbol_locks[parsed.symbol]:
                 try:
                     await self.on_signal(parsed, sequence)
                 except Exception as exc:  # a bug must cost one signal, not the worker
                     log.exception("signal.internal_error")
                     self._decide(parsed, sequence, Outcome.REJECTED, "internal_error", repr(exc)[:500], ())
+        finally:
+            SIGNAL_CONTEXT.reset(context)
 
     async def on_signal(self, signal: Signal, sequence: int) -> None:
         prior = self.ledger.decided_at(signal.strategy_id, signal.id)

@@ -25,16 +25,15 @@ ZERO = Decimal(0)
 
 
 _NAMESPACE_BYTES = ID_NAMESPACE.bytes
+# The RFC 4122 variant puts 10 in the top bits of the 17th hex digit: 0-f -> 8, 9, a, b.
+_VARIANT_DIGIT = {digit: "89ab"[int(digit, 16) & 3] for digit in "0123456789abcdef"}
 
 
 def derive_id(*parts: str) -> str:
     """uuid.uuid5(ID_NAMESPACE, "\x1f".join(parts)) as a string, without building UUID objects
     (this runs several times per signal on the hot path)."""
-    digest = bytearray(hashlib.sha1(_NAMESPACE_BYTES + "\x1f".join(parts).encode()).digest()[:16])
-    digest[6] = (digest[6] & 0x0F) | 0x50  # version 5
-    digest[8] = (digest[8] & 0x3F) | 0x80  # RFC 4122 variant
-    h = digest.hex()
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+    h = hashlib.sha1(_NAMESPACE_BYTES + "\x1f".join(parts).encode()).hexdigest()
+    return f"{h[:8]}-{h[8:12]}-5{h[13:16]}-{_VARIANT_DIGIT[h[16]]}{h[17:20]}-{h[20:32]}"
 
 
 _DECIMALS: dict[Decimal, Decimal] = {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from decimal import Decimal
 
 import pytest
@@ -17,12 +18,8 @@ async def test_an_event_mysql_refuses_is_quarantined_and_the_rest_is_projected(p
     await pipeline.decision(await pipeline.publish("s1", "ETHUSDT", "buy", quantity="0.1", confidence=0.9))
     await pipeline.mysql_caught_up()
     good = pipeline.opened()[0]
-    bad = good.model_copy(
-        update={
-            "event_id": "bad-event-1",
-            "strategy_position_id": "bad-position",
-            "quantity": Decimal("1e30"),
-        }
+    bad = dataclasses.replace(
+        good, event_id="bad-event-1", strategy_position_id="bad-position", quantity=Decimal("1e30")
     )  # valid JSON, but no DECIMAL(36,18) column can hold it
     await pipeline.publish_raw(event_subject(bad), encode_event(bad), bad.event_id)
     after = await pipeline.publish("s2", "ETHUSDT", "buy", quantity="0.2", confidence=0.9)

@@ -85,3 +85,27 @@ async def test_only_a_close_signals_own_closes_shorten_its_redelivery() -> None:
     )
     opened = [e for e in worker._outbox if e.type == "position.opened"]
     assert [str(e.quantity) for e in opened] == ["0.5"]  # the whole open, not 0.5 - 0.3
+
+
+async def test_log_lines_about_a_signal_carry_its_ids() -> None:
+    from types import SimpleNamespace
+
+    from engine.logs import SIGNAL_CONTEXT, merge_signal_context
+
+    worker = fresh_worker()
+    seen: list[dict[str, Any]] = []
+
+    async def on_signal(signal: Any, sequence: int) -> None:
+        seen.append(merge_signal_context(None, "info", {"event": "x"}))  # type: ignore[arg-type]
+
+    worker.on_signal = on_signal  # type: ignore[method-assign]
+    msg = SimpleNamespace(
+        subject="signals.s.ETHUSDT",
+        data=b'{"strategy_id": "s", "symbol": "ETHUSDT", "action": "sell", "quantity": 1, "signal_id": "x1"}',
+        metadata=SimpleNamespace(sequence=SimpleNamespace(stream=3)),
+    )
+    await worker.on_signal_message(msg)  # type: ignore[arg-type]
+    assert seen == [
+        {"event": "x", "signal_id": "x1", "strategy_id": "s", "symbol": "ETHUSDT", "side": "SHORT"}
+    ]
+    assert SIGNAL_CONTEXT.get() is None  # nothing leaks into the next signal's lines
