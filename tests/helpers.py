@@ -14,7 +14,7 @@ from typing import Any
 from engine.adapters.paper import PaperExchange
 from engine.domain.book import PositionBook
 from engine.domain.conflicts import ConflictPolicy
-from engine.domain.decide import Accepted, Refused, Rules, close_intent, decide
+from engine.domain.decide import Accepted, Refused, Rules, closes_by_key, decide
 from engine.domain.events import PositionClosed, PositionOpened
 from engine.domain.model import PositionMode, SameDirectionPolicy
 from engine.domain.signals import Signal, parse_signal
@@ -67,8 +67,8 @@ class Harness:
         self.prices[symbol] = value
         self.paper.on_price(symbol, value)
         closed: list[PositionClosed] = []
-        for sp, reason in self.book.fire_triggers(symbol, value):
-            intent = close_intent(sp, sp.remaining, reason, value, None)
+        fired = [(sp, sp.remaining, reason) for sp, reason in self.book.fire_triggers(symbol, value)]
+        for intent in closes_by_key(fired, value, None) if fired else ():
             fill = await self.paper.execute(intent)
             for event in self.book.settle(intent, fill, self.now):
                 assert isinstance(event, PositionClosed)

@@ -27,7 +27,7 @@ from engine.adapters.nats_bus import SIGNALS_STREAM, NatsBus
 from engine.adapters.paper import PaperExchange
 from engine.config import Settings
 from engine.domain.book import PositionBook
-from engine.domain.decide import Accepted, close_intent, decide, strategy_position_id_for
+from engine.domain.decide import Accepted, closes_by_key, decide, strategy_position_id_for
 from engine.domain.events import (
     Event,
     OrderFailed,
@@ -656,16 +656,18 @@ class Worker:
             self.last_prices[symbol] = price
             self.gateway.on_price(symbol, price)
             fired = self.book.fire_triggers(symbol, price)
-            for sp, reason in fired:
-                if sp.id in self.journal.closing:
-                    continue  # its close has an unknown outcome: the lookup decides, not the price
-                intent = close_intent(sp, sp.remaining, reason, price, None)
+            # A slice whose close has an unknown outcome is left to its lookup, not the price.
+            closing = [
+                (sp, sp.remaining, reason) for sp, reason in fired if sp.id not in self.journal.closing
+            ]
+            for intent in closes_by_key(closing, price, None) if closing else ():
                 outcome = await self._place(intent)
                 if isinstance(outcome, OrderRejected):
-                    log.warning("trigger.close_refused", strategy_position_id=sp.id, error=str(outcome))
-                    self.book.rearm(sp)
-                elif outcome is None and sp.id in self.book.positions:
-                    self.book.rearm(sp)  # partly filled: the rest keeps its TP/SL
+                    log.warning(
+                        "trigger.close_refused", client_order_id=intent.client_order_id, error=str(outcome)
+                    )
+                if not isinstance(outcome, OrderUncertain):
+                    self._rearm_still_open(intent)  # refused, or partly filled: TP/SL stay on the rest
                 # An uncertain close stays disarmed until its lookup says it was never placed.
         if fired:
             self._flush_soon()  # nothing waits on these: let ticks in a burst share one flush

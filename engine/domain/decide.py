@@ -5,6 +5,7 @@ Pure: the book, the market rules, the last price and `now` come in as arguments.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -100,18 +101,19 @@ def _decide_close(signal: Signal, book: PositionBook, market: Market, price: Dec
     if price is None:
         return _reject("no_price", "no price tick seen and the signal carries no price")
     wanted = signal.quantity
-    orders = []
+    closing: list[tuple[StrategyPosition, Decimal, CloseReason]] = []
     for sp in targets:
         qty = sp.remaining if wanted is None else min(sp.remaining, market.round_quantity(wanted))
         if qty <= 0:
             break
-        orders.append(close_intent(sp, qty, CloseReason.SIGNAL, price, signal.id))
+        closing.append((sp, qty, CloseReason.SIGNAL))
         if wanted is not None:
             wanted -= qty
-    if not orders:
+    if not closing:
         return _reject("below_min_quantity", f"close quantity rounds to zero at step {market.quantity_step}")
-    ids = tuple(str(o.legs[0].position_id) for o in orders)
-    return Accepted(tuple(orders), ids, f"closing {len(orders)} position(s)")
+    orders = closes_by_key(closing, price, signal.id)
+    ids = tuple(str(sp.id) for sp, _, _ in closing)
+    return Accepted(orders, ids, f"closing {len(closing)} position(s)")
 
 
 def close_intent(
@@ -121,17 +123,43 @@ def close_intent(
     price: Decimal,
     signal_id: SignalId | None,
 ) -> OrderIntent:
-    """One order closing one strategy's slice. Without a signal (TP/SL, reconciliation) the
-    client order id comes from the slice and its close count, so a retry reuses it."""
-    cause = signal_id if signal_id is not None else f"{reason.value}#{sp.closes + 1}"
+    """One order closing one strategy's slice."""
+    return _close_order([(sp, qty, reason)], price, signal_id)
+
+
+def closes_by_key(
+    closing: Sequence[tuple[StrategyPosition, Decimal, CloseReason]],
+    price: Decimal,
+    signal_id: SignalId | None,
+) -> tuple[OrderIntent, ...]:
+    """One order per key for these slice closes (a leg each, in the order given): a burst of
+    TP/SL hits or a close signal over many slices is one trip to the venue, not one per slice.
+    The fill and its fee are split over the legs by `PositionBook.settle`."""
+    by_key: dict[PositionKey, list[tuple[StrategyPosition, Decimal, CloseReason]]] = {}
+    for close in closing:
+        by_key.setdefault(PositionKey(close[0].symbol, close[0].side), []).append(close)
+    return tuple(_close_order(group, price, signal_id) for group in by_key.values())
+
+
+def _close_order(
+    closing: Sequence[tuple[StrategyPosition, Decimal, CloseReason]],
+    price: Decimal,
+    signal_id: SignalId | None,
+) -> OrderIntent:
+    """Without a signal (TP/SL, reconciliation) the client order id comes from the slices and
+    their close counts, so a retry of the same closes reuses it."""
+    id_parts: list[str] = []
+    for sp, _, reason in closing:
+        id_parts += (signal_id if signal_id is not None else f"{reason.value}#{sp.closes + 1}", sp.id)
+    first = closing[0][0]
     return OrderIntent(
-        client_order_id=derive_client_order_id(cause, sp.id, "close"),
-        symbol=sp.symbol,
-        side=OrderSide.closing(sp.side),
-        quantity=qty,
-        position_side=sp.side,
+        client_order_id=derive_client_order_id(*id_parts, "close"),
+        symbol=first.symbol,
+        side=OrderSide.closing(first.side),
+        quantity=sum((qty for _, qty, _ in closing), ZERO),
+        position_side=first.side,
         reduce_only=True,
-        legs=(CloseLeg(sp.id, qty, reason),),
+        legs=tuple(CloseLeg(sp.id, qty, reason) for sp, qty, reason in closing),
         reference_price=price,
         signal_id=signal_id,
     )
@@ -230,7 +258,7 @@ def _open_orders(
                 signal_id=signal.id,
             ),
         )
-    closes = [close_intent(sp, sp.remaining, CloseReason.REVERSED, price, signal.id) for sp in reverse]
+    closes = closes_by_key([(sp, sp.remaining, CloseReason.REVERSED) for sp in reverse], price, signal.id)
     opening = OrderIntent(
         client_order_id=derive_client_order_id(signal.id, signal.strategy_id, "open"),
         symbol=signal.symbol,

@@ -309,10 +309,11 @@ class CrashOnSecondClose:
 async def test_a_close_signal_cut_short_by_a_crash_closes_only_what_is_left(
     on_emulator: Pipeline, emulator: Emulator
 ) -> None:
+    """Its closes span both keys (one order each); the crash falls before the second order."""
     await on_emulator.tick("ETHUSDT", "3000")
-    for _ in range(2):
+    for action in ("buy", "sell"):
         await on_emulator.decision(
-            await on_emulator.publish("a", "ETHUSDT", "buy", quantity="0.1", confidence=0.9)
+            await on_emulator.publish("a", "ETHUSDT", action, quantity="0.1", confidence=0.9)
         )
     worker = on_emulator.worker
     assert worker is not None and on_emulator.worker_task is not None
@@ -326,8 +327,11 @@ async def test_a_close_signal_cut_short_by_a_crash_closes_only_what_is_left(
     decision = await on_emulator.decision(close)
     assert decision.outcome is Outcome.ACCEPTED
     await on_emulator.wait_events(lambda _: len(on_emulator.closed()) == 2, "both closes")
-    assert [e.closed_quantity for e in on_emulator.closed()] == [D("0.1"), D("0.05")]
-    assert emulator.exchange.state()["positions"] == {"ETHUSDT_LONG": "0.05"}
+    assert [(e.side, e.closed_quantity) for e in on_emulator.closed()] == [
+        (PositionSide.LONG, D("0.1")),
+        (PositionSide.SHORT, D("0.05")),
+    ]
+    assert emulator.exchange.state()["positions"] == {"ETHUSDT_SHORT": "-0.05"}  # Binance signs shorts
 
 
 async def test_a_symbol_waiting_on_the_venue_does_not_hold_up_another_symbols_ticks(

@@ -171,3 +171,46 @@ async def test_a_close_leg_whose_slice_is_gone_does_not_grow_the_open_leg() -> N
     (opened,) = h.book.settle(intent, fill, NOW)
     assert isinstance(opened, PositionOpened) and opened.quantity == D("0.2")
     assert opened.fee == D("0.3")  # its own 0.2 x 3000 x 0.05 %, not the whole order's fee
+
+
+async def test_slices_hit_on_one_tick_close_in_one_order_per_key_and_keep_their_own_pnl() -> None:
+    h = Harness()
+    await h.tick("ETHUSDT", "3000")
+    await h.signal("a", "ETHUSDT", "buy", quantity="0.1", confidence="0.8", take_profit_pct="0.01")
+    await h.signal("b", "ETHUSDT", "buy", quantity="0.3", confidence="0.8", take_profit="3020")
+    await h.signal("c", "ETHUSDT", "sell", quantity="0.2", confidence="0.8", stop_loss="3025")
+    await h.signal("d", "ETHUSDT", "buy", quantity="0.2", confidence="0.8")  # no levels: stays
+    orders_before = len(h.paper.orders)
+    closed = await h.tick("ETHUSDT", "3030")
+    assert len(h.paper.orders) == orders_before + 2  # LONG's two TPs in one order, SHORT's SL in another
+    by_strategy = {e.strategy_id: e for e in closed}
+    assert set(by_strategy) == {"a", "b", "c"}
+    assert (
+        by_strategy["a"].client_order_id
+        == by_strategy["b"].client_order_id
+        != by_strategy["c"].client_order_id
+    )
+    assert by_strategy["a"].close_reason is by_strategy["b"].close_reason is CloseReason.TAKE_PROFIT
+    assert by_strategy["c"].close_reason is CloseReason.STOP_LOSS
+    assert by_strategy["a"].gross_pnl == D("3.0") and by_strategy["b"].gross_pnl == D("9.0")
+    long_order = h.paper.orders[by_strategy["a"].client_order_id]  # type: ignore[index]
+    assert long_order.quantity == D("0.4")
+    assert by_strategy["a"].exit_fee + by_strategy["b"].exit_fee == long_order.fee
+    assert by_strategy["b"].exit_fee == 3 * by_strategy["a"].exit_fee
+    assert [sp.strategy_id for sp in h.book.positions.values()] == ["d"]
+
+
+async def test_a_close_signal_over_both_sides_sends_one_order_per_key() -> None:
+    from engine.domain.decide import Accepted
+
+    h = Harness()
+    await h.tick("ETHUSDT", "3000")
+    for n, action in enumerate(("buy", "buy", "sell")):
+        await h.signal("a", "ETHUSDT", action, quantity="0.1", confidence="0.8", signal_id=f"o{n}")
+    verdict = await h.signal("a", "ETHUSDT", "close")
+    assert isinstance(verdict, Accepted) and len(verdict.strategy_position_ids) == 3
+    assert [(o.position_side, len(o.legs), o.quantity) for o in verdict.orders] == [
+        (PositionSide.LONG, 2, D("0.2")),
+        (PositionSide.SHORT, 1, D("0.1")),
+    ]
+    assert not h.book.positions and not h.book.exchange

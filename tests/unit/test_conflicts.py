@@ -78,8 +78,8 @@ async def test_stronger_opposite_signal_reverses(mode: PositionMode) -> None:
     assert LONG not in h.book.exchange and h.book.exchange[SHORT].quantity == D("0.005")
     assert h.paper.position("BTCUSDT", PositionSide.SHORT) == D("0.005")
     assert h.paper.position("BTCUSDT", PositionSide.LONG) == 0
-    # one-way venues net the reversal into a single order; hedge venues need one per leg
-    assert len(verdict.orders) == (1 if mode is PositionMode.ONE_WAY else 3)
+    # one-way venues net the reversal into a single order; hedge venues need one per key
+    assert len(verdict.orders) == (1 if mode is PositionMode.ONE_WAY else 2)
     assert len(h.paper.orders) == 2 + len(verdict.orders)
 
 
