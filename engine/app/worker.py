@@ -182,7 +182,7 @@ class Worker:
         self._replayed_opens = set()
         if isinstance(self.gateway, PaperExchange):
             self.gateway.restore(self.book)
-        metrics.OPEN_STRATEGY_POSITIONS.set(len(self.book.positions))
+        metrics.OPEN_STRATEGY_POSITIONS.set_function(lambda: len(self.book.positions))  # read when scraped
         log.info(
             "worker.recovered",
             events=count,
@@ -700,8 +700,8 @@ class Worker:
                 if event.close_reason in (CloseReason.MANUAL, CloseReason.LIQUIDATION):
                     self._attributed_orders.update(event.exchange_order_id.split(","))
                 if not replay:
-                    metrics.STRATEGY_POSITIONS_CLOSED.labels(
-                        event.strategy_id, event.close_reason.value
+                    metrics.child(
+                        metrics.STRATEGY_POSITIONS_CLOSED, event.strategy_id, event.close_reason.value
                     ).inc()
                     if event.realized_pnl >= 0:
                         metrics.child(metrics.REALIZED_PNL, event.strategy_id).inc(float(event.realized_pnl))
@@ -716,8 +716,6 @@ class Worker:
                 self._attributed_orders.update(event.venue_order_ids)
             case SignalDead():
                 pass
-        if not replay:
-            metrics.OPEN_STRATEGY_POSITIONS.set(len(self.book.positions))
 
     def _emit(self, event: Event) -> None:
         self._outbox.append(event)

@@ -9,7 +9,6 @@ immutable once built: `frozen` would double the cost of building one.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
@@ -18,7 +17,7 @@ from typing import Annotated, Any, Literal
 import orjson
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainSerializer, TypeAdapter
 
-from engine.domain.model import Action, CloseReason, Outcome, PositionSide
+from engine.domain.model import Action, CloseReason, Outcome, PositionSide, load_json_exact
 
 SCHEMA_VERSION = 1
 
@@ -235,7 +234,7 @@ def parse_tick(subject: str, data: bytes) -> tuple[str, Decimal] | str:
     """(symbol, price) of a `prices.<symbol>` tick, or why it is not one. Ticks arrive far more
     often than signals, so this checks what `PriceTick` states without building the model."""
     try:
-        payload = json.loads(data, parse_float=Decimal, parse_constant=_no_constants)
+        payload = load_json_exact(data)
     except ValueError as exc:
         return f"not JSON ({exc})"
     if not isinstance(payload, dict):
@@ -252,10 +251,6 @@ def parse_tick(subject: str, data: bytes) -> tuple[str, Decimal] | str:
     if not price.is_finite() or price <= 0:
         return f"price {raw!r} must be positive and finite"
     return symbol, price
-
-
-def _no_constants(name: str) -> Any:
-    raise ValueError(f"{name} is not a number")
 
 
 Event = Annotated[

@@ -7,6 +7,7 @@ Keys are 16-byte digests of (strategy_id, signal_id): a third of the memory of t
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -17,6 +18,7 @@ from engine.domain.model import ZERO, CloseReason, Outcome
 _EXECUTED_ONLY = -1
 
 
+@functools.lru_cache(maxsize=1024)  # a signal's key is asked for 3-5 times while it is decided
 def _key(strategy_id: str, signal_id: str) -> bytes:
     return hashlib.blake2b(f"{strategy_id}\x1f{signal_id}".encode(), digest_size=16).digest()
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import uuid
 from dataclasses import dataclass
 from decimal import ROUND_DOWN, Decimal
 from enum import StrEnum
-from typing import NewType
+from typing import Any, NewType
 
 StrategyId = NewType("StrategyId", str)
 SignalId = NewType("SignalId", str)
@@ -34,6 +35,20 @@ def derive_id(*parts: str) -> str:
     (this runs several times per signal on the hot path)."""
     h = hashlib.sha1(_NAMESPACE_BYTES + "\x1f".join(parts).encode()).hexdigest()
     return f"{h[:8]}-{h[8:12]}-5{h[13:16]}-{_VARIANT_DIGIT[h[16]]}{h[17:20]}-{h[20:32]}"
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not a number")
+
+
+# One decoder for every payload: `json.loads(..., parse_float=...)` builds a new one per call.
+_EXACT_JSON = json.JSONDecoder(parse_float=Decimal, parse_constant=_no_constants)
+
+
+def load_json_exact(data: bytes) -> Any:
+    """JSON (UTF-8) with every fraction as an exact Decimal; NaN and Infinity are refused.
+    Raises ValueError (UnicodeDecodeError included) for anything else."""
+    return _EXACT_JSON.decode(data.decode())
 
 
 _DECIMALS: dict[Decimal, Decimal] = {}

@@ -25,7 +25,7 @@ from pydantic import (
     model_validator,
 )
 
-from engine.domain.model import Action, PositionSide, SignalId, StrategyId
+from engine.domain.model import Action, PositionSide, SignalId, StrategyId, load_json_exact
 
 TOKEN_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 _TOKEN = re.compile(TOKEN_PATTERN)
@@ -194,8 +194,8 @@ def parse_signal(subject: str, data: bytes, max_bytes: int = MAX_SIGNAL_BYTES) -
     if tokens is None:
         return MalformedSignal("bad_subject", (f"subject {subject!r} is not signals.<strategy_id>.<symbol>",))
     try:
-        payload = json.loads(data, parse_float=Decimal, parse_constant=_reject_constant)
-    except (ValueError, UnicodeDecodeError) as exc:
+        payload = load_json_exact(data)
+    except ValueError as exc:
         return MalformedSignal("bad_json", (f"payload: not valid JSON ({exc})",))
     if not isinstance(payload, dict):
         return MalformedSignal("bad_json", ("payload: must be a JSON object",))
@@ -225,10 +225,6 @@ def parse_signal(subject: str, data: bytes, max_bytes: int = MAX_SIGNAL_BYTES) -
     if signal.signal_id is None:
         signal = signal.model_copy(update={"signal_id": derive_signal_id(payload)})
     return signal
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a number")
 
 
 def _text_or_none(value: Any) -> str | None:
