@@ -122,11 +122,22 @@ class Worker:
         log.info("worker.ready", open_positions=len(self.book.positions), venue=self.gateway.name)
         gauges = asyncio.create_task(self.report_gauges())
         upkeep = asyncio.create_task(self.keep_reconciling())
+        storing: asyncio.Task[None] | None = None
         try:
             while not self._stopping.is_set():
                 msgs = await sub.next_batch(self.settings.fetch_batch, idle_wait=0.5)
-                if msgs:
-                    await self.process_batch(msgs)
+                if not msgs:
+                    continue
+                started = time.perf_counter()
+                await self.decide_batch(msgs)
+                # The batch before this one was being stored while this one was decided: one
+                # JetStream round trip per batch off the critical path, still one flush at a
+                # time and every ack after its events are stored.
+                if storing is not None:
+                    await storing
+                storing = asyncio.create_task(self.store_and_ack(msgs, started))
+            if storing is not None:
+                await storing
         finally:
             self.ready.clear()
             self._stopping.set()
@@ -139,6 +150,9 @@ class Worker:
             for runner in runners:
                 runner.cancel()
             await asyncio.gather(*runners, return_exceptions=True)
+            if storing is not None and not storing.done():
+                with contextlib.suppress(Exception):  # its batch stays unacked: redelivered
+                    await storing
             try:
                 await self._flush()
             finally:
@@ -376,9 +390,17 @@ class Worker:
 
     # --- signals -------------------------------------------------------------------------
     async def process_batch(self, msgs: list[Msg]) -> None:
+        """Decide a batch, store its events, ack it: `run` does the same with the storing of
+        one batch overlapping the deciding of the next."""
         started = time.perf_counter()
+        await self.decide_batch(msgs)
+        await self.store_and_ack(msgs, started)
+
+    async def decide_batch(self, msgs: list[Msg]) -> None:
         for msg in msgs:
             await self.on_signal_message(msg)
+
+    async def store_and_ack(self, msgs: list[Msg], started: float) -> None:
         await self._flush()
         if msgs:
             await msgs[-1].ack()  # AckPolicy.ALL: acknowledges the whole batch

@@ -8,7 +8,7 @@ import uuid
 from dataclasses import dataclass
 from decimal import ROUND_DOWN, Decimal
 from enum import StrEnum
-from typing import Any, NewType
+from typing import Any, NamedTuple, NewType
 
 StrategyId = NewType("StrategyId", str)
 SignalId = NewType("SignalId", str)
@@ -133,8 +133,10 @@ class Outcome(StrEnum):
     IGNORED = "ignored"
 
 
-@dataclass(frozen=True, slots=True)
-class PositionKey:
+class PositionKey(NamedTuple):
+    """A named tuple, not a dataclass: it is built and hashed several times per signal, and a
+    tuple does both in C."""
+
     symbol: str
     side: PositionSide
 
