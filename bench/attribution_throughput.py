@@ -25,7 +25,7 @@ from engine.app.attribution import AttributionConsumer
 from engine.config import MysqlTarget, load_settings
 from engine.domain.decide import Accepted
 from engine.domain.events import Event, PositionClosed, PositionOpened, SignalDecided
-from engine.domain.model import Outcome, derive_id
+from engine.domain.model import Action, Outcome, derive_id
 from tests.helpers import NOW, Harness
 
 MYSQL = "mysql://root@127.0.0.1:3306/"
@@ -55,7 +55,7 @@ async def history(signals: int) -> list[Event]:
         accepted = isinstance(verdict, Accepted)
         events.append(SignalDecided(
             event_id=derive_id("bench-decision", str(n)), occurred_at=NOW, signal_id=f"b{n}", strategy_id=strategy,
-            symbol="ETHUSDT", action=action, outcome=Outcome.ACCEPTED if accepted else verdict.outcome,  # type: ignore[union-attr]
+            symbol="ETHUSDT", action=Action(action), outcome=Outcome.ACCEPTED if accepted else verdict.outcome,  # type: ignore[union-attr]
             reason_code="accepted" if accepted else verdict.reason_code, reason="bench",  # type: ignore[union-attr]
             strategy_position_ids=list(verdict.strategy_position_ids) if accepted else [],  # type: ignore[union-attr]
         ))  # fmt: skip
@@ -114,9 +114,9 @@ async def raw_insert(events: list[Event]) -> float:
     """The floor: the same rows, one executemany per table, no idempotency, no updates. Only
     placeholders in VALUES, so each executemany is one multi-row statement."""
     name = f"te_bench_{uuid.uuid4().hex[:8]}"
+    await create_db(name)
+    conn = await asyncmy.connect(host="127.0.0.1", port=3306, user="root", password="", database=name)
     try:
-        await create_db(name)
-        conn = await asyncmy.connect(host="127.0.0.1", port=3306, user="root", password="", database=name)
         opened = [e for e in events if isinstance(e, PositionOpened)]
         closed = [e for e in events if isinstance(e, PositionClosed)]
         decided = [e for e in events if isinstance(e, SignalDecided)]
@@ -161,10 +161,9 @@ async def raw_insert(events: list[Event]) -> float:
                   e.reason_code, e.reason, "[]", at) for e in decided],
             )  # fmt: skip
         await conn.commit()
-        elapsed = time.perf_counter() - started
-        conn.close()
-        return len(events) / elapsed
+        return len(events) / (time.perf_counter() - started)
     finally:
+        conn.close()  # before the drop: an open transaction's locks would make it wait forever
         await drop_db(name)
 
 
