@@ -90,7 +90,7 @@ async def through_consumer(events: list[Event], tmp: Path) -> float:
         consumer = AttributionConsumer(load_settings(nats_url=server.url), bus, store)
         task = asyncio.create_task(consumer.run())
         await consumer.ready.wait()
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         while True:
             async with store.pool.acquire() as conn, conn.cursor() as cur:
                 await cur.execute("SELECT COUNT(*) FROM processed_events")
@@ -100,6 +100,7 @@ async def through_consumer(events: list[Event], tmp: Path) -> float:
                 break
             await asyncio.sleep(0.02)
         elapsed = time.perf_counter() - started
+        print(f"  (consumer process busy {100 * (time.process_time() - cpu_started) / elapsed:.0f} % of the time)")
         consumer.stop()
         await task
         await store.close()

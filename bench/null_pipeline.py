@@ -13,7 +13,7 @@ import sys
 
 import uvloop
 
-from engine.adapters.nats_bus import SIGNALS_STREAM, NatsBus
+from engine.adapters.nats_bus import SIGNALS_STREAM, NatsBus, jetstream_sequences
 
 
 async def run(url: str) -> None:
@@ -28,7 +28,7 @@ async def run(url: str) -> None:
         out = []
         for msg in msgs:
             signal_id = (msg.headers or {}).get("Nats-Msg-Id", "")
-            body = json.dumps({"signal_id": signal_id, "seq": msg.metadata.sequence.stream}).encode()
+            body = json.dumps({"signal_id": signal_id, "seq": jetstream_sequences(msg)[0]}).encode()
             out.append(("decisions.null", body, f"n-{signal_id}"))
         await bus.publish_stored(out)  # the worker's own publish path: the same transport cost
         if msgs:

@@ -46,7 +46,7 @@ class EncodingBus:
 class FakeMsg:
     def __init__(self, subject: str, data: bytes, sequence: int) -> None:
         self.subject, self.data, self.headers = subject, data, None
-        self.metadata = SimpleNamespace(sequence=SimpleNamespace(stream=sequence))
+        self.reply = f"$JS.ACK.SIGNALS.tradeengine-worker.1.{sequence}.{sequence}.0.0"
 
     async def ack(self) -> None:
         return None

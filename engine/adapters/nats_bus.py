@@ -264,6 +264,17 @@ def _take_pending(sub: JetStreamContext.PushSubscription) -> Msg:
     return msg
 
 
+def jetstream_sequences(msg: Msg) -> tuple[int, int]:
+    """(stream, consumer) sequence of a JetStream delivery, read off its reply subject. nats-py's
+    `msg.metadata` builds two dataclasses and a datetime per message, a tenth of the attribution
+    consumer's time; the v1 reply form is all a plain server sends."""
+    tokens = (msg.reply or "").split(".")
+    if len(tokens) == 9 and tokens[0] == "$JS" and tokens[1] == "ACK":
+        return int(tokens[5]), int(tokens[6])
+    pair = msg.metadata.sequence  # the domain / account-hash form, and anything odd: nats-py reads it
+    return pair.stream, pair.consumer
+
+
 def contiguous_prefix(
     msgs: Sequence[Msg], last_consumer_seq: int | None
 ) -> tuple[list[Msg], int | None, bool]:
@@ -273,7 +284,7 @@ def contiguous_prefix(
     taken: list[Msg] = []
     last = last_consumer_seq
     for msg in msgs:
-        seq = msg.metadata.sequence.consumer
+        seq = jetstream_sequences(msg)[1]
         if last is not None and seq != last + 1:
             return taken, last, True
         taken.append(msg)

@@ -12,7 +12,7 @@ from nats.aio.msg import Msg
 
 from engine import metrics
 from engine.adapters.mysql_store import MysqlStore
-from engine.adapters.nats_bus import EVENTS_STREAM, DurableConsumer, NatsBus
+from engine.adapters.nats_bus import EVENTS_STREAM, DurableConsumer, NatsBus, jetstream_sequences
 from engine.config import Settings
 from engine.domain.events import Event, decode_event
 
@@ -95,7 +95,7 @@ class AttributionConsumer:
         batch: list[tuple[Event, int | None]] = []
         for msg in msgs:
             try:
-                batch.append((decode_event(msg.data), msg.metadata.sequence.stream))
+                batch.append((decode_event(msg.data), jetstream_sequences(msg)[0]))
             except ValueError as exc:
                 # Not ours to judge: keep it out of MySQL, keep it in the stream, move on.
                 log.error("attribution.undecodable", subject=msg.subject, error=str(exc)[:500])

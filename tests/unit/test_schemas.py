@@ -4,6 +4,8 @@ import json
 from decimal import Decimal
 
 import jsonschema
+from hypothesis import given
+from hypothesis import strategies as st
 
 from engine.domain.events import (
     ContributionRef,
@@ -81,3 +83,10 @@ def test_metadata_beyond_64_bit_integers_still_encodes() -> None:
     )  # fmt: skip
     assert json.loads(encode_event(event))["metadata"] == {"big": 10**30}
     assert decode_event(encode_event(event)) == event
+
+
+@given(st.decimals(allow_nan=False, allow_infinity=False))
+def test_amounts_are_written_in_plain_notation_whatever_their_exponent(value: Decimal) -> None:
+    from engine.domain.events import _encode_default
+
+    assert _encode_default(value) == format(value, "f")
