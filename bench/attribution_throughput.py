@@ -100,7 +100,9 @@ async def through_consumer(events: list[Event], tmp: Path) -> float:
                 break
             await asyncio.sleep(0.02)
         elapsed = time.perf_counter() - started
-        print(f"  (consumer process busy {100 * (time.process_time() - cpu_started) / elapsed:.0f} % of the time)")
+        print(
+            f"  (consumer process busy {100 * (time.process_time() - cpu_started) / elapsed:.0f} % of the time)"
+        )
         consumer.stop()
         await task
         await store.close()

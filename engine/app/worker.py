@@ -655,6 +655,15 @@ class Worker:
             return
         symbol, price = tick
         queue = self._ticks[symbol]
+        if (
+            not queue
+            and not self._symbol_locks[symbol].locked()
+            and not self.book.triggers.may_fire(symbol, price)
+        ):
+            # Most ticks: nothing ahead of this one and no level reached; recording the price
+            # needs no task and no lock.
+            self._record_price(symbol, price)
+            return
         if len(queue) >= TICK_BACKLOG_LIMIT:
             queue.popleft()  # a stalled symbol keeps its newest prices
             metrics.TICKS_DROPPED.inc()
@@ -671,12 +680,15 @@ class Worker:
             except Exception:  # a bug must cost one tick, not the symbol's price feed
                 log.exception("price.internal_error", symbol=symbol)
 
-    async def on_price(self, symbol: str, price: Decimal) -> None:
+    def _record_price(self, symbol: str, price: Decimal) -> None:
         metrics.PRICE_TICKS.inc()
         metrics.child(metrics.LAST_TICK, symbol).set(time.time())
+        self.last_prices[symbol] = price
+        self.gateway.on_price(symbol, price)
+
+    async def on_price(self, symbol: str, price: Decimal) -> None:
         async with self._symbol_locks[symbol]:
-            self.last_prices[symbol] = price
-            self.gateway.on_price(symbol, price)
+            self._record_price(symbol, price)
             fired = self.book.fire_triggers(symbol, price)
             # A slice whose close has an unknown outcome is left to its lookup, not the price.
             closing = [

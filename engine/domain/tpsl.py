@@ -108,6 +108,15 @@ class TriggerIndex:
     def is_armed(self, position_id: StrategyPositionId) -> bool:
         return position_id in self._armed
 
+    def may_fire(self, symbol: str, price: Decimal) -> bool:
+        """Could `fire` return anything at this price? O(1); a level disarmed since may say yes."""
+        heaps = self._heaps.get(symbol)
+        if heaps is None:
+            return False
+        return bool(heaps.rising and heaps.rising[0][0] <= price) or bool(
+            heaps.falling and -heaps.falling[0][0] >= price
+        )
+
     def fire(self, symbol: str, price: Decimal) -> list[tuple[StrategyPositionId, CloseReason]]:
         """Disarm and return every position whose level this price reached, in level order."""
         heaps = self._heaps.get(symbol)

@@ -21,7 +21,7 @@ from engine.app.attribution import AttributionConsumer
 from engine.config import MysqlTarget, load_settings
 from engine.domain.decide import Accepted
 from engine.domain.events import Event, PositionOpened, SignalDecided
-from engine.domain.model import Outcome, PositionMode, derive_id
+from engine.domain.model import Action, Outcome, PositionMode, derive_id
 from tests.helpers import Harness
 
 D = Decimal
@@ -55,7 +55,7 @@ class History:
         accepted = isinstance(verdict, Accepted)
         self.decisions.append(SignalDecided(
             event_id=derive_id("signal.decided", strategy, signal_id), occurred_at=at, signal_id=signal_id,
-            strategy_id=strategy, symbol=symbol, action=action,
+            strategy_id=strategy, symbol=symbol, action=Action(action),
             outcome=Outcome.ACCEPTED if accepted else verdict.outcome,  # type: ignore[union-attr]
             reason_code="accepted" if accepted else verdict.reason_code,  # type: ignore[union-attr]
             reason="history", strategy_position_ids=list(verdict.strategy_position_ids) if accepted else [],  # type: ignore[union-attr]
@@ -464,3 +464,29 @@ async def test_summary_table_matches_a_full_recomputation(db: Db) -> None:
     )
     assert [{k: (int(v) if isinstance(v, Decimal) and k.endswith(("positions", "hits", "trades")) else v)
              for k, v in row.items()} for row in recomputed] == view  # fmt: skip
+
+
+async def test_one_event_per_batch_projects_the_same_rows_as_one_batch(
+    db: Db, mysql_server: MysqlTarget
+) -> None:
+    """A position opened and closed within one batch is inserted with its closes folded in; one
+    opened in an earlier batch is updated. Both paths must land on the same rows."""
+    name = f"te_batches_{free_port()}"
+    auth = mysql_server.user + (f":{mysql_server.password}" if mysql_server.password else "")
+    store = await MysqlStore.open(
+        MysqlTarget.parse(f"mysql://{auth}@{mysql_server.host}:{mysql_server.port}/{name}")
+    )
+    tables = ("strategy_positions", "exchange_positions", "strategy_stats", "position_closes")
+    try:
+        await store.migrate()
+        for event in await History().build():
+            await store.write([(event, None)])
+        one_by_one = Db(store, db.history)
+        for table in tables:
+            key = "1" if table == "strategy_stats" else "2"
+            sql = f"SELECT * FROM {table} ORDER BY {key}"
+            assert await one_by_one.rows(sql) == await db.rows(sql), table
+    finally:
+        async with store.pool.acquire() as conn, conn.cursor() as cur:
+            await cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
+        await store.close()

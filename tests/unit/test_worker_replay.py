@@ -9,7 +9,7 @@ from engine.adapters.paper import PaperExchange
 from engine.app.worker import Worker
 from engine.config import load_settings
 from engine.domain.events import SignalDecided
-from engine.domain.model import CloseReason, SameDirectionPolicy
+from engine.domain.model import Action, CloseReason, Outcome, SameDirectionPolicy
 from tests.helpers import NOW, Harness, make_signal
 
 
@@ -60,8 +60,8 @@ async def test_a_decision_stored_before_its_open_does_not_hide_the_open_on_repla
     await h.signal("s", "ETHUSDT", "buy", quantity="0.1", confidence="0.9", signal_id="o1")
     (opened,) = h.events
     decided = SignalDecided(
-        event_id="d1", occurred_at=NOW, signal_id="o1", strategy_id="s", symbol="ETHUSDT", action="buy",
-        outcome="rejected", reason_code="venue_uncertain", reason="old worker", signal_sequence=1,
+        event_id="d1", occurred_at=NOW, signal_id="o1", strategy_id="s", symbol="ETHUSDT", action=Action.BUY,
+        outcome=Outcome.REJECTED, reason_code="venue_uncertain", reason="old worker", signal_sequence=1,
     )  # fmt: skip
     worker = fresh_worker()
     for event in (decided, opened):
