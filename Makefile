@@ -39,6 +39,7 @@ schemas: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.tpsl_scaling
+	$(BIN)/python -m bench.worker_hotpath
 	$(BIN)/python -m bench.worker_throughput
 	$(BIN)/python -m bench.attribution_throughput
 	$(BIN)/python -m bench.memory
