@@ -304,6 +304,13 @@ class DurableConsumer:
         self._last_seq: int | None = None
         self._gap = False
 
+    @property
+    def restarting(self) -> bool:
+        """The next `next_batch` re-creates the consumer at its ack floor: whoever still has
+        acks of earlier batches to send must send them first, or the floor is stale and a late
+        ack lands on the new consumer."""
+        return self._gap
+
     async def restart(self) -> None:
         if self.sub is not None:
             with contextlib.suppress(Exception):

@@ -72,6 +72,7 @@ class AttributionConsumer:
                     break
                 msgs, batch = getter.result()
                 await self.persist(msgs, batch)
+                decoded.task_done()
         finally:
             self.ready.clear()
             self._stopping.set()
@@ -85,6 +86,8 @@ class AttributionConsumer:
         self, sub: DurableConsumer, decoded: asyncio.Queue[tuple[list[Msg], list[tuple[Event, int | None]]]]
     ) -> None:
         while not self._stopping.is_set():
+            if sub.restarting:
+                await decoded.join()  # every batch taken is written and acked before the restart
             # Analysts can wait 50 ms; MySQL prefers few large transactions to many small ones.
             msgs = await sub.next_batch(2000, idle_wait=0.5, linger=0.05)
             if msgs:

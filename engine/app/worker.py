@@ -28,7 +28,7 @@ from engine.adapters.nats_bus import SIGNALS_STREAM, NatsBus, jetstream_sequence
 from engine.adapters.paper import PaperExchange
 from engine.config import Settings
 from engine.domain.book import PositionBook
-from engine.domain.decide import Accepted, closes_by_key, decide, strategy_position_id_for
+from engine.domain.decide import Accepted, close_intent, closes_by_key, decide, strategy_position_id_for
 from engine.domain.events import (
     Event,
     OrderFailed,
@@ -135,6 +135,11 @@ class Worker:
         storing: asyncio.Task[None] | None = None
         try:
             while not self._stopping.is_set():
+                if storing is not None and (storing.done() or sub.restarting):
+                    # A failure to store or ack stops the worker now, not when the next batch
+                    # comes; and an ack goes out before the consumer is re-created.
+                    await storing
+                    storing = None
                 msgs = await sub.next_batch(self.settings.fetch_batch, idle_wait=0.5)
                 if not msgs:
                     continue
@@ -665,8 +670,11 @@ class Worker:
             return
         symbol, price = tick
         queue = self._ticks[symbol]
+        runner = self._tick_runners.get(symbol)
+        idle = runner is None or runner.done()  # a live runner may hold a tick taken off the queue
         if (
-            not queue
+            idle
+            and not queue
             and not self._symbol_locks[symbol].locked()
             and not self.book.triggers.may_fire(symbol, price)
         ):
@@ -678,8 +686,7 @@ class Worker:
             queue.popleft()  # a stalled symbol keeps its newest prices
             metrics.TICKS_DROPPED.inc()
         queue.append(price)
-        runner = self._tick_runners.get(symbol)
-        if runner is None or runner.done():
+        if idle:
             self._tick_runners[symbol] = asyncio.create_task(self._run_ticks(symbol))
 
     async def _run_ticks(self, symbol: str) -> None:
@@ -705,16 +712,27 @@ class Worker:
                 (sp, sp.remaining, reason) for sp, reason in fired if sp.id not in self.journal.closing
             ]
             for intent in closes_by_key(closing, price, None) if closing else ():
-                outcome = await self._place(intent)
-                if isinstance(outcome, OrderRejected):
-                    log.warning(
-                        "trigger.close_refused", client_order_id=intent.client_order_id, error=str(outcome)
-                    )
-                if not isinstance(outcome, OrderUncertain):
-                    self._rearm_still_open(intent)  # refused, or partly filled: TP/SL stay on the rest
-                # An uncertain close stays disarmed until its lookup says it was never placed.
+                await self._close_fired(intent, price)
         if fired:
             self._flush_soon()  # nothing waits on these: let ticks in a burst share one flush
+
+    async def _close_fired(self, intent: OrderIntent, price: Decimal) -> None:
+        """Close the slices a tick reached (its lock held). If the venue refuses them together,
+        each goes on its own: one slice it will not close must not keep the others open."""
+        outcome = await self._place(intent)
+        if isinstance(outcome, OrderRejected):
+            log.warning("trigger.close_refused", client_order_id=intent.client_order_id, error=str(outcome))
+            if len(intent.legs) > 1:
+                for leg in intent.legs:
+                    sp = self.book.positions.get(StrategyPositionId(leg.position_id))
+                    if sp is not None and isinstance(leg, CloseLeg):
+                        await self._close_fired(
+                            close_intent(sp, sp.remaining, leg.reason, price, None), price
+                        )
+                return
+        if not isinstance(outcome, OrderUncertain):
+            self._rearm_still_open(intent)  # refused, or partly filled: TP/SL stay on the rest
+        # An uncertain close stays disarmed until its lookup says it was never placed.
 
     # --- events --------------------------------------------------------------------------
     def _remember(self, event: Event, replay: bool = False) -> None:
@@ -787,6 +805,9 @@ class Worker:
             pending, self._outbox = self._outbox, []
             try:
                 await self.bus.publish_events(pending)
+            except asyncio.CancelledError:
+                self._outbox[:0] = pending  # the stop's last flush sends them (ids deduplicate)
+                raise
             except (nats.errors.Error, TimeoutError, RuntimeError) as exc:
                 self._outbox[:0] = pending
                 metrics.PUBLISH_RETRIES.inc()

@@ -94,8 +94,8 @@ def intent_of(e: OrderSubmitted) -> OrderIntent:
 class OrderJournal:
     pending: dict[ClientOrderId, OrderSubmitted] = field(default_factory=dict)
     # Legs of pending orders whose position events are already stored (a crash can fall
-    # between the events of one fill): their quantities, by position id.
-    booked: dict[ClientOrderId, dict[str, Decimal]] = field(default_factory=dict)
+    # between the events of one fill): their quantities and fee shares, by position id.
+    booked: dict[ClientOrderId, dict[str, tuple[Decimal, Decimal]]] = field(default_factory=dict)
     # Slices a pending order closes: nothing else may close them until its outcome is known.
     closing: dict[str, ClientOrderId] = field(default_factory=dict)
 
@@ -165,10 +165,13 @@ class OrderJournal:
                 self._resolved(cid)
             case PositionOpened():
                 if cid in self.pending:
-                    self.booked.setdefault(cid, {})[event.strategy_position_id] = event.quantity
+                    self.booked.setdefault(cid, {})[event.strategy_position_id] = (event.quantity, event.fee)
             case PositionClosed():
                 if cid in self.pending:
-                    self.booked.setdefault(cid, {})[event.strategy_position_id] = event.closed_quantity
+                    self.booked.setdefault(cid, {})[event.strategy_position_id] = (
+                        event.closed_quantity,
+                        event.exit_fee,
+                    )
 
     def _resolved(self, cid: ClientOrderId) -> None:
         done = self.pending.pop(cid, None)
@@ -196,11 +199,13 @@ class OrderJournal:
         if not done:
             return intent, fill
         legs = tuple(leg for leg in intent.legs if leg.position_id not in done)
-        booked = sum(done.values(), ZERO)
+        booked = sum((qty for qty, _ in done.values()), ZERO)
         rest = fill.quantity - booked
         if not legs or rest <= 0:
             return None
-        fee = fill.fee * rest / fill.quantity if fill.quantity else ZERO
+        # The rest of the fee, not a share of it recomputed: with the shares already stored it
+        # adds up to the fee paid, to the last digit.
+        fee = fill.fee - sum((fee for _, fee in done.values()), ZERO)
         return (
             OrderIntent(
                 client_order_id=intent.client_order_id,

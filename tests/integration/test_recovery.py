@@ -122,8 +122,11 @@ async def test_a_delivery_the_client_never_saw_is_not_acked_past(pipeline: Pipel
         assert consumer.sub is not None
         await consumer.sub.next_msg(timeout=5)  # delivered, never seen by the role
         await eventually(lambda: consumer.sub is not None and consumer.sub.pending_msgs == 2, what="the rest")
+        assert not consumer.restarting
         assert await consumer.next_batch(10, idle_wait=1) == []  # the gap is noticed at once
+        assert consumer.restarting  # roles send their pending acks before the next call
         batch = await consumer.next_batch(10, idle_wait=5)  # re-created at the ack floor
+        assert not consumer.restarting
         assert [m.metadata.sequence.stream for m in batch] == [1, 2, 3]
         assert [json.loads(m.data)["signal_id"] for m in batch] == sids
     finally:

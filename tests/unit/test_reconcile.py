@@ -168,6 +168,36 @@ async def test_the_journal_knows_which_orders_need_a_lookup_and_what_is_left_to_
     assert journal.failed(intent, "x", "y", NOW).event_id != failed.event_id
 
 
+async def test_a_multi_leg_close_cut_short_by_a_crash_books_the_rest_of_the_fee_exactly() -> None:
+    from engine.domain.decide import closes_by_key
+
+    h = Harness()
+    await h.tick("ETHUSDT", "3000")
+    await h.signal("a", "ETHUSDT", "buy", quantity="0.1", confidence="0.8")
+    await h.signal("b", "ETHUSDT", "buy", quantity="0.2", confidence="0.8")
+    first, second = h.book.positions.values()
+    (intent,) = closes_by_key(
+        [
+            (first, first.remaining, CloseReason.TAKE_PROFIT),
+            (second, second.remaining, CloseReason.TAKE_PROFIT),
+        ],
+        D("3100"),
+        None,
+    )
+    journal = OrderJournal()
+    journal.submit(intent, NOW)
+    fill = Fill(intent.client_order_id, "1", D("0.3"), D("3100"), D("1"))  # a fee that splits in thirds
+    stored, _lost = h.book.settle(intent, fill, NOW)  # the crash fell between the two close events
+    journal.apply(stored)
+    rest = journal.unbooked_part(intent, fill)
+    assert rest is not None
+    rest_intent, rest_fill = rest
+    assert [leg.position_id for leg in rest_intent.legs] == [second.id]
+    assert rest_fill.quantity == D("0.2")
+    assert isinstance(stored, PositionClosed)
+    assert stored.exit_fee + rest_fill.fee == fill.fee  # to the last digit
+
+
 @pytest.mark.parametrize(
     ("exc", "kind", "code"),
     [

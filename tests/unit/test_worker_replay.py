@@ -109,3 +109,54 @@ async def test_log_lines_about_a_signal_carry_its_ids() -> None:
         {"event": "x", "signal_id": "x1", "strategy_id": "s", "symbol": "ETHUSDT", "side": "SHORT"}
     ]
     assert SIGNAL_CONTEXT.get() is None  # nothing leaks into the next signal's lines
+
+
+async def test_a_newer_tick_never_lands_before_an_older_one_still_in_flight() -> None:
+    import asyncio
+    from types import SimpleNamespace
+
+    def tick(price: str) -> Any:
+        return SimpleNamespace(
+            subject="prices.BTCUSDT", data=f'{{"symbol":"BTCUSDT","price":"{price}"}}'.encode()
+        )
+
+    worker = fresh_worker()
+    lock = worker._symbol_locks["BTCUSDT"]
+    await lock.acquire()  # a signal on the symbol is being decided
+    await worker.on_price_message(tick("100"))  # queued behind it
+    await asyncio.sleep(0)  # its runner takes it off the queue and waits for the lock
+    lock.release()
+    await worker.on_price_message(tick("101"))  # arrives before the runner resumes
+    await asyncio.gather(*worker._tick_runners.values())
+    assert worker.last_prices["BTCUSDT"] == Decimal("101")
+    assert worker.gateway.last_prices["BTCUSDT"] == Decimal("101")  # type: ignore[attr-defined]
+
+
+async def test_slices_the_venue_refuses_to_close_together_are_closed_one_by_one() -> None:
+    from engine.domain.model import PositionSide
+
+    h = Harness()
+    await h.tick("ETHUSDT", "3000")
+    await h.signal(
+        "a", "ETHUSDT", "buy", quantity="0.1", confidence="0.9", take_profit="3100", signal_id="o1"
+    )
+    await h.signal(
+        "b", "ETHUSDT", "buy", quantity="0.2", confidence="0.9", take_profit="3100", signal_id="o2"
+    )
+    worker = fresh_worker()
+    for event in h.events:
+        worker._remember(event, replay=True)
+    paper: PaperExchange = worker.gateway  # type: ignore[assignment]
+    paper.restore(worker.book)
+    paper.holdings[("ETHUSDT", PositionSide.LONG)].quantity = Decimal("0.15")  # someone closed 0.15 by hand
+
+    class Bus:
+        async def publish_events(self, events: Any) -> None:
+            return None
+
+    worker.bus = Bus()  # type: ignore[assignment]
+    await worker.on_price("ETHUSDT", Decimal("3100"))  # both TPs: 0.3 together exceeds the venue's 0.15
+    remaining = {sp.strategy_id: sp for sp in worker.book.positions.values()}
+    assert set(remaining) == {"b"}  # a's 0.1 fitted on its own; b's 0.2 does not
+    assert worker.book.triggers.is_armed(remaining["b"].id)  # b keeps its TP for the next tick
+    assert paper.position("ETHUSDT", PositionSide.LONG) == Decimal("0.05")
