@@ -78,7 +78,8 @@ VENUE_REASONS = {
     -2019: "insufficient_margin",
     -2022: "reduce_only_rejected",
     -4003: "invalid_quantity",
-    -4005: "below_min_quantity",
+    -4004: "below_min_quantity",
+    -4005: "above_max_quantity",
     -4061: "position_side_mismatch",
     -4164: "below_min_notional",
 }
@@ -226,6 +227,7 @@ class CcxtGateway:
                 min_quantity=_dec(m["limits"]["amount"]["min"] or amount_step),
                 min_notional=_dec(m["limits"]["cost"]["min"] or 0),
                 price_tick=_dec(m["precision"]["price"]),
+                max_quantity=_max_market_quantity(m["limits"]),
             )
         await self._check_position_mode()
         log.info("venue.ready", venue=self.name, markets=len(self._markets), mode=self.mode.value)
@@ -481,3 +483,13 @@ def _position_side(info: dict[str, Any]) -> PositionSide | None:
 def _dec(value: Any) -> Decimal:
     """ccxt hands numbers back as floats; their shortest repr is the venue's decimal string."""
     return value if isinstance(value, Decimal) else D(str(value))
+
+
+def _max_market_quantity(limits: dict[str, Any]) -> Decimal | None:
+    """The most one market order may carry: Binance's MARKET_LOT_SIZE (ccxt's limits.market),
+    else the plain amount limit; None when the venue states neither."""
+    for kind in ("market", "amount"):
+        top = (limits.get(kind) or {}).get("max")
+        if top:
+            return _dec(top)
+    return None

@@ -711,7 +711,9 @@ class Worker:
             closing = [
                 (sp, sp.remaining, reason) for sp, reason in fired if sp.id not in self.journal.closing
             ]
-            for intent in closes_by_key(closing, price, None) if closing else ():
+            market = self.gateway.market(symbol)
+            max_quantity = market.max_quantity if market else None
+            for intent in closes_by_key(closing, price, None, max_quantity) if closing else ():
                 await self._close_fired(intent, price)
         if fired:
             self._flush_soon()  # nothing waits on these: let ticks in a burst share one flush

@@ -111,7 +111,7 @@ def _decide_close(signal: Signal, book: PositionBook, market: Market, price: Dec
             wanted -= qty
     if not closing:
         return _reject("below_min_quantity", f"close quantity rounds to zero at step {market.quantity_step}")
-    orders = closes_by_key(closing, price, signal.id)
+    orders = closes_by_key(closing, price, signal.id, market.max_quantity)
     ids = tuple(str(sp.id) for sp, _, _ in closing)
     return Accepted(orders, ids, f"closing {len(closing)} position(s)")
 
@@ -131,14 +131,20 @@ def closes_by_key(
     closing: Sequence[tuple[StrategyPosition, Decimal, CloseReason]],
     price: Decimal,
     signal_id: SignalId | None,
+    max_quantity: Decimal | None = None,
 ) -> tuple[OrderIntent, ...]:
     """One order per key for these slice closes (a leg each, in the order given): a burst of
     TP/SL hits or a close signal over many slices is one trip to the venue, not one per slice.
-    The fill and its fee are split over the legs by `PositionBook.settle`."""
-    by_key: dict[PositionKey, list[tuple[StrategyPosition, Decimal, CloseReason]]] = {}
+    An order grows only up to the venue's `max_quantity`; then the next one starts. The fill
+    and its fee are split over the legs by `PositionBook.settle`."""
+    orders: dict[PositionKey, list[list[tuple[StrategyPosition, Decimal, CloseReason]]]] = {}
     for close in closing:
-        by_key.setdefault(PositionKey(close[0].symbol, close[0].side), []).append(close)
-    return tuple(_close_order(group, price, signal_id) for group in by_key.values())
+        chunks = orders.setdefault(PositionKey(close[0].symbol, close[0].side), [[]])
+        last = chunks[-1]
+        if last and max_quantity is not None and sum(qty for _, qty, _ in last) + close[1] > max_quantity:
+            chunks.append(last := [])
+        last.append(close)
+    return tuple(_close_order(chunk, price, signal_id) for chunks in orders.values() for chunk in chunks)
 
 
 def _close_order(
@@ -227,7 +233,7 @@ def _decide_open(
         timeframe=signal.timeframe,
         metadata=signal.metadata,
     )
-    orders = _open_orders(signal, open_leg, verdict.reverse, price, rules.conflicts.position_mode)
+    orders = _open_orders(signal, open_leg, verdict.reverse, price, rules.conflicts.position_mode, market)
     reason = f"opened {qty} {side.value}" + (f", reversed {len(verdict.reverse)}" if verdict.reverse else "")
     return Accepted(orders, (open_leg.position_id, *(sp.id for sp in verdict.reverse)), reason)
 
@@ -238,6 +244,7 @@ def _open_orders(
     reverse: tuple[StrategyPosition, ...],
     price: Decimal,
     mode: PositionMode,
+    market: Market,
 ) -> tuple[OrderIntent, ...]:
     side = open_leg.side
     if mode is PositionMode.ONE_WAY:
@@ -258,7 +265,9 @@ def _open_orders(
                 signal_id=signal.id,
             ),
         )
-    closes = closes_by_key([(sp, sp.remaining, CloseReason.REVERSED) for sp in reverse], price, signal.id)
+    closes = closes_by_key(
+        [(sp, sp.remaining, CloseReason.REVERSED) for sp in reverse], price, signal.id, market.max_quantity
+    )
     opening = OrderIntent(
         client_order_id=derive_client_order_id(signal.id, signal.strategy_id, "open"),
         symbol=signal.symbol,

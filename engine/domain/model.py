@@ -153,6 +153,7 @@ class Market:
     min_quantity: Decimal
     min_notional: Decimal
     price_tick: Decimal
+    max_quantity: Decimal | None = None  # per market order (Binance: MARKET_LOT_SIZE maxQty)
 
     def round_quantity(self, quantity: Decimal) -> Decimal:
         steps = (quantity / self.quantity_step).to_integral_value(rounding=ROUND_DOWN)

@@ -30,6 +30,9 @@ TAKER_FEE = D("0.0005")
 LEVERAGE = 20
 
 
+DEFAULT_MAX_MARKET_QTY = D("100000")
+
+
 @dataclass(frozen=True, slots=True)
 class EmulatedMarket:
     symbol: str
@@ -39,6 +42,7 @@ class EmulatedMarket:
     tick: Decimal
     min_notional: Decimal
     price: Decimal
+    max_market_qty: Decimal = DEFAULT_MAX_MARKET_QTY  # MARKET_LOT_SIZE maxQty
 
 
 MARKETS = {
@@ -84,6 +88,7 @@ class Exchange:
     # orders never stay open. `strict_client_ids` refuses any reuse, as some venues do.
     strict_client_ids: bool = False
     wallet: Decimal = STARTING_WALLET
+    markets: dict[str, EmulatedMarket] = field(default_factory=lambda: dict(MARKETS))
     prices: dict[str, Decimal] = field(default_factory=lambda: {s: m.price for s, m in MARKETS.items()})
     positions: dict[tuple[str, str], Position] = field(default_factory=dict)
     orders: dict[int, dict[str, Any]] = field(default_factory=dict)
@@ -112,7 +117,9 @@ class Exchange:
         if qty % market.step:
             raise BinanceError(-1111, "Precision is over the maximum defined for this asset.")
         if qty < market.min_qty:
-            raise BinanceError(-4005, "Quantity less than minimum quantity.")
+            raise BinanceError(-4004, "Quantity less than minimum quantity.")
+        if qty > market.max_market_qty:
+            raise BinanceError(-4005, "Quantity greater than maximum quantity.")
         price = self.prices[market.symbol]
         signed = qty if side == "BUY" else -qty
         key = (market.symbol, position_side)
@@ -256,7 +263,7 @@ class Exchange:
         return self.by_hand(symbol, position_side, side, abs(pos.amount), liquidation=True)
 
     def _market(self, symbol: str) -> EmulatedMarket:
-        market = MARKETS.get(symbol)
+        market = self.markets.get(symbol)
         if market is None:
             raise BinanceError(-1121, "Invalid symbol.")
         return market
@@ -265,7 +272,7 @@ class Exchange:
     def position_rows(self, symbol: str | None) -> list[dict[str, Any]]:
         sides = ("LONG", "SHORT") if self.dual_side else ("BOTH",)
         rows = []
-        for s in MARKETS if symbol is None else (symbol,):
+        for s in self.markets if symbol is None else (symbol,):
             for ps in sides:
                 pos = self.positions.get((s, ps), Position())
                 mark = self.prices[s]
@@ -370,7 +377,7 @@ def _ms() -> int:
     return int(time.time() * 1000)
 
 
-def exchange_info() -> dict[str, Any]:
+def exchange_info(markets: dict[str, EmulatedMarket]) -> dict[str, Any]:
     return {
         "timezone": "UTC",
         "serverTime": _ms(),
@@ -416,7 +423,7 @@ def exchange_info() -> dict[str, Any]:
                     {
                         "filterType": "MARKET_LOT_SIZE",
                         "stepSize": str(m.step),
-                        "maxQty": "100000",
+                        "maxQty": str(m.max_market_qty),
                         "minQty": str(m.min_qty),
                     },
                     {"filterType": "MAX_NUM_ORDERS", "limit": 200},
@@ -431,7 +438,7 @@ def exchange_info() -> dict[str, Any]:
                 "orderTypes": ["LIMIT", "MARKET"],
                 "timeInForce": ["GTC", "IOC", "FOK", "GTX"],
             }
-            for m in MARKETS.values()
+            for m in markets.values()
         ],
     }
 
@@ -568,7 +575,7 @@ def build_app(exchange: Exchange | None = None) -> web.Application:
     routes = [
         web.get("/fapi/v1/ping", public(lambda p: {})),
         web.get("/fapi/v1/time", public(lambda p: {"serverTime": _ms()})),
-        web.get("/fapi/v1/exchangeInfo", public(lambda p: exchange_info())),
+        web.get("/fapi/v1/exchangeInfo", public(lambda p: exchange_info(ex.markets))),
         web.get("/fapi/v1/ticker/price", public(lambda p: _ticker(ex, p))),
         web.get("/fapi/v2/ticker/price", public(lambda p: _ticker(ex, p))),
         web.get("/fapi/v1/positionSide/dual", private(lambda p: {"dualSidePosition": ex.dual_side})),

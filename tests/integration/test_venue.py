@@ -3,6 +3,7 @@ and reconciliation of changes the worker did not make. Real NATS, real MariaDB, 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator
 from decimal import Decimal
 
@@ -392,3 +393,25 @@ async def test_lookups_that_fail_prove_nothing_and_nothing_is_sent_again(emulato
         assert len(emulator.exchange.orders) == 1 and orders_sent(emulator) == 1
     finally:
         await gateway.close()
+
+
+async def test_slices_closing_together_go_in_orders_no_larger_than_the_venue_allows(
+    on_emulator: Pipeline, emulator: Emulator
+) -> None:
+    eth = emulator.exchange.markets["ETHUSDT"]
+    emulator.exchange.markets["ETHUSDT"] = dataclasses.replace(eth, max_market_qty=D("0.25"))
+    await on_emulator.stop_worker()
+    await on_emulator.start_worker()  # markets are read at start
+    await on_emulator.tick("ETHUSDT", "3000")
+    for strategy in ("a", "b", "c"):
+        await on_emulator.decision(
+            await on_emulator.publish(
+                strategy, "ETHUSDT", "buy", quantity="0.1", confidence=0.9, take_profit=3100
+            )
+        )
+    posts = emulator.exchange.request_count["POST /fapi/v1/order"]
+    await on_emulator.tick("ETHUSDT", "3100")  # all three TPs: 0.3 in all, at most 0.25 an order
+    await on_emulator.wait_events(lambda _: len(on_emulator.closed()) == 3, "three TP closes")
+    assert emulator.exchange.request_count["POST /fapi/v1/order"] - posts == 2  # 0.2 and 0.1, no refusal
+    assert len({e.client_order_id for e in on_emulator.closed()}) == 2
+    assert emulator.exchange.state()["positions"] == {}

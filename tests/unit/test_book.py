@@ -214,3 +214,18 @@ async def test_a_close_signal_over_both_sides_sends_one_order_per_key() -> None:
         (PositionSide.SHORT, 1, D("0.1")),
     ]
     assert not h.book.positions and not h.book.exchange
+
+
+async def test_closes_of_one_key_are_chunked_at_the_venues_maximum_order_size() -> None:
+    from engine.domain.decide import closes_by_key
+
+    h = Harness()
+    await h.tick("ETHUSDT", "3000")
+    for n, qty in enumerate(("0.1", "0.1", "0.4", "0.1")):
+        await h.signal("a", "ETHUSDT", "buy", quantity=qty, confidence="0.8", signal_id=f"o{n}")
+    closing = [(sp, sp.remaining, CloseReason.TAKE_PROFIT) for sp in h.book.positions.values()]
+    orders = closes_by_key(closing, D("3100"), None, max_quantity=D("0.25"))
+    # in order, each as large as the limit allows; a slice above it goes alone (the venue decides)
+    assert [o.quantity for o in orders] == [D("0.2"), D("0.4"), D("0.1")]
+    assert [leg.position_id for o in orders for leg in o.legs] == [sp.id for sp, _, _ in closing]
+    assert len(closes_by_key(closing, D("3100"), None)) == 1  # no limit stated: one order
