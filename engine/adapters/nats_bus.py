@@ -266,8 +266,8 @@ def _take_pending(sub: JetStreamContext.PushSubscription) -> Msg:
 
 def jetstream_sequences(msg: Msg) -> tuple[int, int]:
     """(stream, consumer) sequence of a JetStream delivery, read off its reply subject. nats-py's
-    `msg.metadata` builds two dataclasses and a datetime per message, a tenth of the attribution
-    consumer's time; the v1 reply form is all a plain server sends."""
+    `msg.metadata` builds two dataclasses and a datetime per message (14 % of the attribution
+    consumer's profile); the v1 reply form is all a plain server sends."""
     tokens = (msg.reply or "").split(".")
     if len(tokens) == 9 and tokens[0] == "$JS" and tokens[1] == "ACK":
         return int(tokens[5]), int(tokens[6])

@@ -807,11 +807,10 @@ class Worker:
             pending, self._outbox = self._outbox, []
             try:
                 await self.bus.publish_events(pending)
-            except asyncio.CancelledError:
-                self._outbox[:0] = pending  # the stop's last flush sends them (ids deduplicate)
-                raise
-            except (nats.errors.Error, TimeoutError, RuntimeError) as exc:
-                self._outbox[:0] = pending
+            except BaseException as exc:
+                self._outbox[:0] = pending  # kept, in order; a later flush sends them (ids deduplicate)
+                if not isinstance(exc, nats.errors.Error | TimeoutError | RuntimeError):
+                    raise  # a cancellation, or a bug: not retried here
                 metrics.PUBLISH_RETRIES.inc()
                 log.warning("events.publish_failed", error=repr(exc), pending=len(self._outbox))
                 if self._stopping.is_set():

@@ -138,12 +138,16 @@ def closes_by_key(
     An order grows only up to the venue's `max_quantity`; then the next one starts. The fill
     and its fee are split over the legs by `PositionBook.settle`."""
     orders: dict[PositionKey, list[list[tuple[StrategyPosition, Decimal, CloseReason]]]] = {}
+    filled: dict[PositionKey, Decimal] = {}  # quantity of each key's last order so far
     for close in closing:
-        chunks = orders.setdefault(PositionKey(close[0].symbol, close[0].side), [[]])
-        last = chunks[-1]
-        if last and max_quantity is not None and sum(qty for _, qty, _ in last) + close[1] > max_quantity:
-            chunks.append(last := [])
-        last.append(close)
+        key = PositionKey(close[0].symbol, close[0].side)
+        chunks = orders.setdefault(key, [[]])
+        size = filled.get(key, ZERO) + close[1]
+        if chunks[-1] and max_quantity is not None and size > max_quantity:
+            chunks.append([])
+            size = close[1]
+        chunks[-1].append(close)
+        filled[key] = size
     return tuple(_close_order(chunk, price, signal_id) for chunks in orders.values() for chunk in chunks)
 
 

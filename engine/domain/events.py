@@ -1,10 +1,10 @@
 """Events the worker publishes (DESIGN §3.3). Amounts are decimal strings on the wire.
 
 Events are plain slotted dataclasses: the worker builds several per signal from values the
-domain has already checked, so they skip validation on the way out (a pydantic model cost
-more to build than the rest of the event's life). Pydantic still validates every event read
-back (`decode_event`) and writes the schemas from these very classes. Treat an event as
-immutable once built: `frozen` would double the cost of building one.
+domain has already checked, so they skip validation on the way out and orjson writes them.
+Pydantic still validates every event read back (`decode_event`) and writes the schemas from
+these very classes. Treat an event as immutable once built: `frozen` doubled the cost of
+building one (6.8 vs 3.0 µs for a decision, measured).
 """
 
 from __future__ import annotations
@@ -295,9 +295,9 @@ def _encode_default(value: Any) -> str:
 
 
 def encode_event(event: Event) -> bytes:
-    """The event's JSON: what pydantic would write (`EVENT_ADAPTER.dump_json`), at a third of
-    the cost. orjson refuses integers beyond 64 bits, which a strategy's metadata may hold:
-    pydantic writes those."""
+    """The event's JSON: what pydantic writes (a test compares them), at less cost (2.6 vs
+    3.6 µs for a decision, measured). orjson refuses integers beyond 64 bits, which a
+    strategy's metadata may hold: pydantic writes those."""
     try:
         return orjson.dumps(event, default=_encode_default, option=orjson.OPT_UTC_Z)
     except orjson.JSONEncodeError:

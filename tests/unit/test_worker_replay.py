@@ -124,7 +124,11 @@ async def test_a_newer_tick_never_lands_before_an_older_one_still_in_flight() ->
     lock = worker._symbol_locks["BTCUSDT"]
     await lock.acquire()  # a signal on the symbol is being decided
     await worker.on_price_message(tick("100"))  # queued behind it
-    await asyncio.sleep(0)  # its runner takes it off the queue and waits for the lock
+    for _ in range(100):  # until its runner has taken it off the queue to wait for the lock
+        if not worker._ticks["BTCUSDT"]:
+            break
+        await asyncio.sleep(0)
+    assert not worker._ticks["BTCUSDT"] and "BTCUSDT" not in worker.last_prices
     lock.release()
     await worker.on_price_message(tick("101"))  # arrives before the runner resumes
     await asyncio.gather(*worker._tick_runners.values())
