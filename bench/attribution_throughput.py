@@ -14,12 +14,13 @@ import time
 import uuid
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import asyncmy
 
 from bench.common import machine
 from engine.adapters.embedded_nats import EmbeddedNats, free_port
-from engine.adapters.mysql_store import MysqlStore
+from engine.adapters.mysql_store import MultiRowInsert, MysqlStore
 from engine.adapters.nats_bus import NatsBus
 from engine.app.attribution import AttributionConsumer
 from engine.config import MysqlTarget, load_settings
@@ -113,9 +114,14 @@ async def through_consumer(events: list[Event], tmp: Path) -> float:
         await drop_db(name)
 
 
+async def insert(cur: Any, sql: str, rows: list[tuple[Any, ...]]) -> None:
+    """Multi-row statements rendered as the consumer renders its own (SqlLiterals)."""
+    await MultiRowInsert.of(sql).run(cur, rows)
+
+
 async def raw_insert(events: list[Event]) -> float:
-    """The floor: the same rows, one executemany per table, no idempotency, no updates. Only
-    placeholders in VALUES, so each executemany is one multi-row statement."""
+    """The floor: the same rows, one multi-row INSERT per table (as few statements as the size
+    cap allows), no idempotency, no updates, written with the consumer's own SQL rendering."""
     name = f"te_bench_{uuid.uuid4().hex[:8]}"
     await create_db(name)
     conn = await asyncmy.connect(host="127.0.0.1", port=3306, user="root", password="", database=name)
@@ -126,11 +132,13 @@ async def raw_insert(events: list[Event]) -> float:
         at = NOW.replace(tzinfo=None)
         started = time.perf_counter()
         async with conn.cursor() as cur:
-            await cur.executemany(
+            await insert(
+                cur,
                 "INSERT INTO processed_events (event_id, event_type, processed_at) VALUES (%s, %s, %s)",
                 [(e.event_id, e.type, at) for e in events],
             )
-            await cur.executemany(
+            await insert(
+                cur,
                 "INSERT INTO strategy_positions (strategy_position_id, strategy_id, signal_id, symbol, position_side,"
                 " exchange_position_id, status, entry_price, quantity, remaining_quantity, confidence, entry_fee,"
                 " client_order_id, exchange_order_id, opened_at) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)",
@@ -138,7 +146,8 @@ async def raw_insert(events: list[Event]) -> float:
                   e.exchange_position.exchange_position_id, "open", e.entry_price, e.quantity, e.quantity, e.confidence,
                   e.fee, e.client_order_id, e.exchange_order_id, at) for e in opened],
             )  # fmt: skip
-            await cur.executemany(
+            await insert(
+                cur,
                 "INSERT INTO position_contributions (contribution_id, exchange_position_id, strategy_position_id,"
                 " strategy_id, symbol, position_side, sequence, quantity, entry_price, quantity_before,"
                 " quantity_after, avg_entry_price_after, created_at) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)",
@@ -147,7 +156,8 @@ async def raw_insert(events: list[Event]) -> float:
                   e.exchange_position.quantity_before, e.exchange_position.quantity_after,
                   e.exchange_position.avg_entry_price, at) for e in opened],
             )  # fmt: skip
-            await cur.executemany(
+            await insert(
+                cur,
                 "INSERT INTO position_closes (event_id, strategy_position_id, strategy_id, exchange_position_id,"
                 " symbol, position_side, closed_quantity, remaining_quantity, entry_price, exit_price, gross_pnl,"
                 " entry_fee_share, exit_fee, fee, realized_pnl, close_reason, client_order_id, exchange_order_id,"
@@ -157,7 +167,8 @@ async def raw_insert(events: list[Event]) -> float:
                   e.gross_pnl, e.entry_fee_share, e.exit_fee, e.fee, e.realized_pnl, e.close_reason.value,
                   e.client_order_id, e.exchange_order_id, at) for e in closed],
             )  # fmt: skip
-            await cur.executemany(
+            await insert(
+                cur,
                 "INSERT INTO signal_decisions (event_id, signal_id, strategy_id, symbol, action, outcome,"
                 " reason_code, reason, strategy_position_ids, decided_at) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)",
                 [(e.event_id, e.signal_id, e.strategy_id, e.symbol, e.action.value, e.outcome.value,

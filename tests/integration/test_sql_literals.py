@@ -1,0 +1,118 @@
+"""The attribution writer renders SQL literals itself (engine.adapters.mysql_store.SqlLiterals):
+they must be what asyncmy writes, and whatever goes in must come back out of MariaDB unchanged,
+in both of the server's quoting modes."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import asyncmy
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from engine.adapters.mysql_store import MultiRowInsert, SqlLiterals
+from engine.config import MysqlTarget
+
+VALUES = st.one_of(
+    st.text(),
+    st.text(alphabet="'\"\\\x00\n\r\x1a%s"),
+    st.decimals(allow_nan=False, allow_infinity=False),
+    st.integers(),
+    st.booleans(),
+    st.none(),
+    st.datetimes(),
+    st.datetimes(timezones=st.just(UTC)),
+    st.floats(allow_nan=False, allow_infinity=False),
+)
+
+
+def examples(strategy: st.SearchStrategy[Any], count: int) -> list[Any]:
+    """Hypothesis-generated values, collected for use against a live connection."""
+    found: list[Any] = []
+
+    @settings(max_examples=count, database=None)
+    @given(strategy)
+    def collect(value: Any) -> None:
+        found.append(value)
+
+    collect()
+    return found
+
+
+@pytest.fixture
+async def conn(mysql_server: MysqlTarget) -> AsyncIterator[Any]:
+    name = f"te_literals_{uuid.uuid4().hex[:8]}"
+    conn = await asyncmy.connect(
+        host=mysql_server.host, port=mysql_server.port, user=mysql_server.user, password=mysql_server.password
+    )
+    try:
+        async with conn.cursor() as cur:
+            await cur.execute(f"CREATE DATABASE `{name}`")
+            await cur.execute(f"USE `{name}`")
+            await cur.execute(
+                "CREATE TABLE t (n INT PRIMARY KEY, s TEXT CHARACTER SET utf8mb4, d DECIMAL(36, 18),"
+                " at DATETIME(6), i BIGINT, b BOOL)"
+            )
+        yield conn
+    finally:
+        async with conn.cursor() as cur:
+            await cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
+        conn.close()
+
+
+@pytest.mark.parametrize("sql_mode", ["", "NO_BACKSLASH_ESCAPES"])
+async def test_literals_are_what_asyncmy_writes(conn: Any, sql_mode: str) -> None:
+    async with conn.cursor() as cur:
+        await cur.execute(f"SET SESSION sql_mode = '{sql_mode}'")
+    literals = SqlLiterals(conn)
+    for value in examples(VALUES, 600):
+        assert literals.literal(value) == conn.literal(value), value
+    quoted = "'a''b'" if sql_mode else "'a\\'b'"
+    assert literals.row(["a'b", Decimal("1E-8"), None]) == f"({quoted},0.00000001,NULL)"
+
+
+@pytest.mark.parametrize("sql_mode", ["", "NO_BACKSLASH_ESCAPES"])
+async def test_what_goes_in_comes_back_out(conn: Any, sql_mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    async with conn.cursor() as cur:
+        await cur.execute(f"SET SESSION sql_mode = '{sql_mode}'")
+    texts = [
+        *examples(st.text(alphabet=st.characters(exclude_categories=["Cs"])), 150),
+        "'; DROP TABLE t; --",
+        "\\'",
+        "\\",
+        "%s %(x)s",
+        "\x00\x1a\n\r\t",
+        "emoji \U0001f680 and ümlauts",
+    ]
+    decimals = [
+        Decimal("1E-18"),
+        Decimal("-12345678901234567.000000000000000001"),
+        Decimal("0E-7"),
+        Decimal(0),
+    ]
+    rows = [
+        (n, text, decimals[n % len(decimals)], datetime(2026, 11, 25, 15, 0, 0, n), 2**62 + n, n % 2 == 0)
+        for n, text in enumerate(texts)
+    ]
+    insert = MultiRowInsert.of("INSERT INTO t (n, s, d, at, i, b) VALUES (%s, %s, %s, %s, %s, %s)")
+    monkeypatch.setattr(SqlLiterals, "MAX_STATEMENT_CHARS", 2_000)  # several statements
+    async with conn.cursor() as cur:
+        await insert.run(cur, rows)
+        await cur.execute("SELECT n, s, d, at, i, b FROM t ORDER BY n")
+        stored = await cur.fetchall()
+    assert [(n, s, d, at, i, bool(b)) for n, s, d, at, i, b in stored] == rows
+
+
+def test_only_placeholder_rows_make_a_multi_row_insert() -> None:
+    insert = MultiRowInsert.of("INSERT INTO t (a, b) VALUES (%s, %s) ON DUPLICATE KEY UPDATE b = VALUES(b)")
+    assert (insert.head, insert.tail) == (
+        "INSERT INTO t (a, b) VALUES ",
+        " ON DUPLICATE KEY UPDATE b = VALUES(b)",
+    )
+    with pytest.raises(ValueError, match="placeholders only"):
+        MultiRowInsert.of("INSERT INTO t (a, b) VALUES (%s, 'open')")
