@@ -1,7 +1,10 @@
 """Worker throughput and latency against the null pipeline, on a private nats-server.
 
 Prints signals/s for the worker and for the null pipeline over the same preloaded signals, their
-ratio, and p50/p99 signal -> decision latency at a fixed offered rate. Targets (issue #6):
+ratio, and p50/p99 signal -> decision latency at a fixed offered rate. A third run, the floor,
+adds to the null pipeline what any worker must spend per signal besides its domain (validation,
+and building, encoding and storing as many events), so worker / floor is the domain's own cost.
+Targets (issue #6):
 >= 5,000 signals/s, ratio >= 0.5, p99 < 5 ms at 1,000/s.
 
     python -m bench.worker_throughput [--signals N] [--rate R] [--seconds S]
@@ -55,7 +58,7 @@ def worker_env(url: str) -> dict[str, str]:
 
 def start(kind: str, url: str) -> subprocess.Popen[bytes]:
     cmd = [sys.executable, "-m", "engine.cli", "worker"] if kind == "worker" else [
-        sys.executable, "-m", "bench.null_pipeline", url]  # fmt: skip
+        sys.executable, "-m", "bench.null_pipeline", url, *(["--floor"] if kind == "floor" else [])]  # fmt: skip
     return subprocess.Popen(cmd, env=worker_env(url), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -96,7 +99,7 @@ async def throughput(kind: str, n: int, tmp: Path) -> tuple[float, int, float]:
             subject, body, msg_id = signal_payload(rng, i, prices)
             futures.append(await bus.js.publish_async(subject, body, headers={"Nats-Msg-Id": msg_id}))
         await asyncio.gather(*futures)
-        durable = "tradeengine-worker" if kind == "worker" else "null-pipeline"
+        durable = "tradeengine-worker" if kind == "worker" else "null-pipeline"  # floor: a null pipeline
         proc = start(kind, server.url)
         done = asyncio.Event()
         ticks = asyncio.create_task(ticker(bus.nc, prices, rng, done, rate=500))
@@ -191,13 +194,18 @@ async def main() -> None:
     print(f"# worker vs null pipeline — {machine()}")
     with tempfile.TemporaryDirectory() as tmp:
         null_rate, _, _ = await throughput("null", args.signals, Path(tmp))
+        floor_rate, _, _ = await throughput("floor", args.signals, Path(tmp))
         worker_rate, ticks, rss = await throughput("worker", args.signals, Path(tmp))
         print(f"throughput, {args.signals} preloaded signals (8 strategies, 7 symbols, both sides, closes):")
         print(f"  null pipeline : {null_rate:8.0f} signals/s")
         print(
+            f"  floor         : {floor_rate:8.0f} signals/s  (validation + the worker's 2.79 events, no domain)"
+        )
+        print(
             f"  worker        : {worker_rate:8.0f} signals/s  ({ticks} ticks sent meanwhile, RSS {rss:.0f} MB)"
         )
         print(f"  ratio         : {worker_rate / null_rate:8.2f}   (targets: >= 5000/s, ratio >= 0.5)")
+        print(f"  worker / floor: {worker_rate / floor_rate:8.2f}   (what the domain itself costs)")
         for tick_rate, workload in (
             (500, "500 ticks/s: TPs/SLs close slices"),
             (0, "no ticks: slices pile up"),
