@@ -6,18 +6,18 @@ import asyncio
 import json
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncmy
 import asyncmy.errors
 import structlog
 from asyncmy.constants.SERVER_STATUS import SERVER_STATUS_NO_BACKSLASH_ESCAPES
-from asyncmy.converters import escape_string
+from asyncmy.converters import escape_bytes_prefixed, escape_item, escape_string
 
 from engine.config import MysqlTarget
 from engine.domain.events import (
@@ -186,13 +186,17 @@ class MysqlStore:
             )
             await conn.commit()
 
-    async def write(self, events: Sequence[tuple[Event, int | None]]) -> int:
+    async def write(
+        self, events: Sequence[tuple[Event, int | None]], projected: ProjectedBatch | None = None
+    ) -> int:
         """Project a batch in one transaction; returns how many events were new.
 
         Idempotent: events already in processed_events (or repeated in the batch) are skipped.
         One multi-row statement per table instead of one per event: the running totals of
         strategy and exchange positions are folded per row in Python, in event order, and
-        applied with INSERT ... ON DUPLICATE KEY UPDATE."""
+        applied with INSERT ... ON DUPLICATE KEY UPDATE. `projected` is these events rendered
+        beforehand (`project`), e.g. while the previous batch was being written; it is used
+        when none of them was stored before, and rendered again otherwise."""
         if not events:
             return 0
         async with self.pool.acquire() as conn:
@@ -200,12 +204,32 @@ class MysqlStore:
                 async with conn.cursor() as cur:
                     fresh = await _unseen(cur, events)
                     if fresh:
-                        await _project(cur, fresh)
+                        quoting = no_backslash_escapes(conn)
+                        if (
+                            projected is None
+                            or len(projected.events) != len(fresh)  # fresh is a subset of its events
+                            or projected.no_backslash_escapes != quoting
+                        ):
+                            projected = project(fresh, quoting)
+                        for statement in projected.statements:
+                            await cur.execute(statement)  # no args: asyncmy leaves the text as it is
+                        if projected.opened or projected.closed:
+                            stats = await _fold_strategy_stats(cur, projected.opened, projected.closed)
+                            await _UPSERT_STRATEGY_STATS.run(cur, stats)
                 await conn.commit()
             except BaseException:
                 await conn.rollback()
                 raise
         return len(fresh)
+
+    async def quoting(self) -> bool:
+        """Whether the server's sql_mode has NO_BACKSLASH_ESCAPES (see `project`)."""
+        async with self.pool.acquire() as conn:
+            return no_backslash_escapes(conn)
+
+
+def no_backslash_escapes(conn: Any) -> bool:
+    return bool(conn.server_status & SERVER_STATUS_NO_BACKSLASH_ESCAPES)
 
 
 class SqlLiterals:
@@ -218,12 +242,8 @@ class SqlLiterals:
     # character in UTF-8, a million characters always fit (asyncmy splits at 1,024,000 bytes).
     MAX_STATEMENT_CHARS = 1_000_000
 
-    def __init__(self, conn: Any) -> None:
-        if conn.server_status & SERVER_STATUS_NO_BACKSLASH_ESCAPES:
-            self._escape: Callable[[str], str] = conn.escape_string
-        else:
-            self._escape = escape_string
-        self._other: Callable[[Any], str] = conn.literal
+    def __init__(self, no_backslash_escapes: bool) -> None:
+        self._escape: Callable[[str], str] = _double_quotes if no_backslash_escapes else escape_string
         self._datetimes: dict[datetime, str] = {}
         self._by_type: dict[type[Any], Callable[[Any], str]] = {
             str: self._string,
@@ -242,32 +262,63 @@ class SqlLiterals:
         found = self._datetimes.get(value)
         if found is None:
             if value.tzinfo is not None:
-                return self._other(value)
+                return _other_literal(value)
             found = self._datetimes[value] = "'" + value.isoformat(" ") + "'"
         return found
 
     def literal(self, value: Any) -> str:
-        return (self._by_type.get(type(value)) or self._other)(value)
+        return (self._by_type.get(type(value)) or _other_literal)(value)
 
     def row(self, values: Sequence[Any]) -> str:
-        by_type, other = self._by_type, self._other
+        by_type, other = self._by_type, _other_literal
         return "(" + ",".join([(by_type.get(type(v)) or other)(v) for v in values]) + ")"
 
-    def statements(self, head: str, rows: Sequence[Sequence[Any]], tail: str = "") -> list[str]:
+    def statements(self, head: str, rows: Iterable[Sequence[Any]], tail: str = "") -> list[str]:
         """`head` + the rows' VALUES lists + `tail`, in as few statements as the size cap allows."""
+        return finish(self.statement_steps(head, rows, tail))
+
+    def statement_steps(
+        self, head: str, rows: Iterable[Sequence[Any]], tail: str = ""
+    ) -> Generator[None, None, list[str]]:
+        """`statements`, pausing every PAUSE_EVERY rows (see `project_cooperatively`)."""
         statements: list[str] = []
         parts: list[str] = []
         size = 0
-        for values in rows:
+        for n, values in enumerate(rows, 1):
             text = self.row(values)
             if parts and size + len(text) > self.MAX_STATEMENT_CHARS:
                 statements.append(head + ",".join(parts) + tail)
                 parts, size = [], 0
             parts.append(text)
             size += len(text) + 1
+            if n % PAUSE_EVERY == 0:
+                yield
         if parts:
             statements.append(head + ",".join(parts) + tail)
         return statements
+
+
+PAUSE_EVERY = 128  # rows: about a millisecond of rendering
+T = TypeVar("T")
+
+
+def finish(steps: Generator[None, None, T]) -> T:
+    """Run a stepped computation to its end, without pausing."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+
+
+def _double_quotes(value: str) -> str:
+    return value.replace("'", "''")  # what asyncmy does in this mode
+
+
+def _other_literal(value: Any) -> str:
+    if isinstance(value, bytes | bytearray):
+        return escape_bytes_prefixed(bytes(value))
+    return str(escape_item(value, "utf8mb4"))
 
 
 def _decimal_literal(value: Decimal) -> str:
@@ -300,14 +351,21 @@ class MultiRowInsert:
             raise ValueError(f"not a single-row INSERT with placeholders only: {sql[:80]!r}")
         return cls(match.group(1), match.group(2))
 
+    def statement_steps(
+        self, literals: SqlLiterals, rows: Iterable[Sequence[Any]]
+    ) -> Generator[None, None, list[str]]:
+        return literals.statement_steps(self.head, rows, self.tail)
+
     async def run(self, cur: Any, rows: Sequence[Sequence[Any]]) -> None:
-        for statement in SqlLiterals(cur.connection).statements(self.head, rows, self.tail):
+        for statement in finish(
+            self.statement_steps(SqlLiterals(no_backslash_escapes(cur.connection)), rows)
+        ):
             await cur.execute(statement)  # no args: asyncmy leaves the text as it is
 
 
 async def _unseen(cur: Any, events: Sequence[tuple[Event, int | None]]) -> list[tuple[Event, int | None]]:
     ids = list(dict.fromkeys(e.event_id for e, _ in events))
-    in_list = SqlLiterals(cur.connection).row(ids)
+    in_list = SqlLiterals(no_backslash_escapes(cur.connection)).row(ids)
     await cur.execute(f"SELECT event_id FROM processed_events WHERE event_id IN {in_list}")
     seen = {row[0] for row in await cur.fetchall()}
     fresh: list[tuple[Event, int | None]] = []
@@ -318,27 +376,77 @@ async def _unseen(cur: Any, events: Sequence[tuple[Event, int | None]]) -> list[
     return fresh
 
 
-async def _project(cur: Any, fresh: list[tuple[Event, int | None]]) -> None:
+@dataclass(frozen=True, slots=True)
+class ProjectedBatch:
+    """A batch's statements, rendered without a connection: all but strategy_stats, whose
+    deltas read the positions back after this batch's statements have run."""
+
+    events: list[tuple[Event, int | None]]
+    statements: list[str]
+    opened: list[PositionOpened]
+    closed: list[PositionClosed]
+    no_backslash_escapes: bool
+
+
+def project(events: Sequence[tuple[Event, int | None]], no_backslash_escapes: bool) -> ProjectedBatch:
+    """The statements writing `events` (repeats within the batch dropped), as if none of them
+    had been stored before; `MysqlStore.write` checks that they were not."""
+    return finish(_projection(events, no_backslash_escapes))
+
+
+async def project_cooperatively(
+    events: Sequence[tuple[Event, int | None]], no_backslash_escapes: bool
+) -> ProjectedBatch:
+    """`project`, giving the event loop a turn about every millisecond: rendering a batch takes
+    tens of milliseconds, and the writer must not wait that long to send MySQL its next
+    statement."""
+    steps = _projection(events, no_backslash_escapes)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+        await asyncio.sleep(0)
+
+
+def _projection(
+    events: Sequence[tuple[Event, int | None]], no_backslash_escapes: bool
+) -> Generator[None, None, ProjectedBatch]:
+    seen: set[str] = set()
+    fresh: list[tuple[Event, int | None]] = []
+    for event, seq in events:
+        if event.event_id not in seen:
+            seen.add(event.event_id)
+            fresh.append((event, seq))
+    literals = SqlLiterals(no_backslash_escapes)
     now = _utc(datetime.now(UTC))
-    await _INSERT_PROCESSED.run(cur, [(e.event_id, e.type, seq, now) for e, seq in fresh])
+    statements = yield from _INSERT_PROCESSED.statement_steps(
+        literals, ((e.event_id, e.type, seq, now) for e, seq in fresh)
+    )
     decided = [e for e, _ in fresh if isinstance(e, SignalDecided)]
     opened = [e for e, _ in fresh if isinstance(e, PositionOpened)]
     closed = [e for e, _ in fresh if isinstance(e, PositionClosed)]
     dead = [e for e, _ in fresh if isinstance(e, SignalDead)]
     if decided:
-        await _INSERT_DECISION.run(cur, [_decision_row(e) for e in decided])
+        statements += yield from _INSERT_DECISION.statement_steps(literals, map(_decision_row, decided))
     if dead:
-        await _INSERT_DEAD.run(cur, [_dead_row(e) for e in dead])
+        statements += yield from _INSERT_DEAD.statement_steps(literals, map(_dead_row, dead))
     if opened or closed:
-        await _UPSERT_STRATEGY_POSITION.run(cur, _strategy_position_rows(opened, closed))
+        rows = _strategy_position_rows(opened, closed)
+        yield
+        statements += yield from _UPSERT_STRATEGY_POSITION.statement_steps(literals, rows)
     if opened:
-        await _INSERT_CONTRIBUTION.run(cur, [_contribution_row(e) for e in opened])
+        statements += yield from _INSERT_CONTRIBUTION.statement_steps(
+            literals, map(_contribution_row, opened)
+        )
     if closed:
-        await _INSERT_CLOSE.run(cur, [_close_row(e) for e in closed])
+        statements += yield from _INSERT_CLOSE.statement_steps(literals, map(_close_row, closed))
     positional = [e for e, _ in fresh if isinstance(e, PositionOpened | PositionClosed)]
     if positional:
-        await _UPSERT_EXCHANGE_POSITION.run(cur, _fold_exchange_positions(positional))
-        await _UPSERT_STRATEGY_STATS.run(cur, await _fold_strategy_stats(cur, opened, closed))
+        statements += yield from _UPSERT_EXCHANGE_POSITION.statement_steps(
+            literals, _fold_exchange_positions(positional)
+        )
+    return ProjectedBatch(fresh, statements, opened, closed, no_backslash_escapes)
 
 
 _INSERT_PROCESSED = MultiRowInsert.of(

@@ -11,7 +11,7 @@ import structlog
 from nats.aio.msg import Msg
 
 from engine import metrics
-from engine.adapters.mysql_store import MysqlStore
+from engine.adapters.mysql_store import PAUSE_EVERY, MysqlStore, ProjectedBatch, project_cooperatively
 from engine.adapters.nats_bus import EVENTS_STREAM, DurableConsumer, NatsBus, jetstream_sequences
 from engine.config import Settings
 from engine.domain.events import Event, decode_event
@@ -20,6 +20,8 @@ log = structlog.get_logger(__name__)
 # MySQL refusing the values themselves (out of range, too long, a broken reference): retrying
 # cannot help. Connection losses and deadlocks are OperationalError and are retried.
 PERMANENT_DATA_ERRORS = (asyncmy.errors.DataError, asyncmy.errors.IntegrityError)
+# A batch as received, decoded and rendered as SQL by the reader, for the writer.
+Decoded = tuple[list[Msg], list[tuple[Event, int | None]], ProjectedBatch]
 
 
 class AttributionConsumer:
@@ -58,10 +60,10 @@ class AttributionConsumer:
         self.ready.set()
         log.info("attribution.ready", database=self.store.target.database)
         lag = asyncio.create_task(self.report_lag())
-        # Receiving and decoding the next batch overlaps with MySQL writing this one; batches
-        # are still written and acked one at a time, in stream order.
-        decoded: asyncio.Queue[tuple[list[Msg], list[tuple[Event, int | None]]]] = asyncio.Queue(maxsize=1)
-        reader = asyncio.create_task(self._read(sub, decoded))
+        # Receiving, decoding and rendering the next batch's SQL overlaps with MySQL writing this
+        # one; batches are still written and acked one at a time, in stream order.
+        decoded: asyncio.Queue[Decoded] = asyncio.Queue(maxsize=1)
+        reader = asyncio.create_task(self._read(sub, decoded, await self.store.quoting()))
         try:
             while not self._stopping.is_set():
                 getter = asyncio.ensure_future(decoded.get())
@@ -70,8 +72,8 @@ class AttributionConsumer:
                     getter.cancel()
                     reader.result()  # the reader died: raise what killed it
                     break
-                msgs, batch = getter.result()
-                await self.persist(msgs, batch)
+                msgs, batch, projected = getter.result()
+                await self.persist(msgs, batch, projected)
                 decoded.task_done()
         finally:
             self.ready.clear()
@@ -82,16 +84,18 @@ class AttributionConsumer:
             await lag
             log.info("attribution.stopped")
 
-    async def _read(
-        self, sub: DurableConsumer, decoded: asyncio.Queue[tuple[list[Msg], list[tuple[Event, int | None]]]]
-    ) -> None:
+    async def _read(self, sub: DurableConsumer, decoded: asyncio.Queue[Decoded], quoting: bool) -> None:
         while not self._stopping.is_set():
             if sub.restarting:
                 await decoded.join()  # every batch taken is written and acked before the restart
             # Analysts can wait 50 ms; MySQL prefers few large transactions to many small ones.
             msgs = await sub.next_batch(2000, idle_wait=0.5, linger=0.05)
             if msgs:
-                await decoded.put((msgs, self.decode(msgs)))
+                batch: list[tuple[Event, int | None]] = []
+                for start in range(0, len(msgs), PAUSE_EVERY):  # the writer gets the loop in between
+                    batch += self.decode(msgs[start : start + PAUSE_EVERY])
+                    await asyncio.sleep(0)
+                await decoded.put((msgs, batch, await project_cooperatively(batch, quoting)))
 
     @staticmethod
     def decode(msgs: list[Msg]) -> list[tuple[Event, int | None]]:
@@ -104,18 +108,24 @@ class AttributionConsumer:
                 log.error("attribution.undecodable", subject=msg.subject, error=str(exc)[:500])
         return batch
 
-    async def persist(self, msgs: list[Msg], batch: list[tuple[Event, int | None]] | None = None) -> None:
+    async def persist(
+        self,
+        msgs: list[Msg],
+        batch: list[tuple[Event, int | None]] | None = None,
+        projected: ProjectedBatch | None = None,
+    ) -> None:
         if batch is None:
             batch = self.decode(msgs)
         delay = 0.1
         while True:
             try:
-                new = await self._write_or_quarantine(batch)
+                new = await self._write_or_quarantine(batch, projected)
                 break
             except Exception as exc:  # a lost connection or a deadlock: retry the same batch
                 log.warning("attribution.write_failed", error=repr(exc)[:500], events=len(batch))
                 if self._stopping.is_set():
                     raise
+                projected = None  # rendered again when retried: processed_at says when it was written
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
         if msgs:
@@ -125,11 +135,13 @@ class AttributionConsumer:
             metrics.child(metrics.EVENTS_PERSISTED, event_type).inc(count)
         log.debug("attribution.persisted", events=len(batch), new=new)
 
-    async def _write_or_quarantine(self, batch: list[tuple[Event, int | None]]) -> int:
+    async def _write_or_quarantine(
+        self, batch: list[tuple[Event, int | None]], projected: ProjectedBatch | None = None
+    ) -> int:
         """Write the batch; if MySQL refuses its data for good, find the refused events by
         halving (order kept) and quarantine them, so one bad event cannot stall the rest."""
         try:
-            return await self.store.write(batch)
+            return await self.store.write(batch, projected)
         except PERMANENT_DATA_ERRORS as exc:
             if len(batch) == 1:
                 event, seq = batch[0]

@@ -15,7 +15,7 @@ import pytest
 import pytest_asyncio
 
 from engine.adapters.embedded_nats import EmbeddedNats, free_port
-from engine.adapters.mysql_store import MysqlStore
+from engine.adapters.mysql_store import MysqlStore, project
 from engine.adapters.nats_bus import NatsBus
 from engine.app.attribution import AttributionConsumer
 from engine.config import MysqlTarget, load_settings
@@ -483,6 +483,32 @@ async def test_one_event_per_batch_projects_the_same_rows_as_one_batch(
         for table in tables:
             sql = f"SELECT * FROM {table} ORDER BY 1"  # the primary key, in all four
             assert await one_by_one.rows(sql) == await db.rows(sql), table
+    finally:
+        async with store.pool.acquire() as conn, conn.cursor() as cur:
+            await cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
+        await store.close()
+
+
+async def test_a_batch_rendered_before_part_of_it_was_stored_is_rendered_again(
+    db: Db, mysql_server: MysqlTarget
+) -> None:
+    """The consumer renders a batch's SQL while the batch before it is written. If some of its
+    events turn out to be stored already (a redelivery), the rendering must not be used."""
+    name = f"te_projected_{free_port()}"
+    server = mysql_server
+    store = await MysqlStore.open(MysqlTarget(server.host, server.port, server.user, server.password, name))
+    try:
+        await store.migrate()
+        events = [(event, None) for event in await History().build()]
+        rendered = project(events, await store.quoting())
+        half = len(events) // 2
+        assert await store.write(events[:half]) == half
+        assert await store.write(events, rendered) == len(events) - half
+        assert await store.write(events, rendered) == 0
+        again = Db(store, db.history)
+        for table in ("strategy_positions", "exchange_positions", "strategy_stats", "position_closes"):
+            sql = f"SELECT * FROM {table} ORDER BY 1"
+            assert await again.rows(sql) == await db.rows(sql), table
     finally:
         async with store.pool.acquire() as conn, conn.cursor() as cur:
             await cur.execute(f"DROP DATABASE IF EXISTS `{name}`")

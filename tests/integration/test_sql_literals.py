@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.adapters.mysql_store import MultiRowInsert, SqlLiterals
+from engine.adapters.mysql_store import MultiRowInsert, SqlLiterals, no_backslash_escapes
 from engine.config import MysqlTarget
 
 VALUES = st.one_of(
@@ -69,7 +69,8 @@ async def conn(mysql_server: MysqlTarget) -> AsyncIterator[Any]:
 async def test_literals_are_what_asyncmy_writes(conn: Any, sql_mode: str) -> None:
     async with conn.cursor() as cur:
         await cur.execute(f"SET SESSION sql_mode = '{sql_mode}'")
-    literals = SqlLiterals(conn)
+    literals = SqlLiterals(no_backslash_escapes(conn))
+    assert no_backslash_escapes(conn) == bool(sql_mode)
     for value in examples(VALUES, 600):
         assert literals.literal(value) == conn.literal(value), value
     quoted = "'a''b'" if sql_mode else "'a\\'b'"
