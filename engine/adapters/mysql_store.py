@@ -194,33 +194,39 @@ class MysqlStore:
         Idempotent: events already in processed_events (or repeated in the batch) are skipped.
         One multi-row statement per table instead of one per event: the running totals of
         strategy and exchange positions are folded per row in Python, in event order, and
-        applied with INSERT ... ON DUPLICATE KEY UPDATE. `projected` is these events rendered
-        beforehand (`project`), e.g. while the previous batch was being written; it is used
-        when none of them was stored before, and rendered again otherwise."""
+        applied with INSERT ... ON DUPLICATE KEY UPDATE.
+
+        `projected` is these events rendered beforehand (`project`), e.g. while the previous
+        batch was being written. Its event ids are claimed first; when every one of them is new
+        (the usual case) the rest of it follows, with no dedupe query. Otherwise the claim is
+        rolled back and the batch is checked and rendered again."""
         if not events:
             return 0
         async with self.pool.acquire() as conn:
             try:
                 async with conn.cursor() as cur:
-                    fresh = await _unseen(cur, events)
-                    if fresh:
-                        quoting = no_backslash_escapes(conn)
-                        if (
-                            projected is None
-                            or len(projected.events) != len(fresh)  # fresh is a subset of its events
-                            or projected.no_backslash_escapes != quoting
-                        ):
-                            projected = project(fresh, quoting)
-                        for statement in projected.statements:
-                            await cur.execute(statement)  # no args: asyncmy leaves the text as it is
-                        if projected.opened or projected.closed:
-                            stats = await _fold_strategy_stats(cur, projected.opened, projected.closed)
-                            await _UPSERT_STRATEGY_STATS.run(cur, stats)
+                    quoting = no_backslash_escapes(conn)
+                    if projected is not None and projected.no_backslash_escapes == quoting:
+                        claimed = 0
+                        for statement in projected.claims:
+                            claimed += await cur.execute(statement)  # no args: the text as it is
+                        if claimed != len(projected.events):
+                            await conn.rollback()  # some were stored before: the careful way
+                            projected = None
+                    if projected is None:
+                        projected = project(await _unseen(cur, events), quoting)
+                        for statement in projected.claims:
+                            await cur.execute(statement)
+                    for statement in projected.statements:
+                        await cur.execute(statement)
+                    if projected.opened or projected.closed:
+                        stats = await _fold_strategy_stats(cur, projected.opened, projected.closed)
+                        await _UPSERT_STRATEGY_STATS.run(cur, stats)
                 await conn.commit()
             except BaseException:
                 await conn.rollback()
                 raise
-        return len(fresh)
+        return len(projected.events)
 
     async def quoting(self) -> bool:
         """Whether the server's sql_mode has NO_BACKSLASH_ESCAPES (see `project`)."""
@@ -382,6 +388,7 @@ class ProjectedBatch:
     deltas read the positions back after this batch's statements have run."""
 
     events: list[tuple[Event, int | None]]
+    claims: list[str]  # processed_events rows: how many are new tells whether any was seen before
     statements: list[str]
     opened: list[PositionOpened]
     closed: list[PositionClosed]
@@ -420,9 +427,10 @@ def _projection(
             fresh.append((event, seq))
     literals = SqlLiterals(no_backslash_escapes)
     now = _utc(datetime.now(UTC))
-    statements = yield from _INSERT_PROCESSED.statement_steps(
+    claims = yield from _CLAIM_PROCESSED.statement_steps(
         literals, ((e.event_id, e.type, seq, now) for e, seq in fresh)
     )
+    statements: list[str] = []
     decided = [e for e, _ in fresh if isinstance(e, SignalDecided)]
     opened = [e for e, _ in fresh if isinstance(e, PositionOpened)]
     closed = [e for e, _ in fresh if isinstance(e, PositionClosed)]
@@ -446,11 +454,13 @@ def _projection(
         statements += yield from _UPSERT_EXCHANGE_POSITION.statement_steps(
             literals, _fold_exchange_positions(positional)
         )
-    return ProjectedBatch(fresh, statements, opened, closed, no_backslash_escapes)
+    return ProjectedBatch(fresh, claims, statements, opened, closed, no_backslash_escapes)
 
 
-_INSERT_PROCESSED = MultiRowInsert.of(
+# A row that exists already is left as it is and not counted: the count says how many are new.
+_CLAIM_PROCESSED = MultiRowInsert.of(
     "INSERT INTO processed_events (event_id, event_type, stream_seq, processed_at) VALUES (%s, %s, %s, %s)"
+    " ON DUPLICATE KEY UPDATE event_id = event_id"
 )
 _INSERT_DECISION = MultiRowInsert.of(
     "INSERT INTO signal_decisions (event_id, signal_id, strategy_id, symbol, action, outcome,"
