@@ -10,6 +10,8 @@ import pytest
 from bench import attribution_throughput, worker_hotpath, worker_throughput
 from engine.config import MysqlTarget
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.mark.parametrize("kind", ["null", "floor", "worker"])
 async def test_throughput_runs_every_signal_through(kind: str, tmp_path: Path) -> None:

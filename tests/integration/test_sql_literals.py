@@ -18,6 +18,8 @@ from hypothesis import strategies as st
 from engine.adapters.mysql_store import MultiRowInsert, SqlLiterals, no_backslash_escapes
 from engine.config import MysqlTarget
 
+pytestmark = pytest.mark.integration
+
 VALUES = st.one_of(
     st.text(),
     st.text(alphabet="'\"\\\x00\n\r\x1a%s"),
