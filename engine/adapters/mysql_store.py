@@ -71,6 +71,7 @@ class MysqlStore:
     def __init__(self, pool: Any, target: MysqlTarget) -> None:
         self.pool = pool
         self.target = target
+        self.no_backslash_escapes = False  # the server's quoting mode, as last seen
 
     @classmethod
     async def open(cls, target: MysqlTarget, create_database: bool = True) -> MysqlStore:
@@ -197,28 +198,29 @@ class MysqlStore:
         applied with INSERT ... ON DUPLICATE KEY UPDATE.
 
         `projected` is these events rendered beforehand (`project`), e.g. while the previous
-        batch was being written. Its event ids are claimed first; when every one of them is new
-        (the usual case) the rest of it follows, with no dedupe query. Otherwise the claim is
-        rolled back and the batch is checked and rendered again."""
+        batch was being written, in the quoting mode the server had then. Their event ids are
+        claimed first, stamped with the time of writing; when every one of them is new (the
+        usual case) the rest follows, with no dedupe query. Otherwise (or if the server's
+        quoting mode changed since) the batch is checked and rendered again."""
         if not events:
             return 0
         async with self.pool.acquire() as conn:
             try:
                 async with conn.cursor() as cur:
-                    quoting = no_backslash_escapes(conn)
-                    if projected is not None and projected.no_backslash_escapes == quoting:
-                        claimed = 0
-                        for statement in projected.claims:
-                            claimed += await cur.execute(statement)  # no args: the text as it is
-                        if claimed != len(projected.events):
-                            await conn.rollback()  # some were stored before: the careful way
-                            projected = None
+                    quoting = self.no_backslash_escapes = no_backslash_escapes(conn)
+                    if projected is not None and projected.no_backslash_escapes != quoting:
+                        projected = None  # rendered for the other mode: its escaping is wrong here
+                    if projected is not None and await _claim(cur, projected) != len(projected.events):
+                        await conn.rollback()  # some were stored before: the careful way
+                        projected = None
                     if projected is None:
                         projected = project(await _unseen(cur, events), quoting)
-                        for statement in projected.claims:
-                            await cur.execute(statement)
+                        if await _claim(cur, projected) != len(projected.events):
+                            # Stored by someone else since the check: another writer on this
+                            # database. Rolled back and retried, which then skips them.
+                            raise ConcurrentWrite("events were stored by another writer meanwhile")
                     for statement in projected.statements:
-                        await cur.execute(statement)
+                        await cur.execute(statement)  # no args: asyncmy leaves the text as it is
                     if projected.opened or projected.closed:
                         stats = await _fold_strategy_stats(cur, projected.opened, projected.closed)
                         await _UPSERT_STRATEGY_STATS.run(cur, stats)
@@ -229,9 +231,25 @@ class MysqlStore:
         return len(projected.events)
 
     async def quoting(self) -> bool:
-        """Whether the server's sql_mode has NO_BACKSLASH_ESCAPES (see `project`)."""
+        """Whether the server's sql_mode has NO_BACKSLASH_ESCAPES (see `project`). `write` keeps
+        `no_backslash_escapes` up to date with what each transaction saw."""
         async with self.pool.acquire() as conn:
-            return no_backslash_escapes(conn)
+            self.no_backslash_escapes = no_backslash_escapes(conn)
+        return self.no_backslash_escapes
+
+
+class ConcurrentWrite(Exception):
+    """Another writer stored some of a batch's events while this one was writing it."""
+
+
+async def _claim(cur: Any, projected: ProjectedBatch) -> int:
+    """Insert the batch's processed_events rows; returns how many were new."""
+    now = _utc(datetime.now(UTC))
+    rows = [(e.event_id, e.type, seq, now) for e, seq in projected.events]
+    claimed = 0
+    for statement in _CLAIM_PROCESSED.statements(SqlLiterals(projected.no_backslash_escapes), rows):
+        claimed += await cur.execute(statement)
+    return claimed
 
 
 def no_backslash_escapes(conn: Any) -> bool:
@@ -244,9 +262,9 @@ class SqlLiterals:
     the attribution consumer's CPU (bench/RESULTS.md). Strings still go through asyncmy's own
     escaping, in the connection's quoting mode; a type not listed here goes to asyncmy."""
 
-    # A statement must fit in max_allowed_packet, 4 MiB on the oldest servers: at most 4 bytes a
-    # character in UTF-8, a million characters always fit (asyncmy splits at 1,024,000 bytes).
-    MAX_STATEMENT_CHARS = 1_000_000
+    # A statement must fit in the server's max_allowed_packet (1 MiB on the oldest servers, which
+    # asyncmy also assumes): at most 4 bytes a character in UTF-8, 250,000 characters always fit.
+    MAX_STATEMENT_CHARS = 250_000
 
     def __init__(self, no_backslash_escapes: bool) -> None:
         self._escape: Callable[[str], str] = _double_quotes if no_backslash_escapes else escape_string
@@ -268,15 +286,23 @@ class SqlLiterals:
         found = self._datetimes.get(value)
         if found is None:
             if value.tzinfo is not None:
-                return _other_literal(value)
+                return self._other(value)
             found = self._datetimes[value] = "'" + value.isoformat(" ") + "'"
         return found
 
+    def _other(self, value: Any) -> str:
+        """Types without a fast path, as asyncmy's `Connection.literal` writes them."""
+        if isinstance(value, str):  # str subclasses, StrEnum members: their text, quoted
+            return self._string(value)
+        if isinstance(value, bytes | bytearray):
+            return escape_bytes_prefixed(bytes(value))
+        return str(escape_item(value, "utf8mb4"))
+
     def literal(self, value: Any) -> str:
-        return (self._by_type.get(type(value)) or _other_literal)(value)
+        return (self._by_type.get(type(value)) or self._other)(value)
 
     def row(self, values: Sequence[Any]) -> str:
-        by_type, other = self._by_type, _other_literal
+        by_type, other = self._by_type, self._other
         return "(" + ",".join([(by_type.get(type(v)) or other)(v) for v in values]) + ")"
 
     def statements(self, head: str, rows: Iterable[Sequence[Any]], tail: str = "") -> list[str]:
@@ -321,15 +347,9 @@ def _double_quotes(value: str) -> str:
     return value.replace("'", "''")  # what asyncmy does in this mode
 
 
-def _other_literal(value: Any) -> str:
-    if isinstance(value, bytes | bytearray):
-        return escape_bytes_prefixed(bytes(value))
-    return str(escape_item(value, "utf8mb4"))
-
-
 def _decimal_literal(value: Decimal) -> str:
-    text = str(value)
-    return text if "E" not in text else format(value, "f")
+    text = str(value)  # "1E-8" (or "1e-8", as the context has it) would be read as a DOUBLE
+    return text if "E" not in text and "e" not in text else format(value, "f")
 
 
 def _bool_literal(value: bool) -> str:
@@ -356,6 +376,9 @@ class MultiRowInsert:
         if match is None:
             raise ValueError(f"not a single-row INSERT with placeholders only: {sql[:80]!r}")
         return cls(match.group(1), match.group(2))
+
+    def statements(self, literals: SqlLiterals, rows: Iterable[Sequence[Any]]) -> list[str]:
+        return literals.statements(self.head, rows, self.tail)
 
     def statement_steps(
         self, literals: SqlLiterals, rows: Iterable[Sequence[Any]]
@@ -387,8 +410,7 @@ class ProjectedBatch:
     """A batch's statements, rendered without a connection: all but strategy_stats, whose
     deltas read the positions back after this batch's statements have run."""
 
-    events: list[tuple[Event, int | None]]
-    claims: list[str]  # processed_events rows: how many are new tells whether any was seen before
+    events: list[tuple[Event, int | None]]  # their processed_events rows are rendered when written
     statements: list[str]
     opened: list[PositionOpened]
     closed: list[PositionClosed]
@@ -426,10 +448,6 @@ def _projection(
             seen.add(event.event_id)
             fresh.append((event, seq))
     literals = SqlLiterals(no_backslash_escapes)
-    now = _utc(datetime.now(UTC))
-    claims = yield from _CLAIM_PROCESSED.statement_steps(
-        literals, ((e.event_id, e.type, seq, now) for e, seq in fresh)
-    )
     statements: list[str] = []
     decided = [e for e, _ in fresh if isinstance(e, SignalDecided)]
     opened = [e for e, _ in fresh if isinstance(e, PositionOpened)]
@@ -454,7 +472,7 @@ def _projection(
         statements += yield from _UPSERT_EXCHANGE_POSITION.statement_steps(
             literals, _fold_exchange_positions(positional)
         )
-    return ProjectedBatch(fresh, claims, statements, opened, closed, no_backslash_escapes)
+    return ProjectedBatch(fresh, statements, opened, closed, no_backslash_escapes)
 
 
 # A row that exists already is left as it is and not counted: the count says how many are new.

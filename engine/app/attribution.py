@@ -63,7 +63,8 @@ class AttributionConsumer:
         # Receiving, decoding and rendering the next batch's SQL overlaps with MySQL writing this
         # one; batches are still written and acked one at a time, in stream order.
         decoded: asyncio.Queue[Decoded] = asyncio.Queue(maxsize=1)
-        reader = asyncio.create_task(self._read(sub, decoded, await self.store.quoting()))
+        await self.store.quoting()
+        reader = asyncio.create_task(self._read(sub, decoded))
         try:
             while not self._stopping.is_set():
                 getter = asyncio.ensure_future(decoded.get())
@@ -84,7 +85,7 @@ class AttributionConsumer:
             await lag
             log.info("attribution.stopped")
 
-    async def _read(self, sub: DurableConsumer, decoded: asyncio.Queue[Decoded], quoting: bool) -> None:
+    async def _read(self, sub: DurableConsumer, decoded: asyncio.Queue[Decoded]) -> None:
         while not self._stopping.is_set():
             if sub.restarting:
                 await decoded.join()  # every batch taken is written and acked before the restart
@@ -95,7 +96,9 @@ class AttributionConsumer:
                 for start in range(0, len(msgs), PAUSE_EVERY):  # the writer gets the loop in between
                     batch += self.decode(msgs[start : start + PAUSE_EVERY])
                     await asyncio.sleep(0)
-                await decoded.put((msgs, batch, await project_cooperatively(batch, quoting)))
+                # In the quoting mode the writer last saw; if the server's changed, it renders again.
+                projected = await project_cooperatively(batch, self.store.no_backslash_escapes)
+                await decoded.put((msgs, batch, projected))
 
     @staticmethod
     def decode(msgs: list[Msg]) -> list[tuple[Event, int | None]]:
@@ -125,7 +128,6 @@ class AttributionConsumer:
                 log.warning("attribution.write_failed", error=repr(exc)[:500], events=len(batch))
                 if self._stopping.is_set():
                     raise
-                projected = None  # rendered again when retried: processed_at says when it was written
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
         if msgs:

@@ -3,7 +3,11 @@ order, across many batches, and the consumer is gone afterwards."""
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 import pytest
+from nats.aio.msg import Msg
 
 from engine.adapters.embedded_nats import EmbeddedNats
 from engine.adapters.nats_bus import EVENTS_STREAM, NatsBus
@@ -34,5 +38,32 @@ async def test_replay_reads_every_event_in_order_and_leaves_no_consumer(nats_ser
         assert replayed[-1] == events[-1]
         consumers = await bus.js.consumers_info(EVENTS_STREAM)
         assert [c.name for c in consumers] == []
+    finally:
+        await bus.close()
+
+
+async def test_replay_takes_again_what_the_client_lost_at_the_end(
+    nats_server: EmbeddedNats, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A gap shows only when a later message arrives; the stream's last deliveries have none."""
+    taken = NatsBus.next_batch
+    lost: list[str] = []
+
+    async def losing_the_last(sub: Any, batch: int, idle_wait: float, linger: float = 0.0) -> list[Msg]:
+        msgs = await taken(sub, batch, idle_wait, linger)
+        if msgs and not lost and b'"reason":"299"' in msgs[-1].data:
+            lost.append(msgs.pop().subject)
+        return msgs
+
+    monkeypatch.setattr(NatsBus, "next_batch", staticmethod(losing_the_last))
+    bus = await NatsBus.connect(nats_server.url, "replay-test")
+    try:
+        await bus.ensure_streams()
+        events = [decision(n) for n in range(300)]
+        await bus.publish_events(events)
+        async with asyncio.timeout(20):  # redelivery after ack_wait (60 s) would be too late
+            replayed = [e async for e in bus.replay_events(batch=100, idle_wait=0.2)]
+        assert lost, "the last delivery was not lost: the test did not test anything"
+        assert [e.event_id for e in replayed] == [e.event_id for e in events]
     finally:
         await bus.close()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from decimal import Decimal
+from decimal import Decimal, localcontext
 from typing import Any
 
 import asyncmy
@@ -15,8 +15,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.adapters.mysql_store import MultiRowInsert, SqlLiterals, no_backslash_escapes
+from engine.adapters import mysql_store
+from engine.adapters.mysql_store import (
+    ConcurrentWrite,
+    MultiRowInsert,
+    MysqlStore,
+    SqlLiterals,
+    no_backslash_escapes,
+    project,
+)
 from engine.config import MysqlTarget
+from engine.domain.events import SignalDecided
+from engine.domain.model import Action, CloseReason, Outcome, derive_id
 
 pytestmark = pytest.mark.integration
 
@@ -119,3 +129,61 @@ def test_only_placeholder_rows_make_a_multi_row_insert() -> None:
     )
     with pytest.raises(ValueError, match="placeholders only"):
         MultiRowInsert.of("INSERT INTO t (a, b) VALUES (%s, 'open')")
+
+
+async def test_str_subclasses_and_lower_case_exponents(conn: Any) -> None:
+    literals = SqlLiterals(no_backslash_escapes(conn))
+
+    class Text(str):
+        pass
+
+    for value in (Action.BUY, CloseReason.TAKE_PROFIT, Text("it's")):
+        assert literals.literal(value) == conn.literal(value)
+    with localcontext(capitals=0):
+        assert str(Decimal("1E-7")) == "1e-7"
+        assert literals.literal(Decimal("1E-7")) == "0.0000001"
+
+
+@pytest.fixture
+async def store(mysql_url: str) -> AsyncIterator[MysqlStore]:
+    store = await MysqlStore.open(MysqlTarget.parse(mysql_url))
+    await store.migrate()
+    yield store
+    await store.close()
+
+
+def decided(n: int, reason: str = "r") -> tuple[SignalDecided, int]:
+    return SignalDecided(
+        event_id=derive_id("literals-test", str(n)), occurred_at=datetime(2026, 11, 25, tzinfo=UTC),
+        signal_id=f"l{n}", strategy_id="s", symbol="BTCUSDT", action=Action.BUY, outcome=Outcome.REJECTED,
+        reason_code="test", reason=reason,
+    ), n  # fmt: skip
+
+
+async def test_a_batch_rendered_for_the_other_quoting_mode_is_rendered_again(store: MysqlStore) -> None:
+    reason = "it's a \\ backslash"
+    events = [decided(1, reason)]
+    quoting = await store.quoting()
+    assert await store.write(events, project(events, no_backslash_escapes=not quoting)) == 1
+    async with store.pool.acquire() as conn, conn.cursor() as cur:
+        await cur.execute("SELECT reason FROM signal_decisions")
+        assert await cur.fetchall() == ((reason,),)
+        await cur.execute("SELECT COUNT(*) FROM processed_events")
+        assert await cur.fetchone() == (1,)
+        await conn.commit()
+
+
+async def test_events_stored_by_another_writer_meanwhile_are_not_written_twice(
+    store: MysqlStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    events = [decided(n) for n in range(3)]
+    assert await store.write(events[:2]) == 2
+
+    async def checked_before_the_other_writer_committed(_: Any, batch: Any) -> list[Any]:
+        return list(batch)
+
+    monkeypatch.setattr(mysql_store, "_unseen", checked_before_the_other_writer_committed)
+    with pytest.raises(ConcurrentWrite):
+        await store.write(events)
+    monkeypatch.undo()
+    assert await store.write(events) == 1  # the retry
