@@ -163,11 +163,7 @@ class NatsBus:
             while True:
                 msgs = await consumer.next_batch(batch, idle_wait=idle_wait)
                 if not msgs:
-                    # Not at the end, yet nothing comes: the last deliveries may have been lost
-                    # on the way (a gap shows only when a later message arrives). Start again
-                    # after what was taken rather than wait for the redelivery.
-                    consumer.restart_soon()
-                    continue
+                    continue  # a slow server; or lost deliveries, which next_batch sees to
                 for msg in msgs:
                     yield decode_event(msg.data)
                 await msgs[-1].ack()  # AckPolicy.ALL: after a gap the consumer restarts past these
@@ -342,10 +338,6 @@ class DurableConsumer:
         )
         self._last_seq, self._gap = 0, False  # a new consumer's first delivery is number 1
 
-    def restart_soon(self) -> None:
-        """Have the next `next_batch` re-create the consumer at its ack floor."""
-        self._gap = True
-
     async def delete(self) -> None:
         """Unsubscribe and delete the consumer (a one-off one, such as a replay's)."""
         if self.sub is not None:
@@ -359,6 +351,9 @@ class DurableConsumer:
             await self.restart()
         assert self.sub is not None
         msgs = await NatsBus.next_batch(self.sub, batch, idle_wait, linger)
+        if not msgs:
+            await self._look_for_a_lost_tail()
+            return []
         taken, self._last_seq, self._gap = contiguous_prefix(msgs, self._last_seq)
         if self._gap:
             metrics.CONSUMER_GAPS.labels(self.durable).inc()
@@ -369,6 +364,20 @@ class DurableConsumer:
                 dropped_from_batch=len(msgs) - len(taken),
             )
         return taken
+
+    async def _look_for_a_lost_tail(self) -> None:
+        """Nothing came for a while. A gap shows when a later delivery arrives; if the latest
+        ones were lost on the way, none will, and they would come again only after ack_wait.
+        The server says how far it has delivered: past what we took, restart at the ack floor."""
+        try:
+            info = await self.bus.js.consumer_info(self.stream, self.durable)
+        except Exception:  # the server may be away: the next quiet spell asks again
+            return
+        delivered = info.delivered.consumer_seq if info.delivered else 0
+        if delivered is not None and self._last_seq is not None and delivered > self._last_seq:
+            self._gap = True
+            metrics.CONSUMER_GAPS.labels(self.durable).inc()
+            log.warning("consumer.gap", durable=self.durable, after=self._last_seq, delivered=delivered)
 
 
 @dataclass(slots=True)

@@ -10,7 +10,7 @@ import pytest
 from nats.aio.msg import Msg
 
 from engine.adapters.embedded_nats import EmbeddedNats
-from engine.adapters.nats_bus import EVENTS_STREAM, NatsBus
+from engine.adapters.nats_bus import EVENTS_STREAM, SIGNALS_STREAM, NatsBus, jetstream_sequences
 from engine.domain.events import SignalDecided
 from engine.domain.model import Action, Outcome, derive_id
 from tests.helpers import NOW
@@ -65,5 +65,36 @@ async def test_replay_takes_again_what_the_client_lost_at_the_end(
             replayed = [e async for e in bus.replay_events(batch=100, idle_wait=0.2)]
         assert lost, "the last delivery was not lost: the test did not test anything"
         assert [e.event_id for e in replayed] == [e.event_id for e in events]
+    finally:
+        await bus.close()
+
+
+async def test_a_live_consumer_takes_again_what_the_client_lost_at_the_end(
+    nats_server: EmbeddedNats, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not only replay: a role's consumer that lost its latest deliveries gets them again after
+    a quiet spell, not after ack_wait (a minute)."""
+    taken = NatsBus.next_batch
+    lost: list[int] = []
+
+    async def losing_the_third(sub: Any, batch: int, idle_wait: float, linger: float = 0.0) -> list[Msg]:
+        msgs = await taken(sub, batch, idle_wait, linger)
+        if msgs and not lost and jetstream_sequences(msgs[-1])[0] == 3:
+            lost.append(jetstream_sequences(msgs.pop())[0])
+        return msgs
+
+    monkeypatch.setattr(NatsBus, "next_batch", staticmethod(losing_the_third))
+    bus = await NatsBus.connect(nats_server.url, "replay-test")
+    try:
+        await bus.ensure_streams()
+        for n in range(3):
+            await bus.publish_signal("signals.s.BTCUSDT", b"{}", f"live-{n}")
+        consumer = await bus.durable_consumer(SIGNALS_STREAM, "tail-test", "signals.>")
+        seen: set[int] = set()
+        async with asyncio.timeout(20):  # ack_wait is 60 s
+            while len(seen) < 3:
+                for msg in await consumer.next_batch(10, idle_wait=0.2):
+                    seen.add(jetstream_sequences(msg)[0])
+        assert lost == [3] and seen == {1, 2, 3}
     finally:
         await bus.close()
