@@ -215,10 +215,18 @@ class MysqlStore:
                         projected = None
                     if projected is None:
                         projected = project(await _unseen(cur, events), quoting)
-                        if await _claim(cur, projected) != len(projected.events):
-                            # Stored by someone else since the check: another writer on this
-                            # database. Rolled back and retried, which then skips them.
-                            raise ConcurrentWrite("events were stored by another writer meanwhile")
+                        claimed = await _claim(cur, projected)
+                        if claimed != len(projected.events):
+                            if len(projected.events) == 1:
+                                # Stored already, by MySQL's own comparison of ids (which
+                                # ignores case), or by another writer since the check.
+                                await conn.rollback()
+                                return 0
+                            # Which ones is not known: the caller writes the batch in parts.
+                            raise ConcurrentWrite(
+                                f"{len(projected.events) - claimed} of the batch's events were stored"
+                                " meanwhile, or match stored ids only as MySQL compares them"
+                            )
                     for statement in projected.statements:
                         await cur.execute(statement)  # no args: asyncmy leaves the text as it is
                     if projected.opened or projected.closed:
@@ -239,7 +247,9 @@ class MysqlStore:
 
 
 class ConcurrentWrite(Exception):
-    """Another writer stored some of a batch's events while this one was writing it."""
+    """Some of a batch's events turned out to be stored while it was being written: by another
+    writer, or under ids MySQL holds equal (its collation ignores case). Written in parts, one
+    event at a time at the end, each is then either written or found stored."""
 
 
 async def _claim(cur: Any, projected: ProjectedBatch) -> int:

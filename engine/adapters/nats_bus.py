@@ -195,8 +195,10 @@ class NatsBus:
         subject: str,
         max_ack_pending: int,
         inactive_threshold: float | None = None,
-    ) -> JetStreamContext.PushSubscription:
-        """(Re)start our durable push consumer at its ack floor and subscribe to it.
+        resume_at: int = 0,
+    ) -> tuple[JetStreamContext.PushSubscription, int]:
+        """(Re)start our durable push consumer at its ack floor and subscribe to it; returns the
+        subscription and the stream sequence it starts at.
 
         - Ack policy ALL: our roles finish whole batches in stream order, so acking the last
           message of a batch acknowledges the batch.
@@ -206,8 +208,11 @@ class NatsBus:
           redelivered only after ack_wait, behind newer ones; re-creating the consumer at
           floor + 1 redelivers them at once and in stream order. Our dedupe ledger makes the
           already-processed ones no-ops. This assumes one process per durable (DESIGN §4.3).
+        - Deleting and creating are two requests: if the create fails, the consumer is gone and
+          its floor with it. `resume_at` (where this process last started it) stands in then,
+          rather than the start of the stream.
         """
-        start_seq = 0
+        start_seq = resume_at
         with contextlib.suppress(NotFoundError):
             info = await self.js.consumer_info(stream, durable)
             start_seq = (info.ack_floor.stream_seq if info.ack_floor else 0) + 1
@@ -222,10 +227,11 @@ class NatsBus:
             filter_subject=subject,
             inactive_threshold=inactive_threshold,
         )
-        return await self.js.subscribe(
+        sub = await self.js.subscribe(
             subject, durable=durable, stream=stream, config=config, manual_ack=True,
             pending_msgs_limit=max_ack_pending * 2,
         )  # fmt: skip
+        return sub, start_seq
 
     @staticmethod
     async def next_batch(
@@ -320,6 +326,8 @@ class DurableConsumer:
         self.sub: JetStreamContext.PushSubscription | None = None
         self._last_seq: int | None = None
         self._gap = False
+        self._started_at = 0  # the stream sequence the consumer was last started at
+        self._quiet_past: int | None = None  # delivered past what we took, at the last quiet spell
 
     @property
     def restarting(self) -> bool:
@@ -333,10 +341,15 @@ class DurableConsumer:
             with contextlib.suppress(Exception):
                 await self.sub.unsubscribe()
             await self.bus.nc.flush(timeout=5)  # our last ack reaches the server first
-        self.sub = await self.bus._subscribe_at_ack_floor(
-            self.stream, self.durable, self.subject, self.max_ack_pending, self.inactive_threshold
+        self.sub, self._started_at = await self.bus._subscribe_at_ack_floor(
+            self.stream,
+            self.durable,
+            self.subject,
+            self.max_ack_pending,
+            self.inactive_threshold,
+            self._started_at,
         )
-        self._last_seq, self._gap = 0, False  # a new consumer's first delivery is number 1
+        self._last_seq, self._gap, self._quiet_past = 0, False, None  # a new consumer delivers 1 first
 
     async def delete(self) -> None:
         """Unsubscribe and delete the consumer (a one-off one, such as a replay's)."""
@@ -354,6 +367,7 @@ class DurableConsumer:
         if not msgs:
             await self._look_for_a_lost_tail()
             return []
+        self._quiet_past = None
         taken, self._last_seq, self._gap = contiguous_prefix(msgs, self._last_seq)
         if self._gap:
             metrics.CONSUMER_GAPS.labels(self.durable).inc()
@@ -368,16 +382,27 @@ class DurableConsumer:
     async def _look_for_a_lost_tail(self) -> None:
         """Nothing came for a while. A gap shows when a later delivery arrives; if the latest
         ones were lost on the way, none will, and they would come again only after ack_wait.
-        The server says how far it has delivered: past what we took, restart at the ack floor."""
+        The server says how far it has delivered. A delivery can be on its way while we ask, so
+        only two quiet spells in a row that see the same delivery past what we took, with
+        nothing waiting in the client, count as a loss: then restart at the ack floor."""
+        assert self.sub is not None
         try:
-            info = await self.bus.js.consumer_info(self.stream, self.durable)
+            info = await self.bus.js.consumer_info(self.stream, self.durable, timeout=1.0)
+        except NotFoundError:
+            log.warning("consumer.missing", durable=self.durable)  # deleted from outside
+            self._gap = True  # re-created where this process last started it, or at its floor
+            return
         except Exception:  # the server may be away: the next quiet spell asks again
             return
-        delivered = info.delivered.consumer_seq if info.delivered else 0
-        if delivered is not None and self._last_seq is not None and delivered > self._last_seq:
+        delivered = info.delivered.consumer_seq if info.delivered else None
+        if delivered is None or self._last_seq is None or delivered <= self._last_seq:
+            self._quiet_past = None
+            return
+        if delivered == self._quiet_past and self.sub.pending_msgs == 0:
             self._gap = True
             metrics.CONSUMER_GAPS.labels(self.durable).inc()
             log.warning("consumer.gap", durable=self.durable, after=self._last_seq, delivered=delivered)
+        self._quiet_past = delivered
 
 
 @dataclass(slots=True)

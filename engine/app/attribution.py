@@ -11,7 +11,13 @@ import structlog
 from nats.aio.msg import Msg
 
 from engine import metrics
-from engine.adapters.mysql_store import PAUSE_EVERY, MysqlStore, ProjectedBatch, project_cooperatively
+from engine.adapters.mysql_store import (
+    PAUSE_EVERY,
+    ConcurrentWrite,
+    MysqlStore,
+    ProjectedBatch,
+    project_cooperatively,
+)
 from engine.adapters.nats_bus import EVENTS_STREAM, DurableConsumer, NatsBus, jetstream_sequences
 from engine.config import Settings
 from engine.domain.events import Event, decode_event
@@ -141,11 +147,13 @@ class AttributionConsumer:
         self, batch: list[tuple[Event, int | None]], projected: ProjectedBatch | None = None
     ) -> int:
         """Write the batch; if MySQL refuses its data for good, find the refused events by
-        halving (order kept) and quarantine them, so one bad event cannot stall the rest."""
+        halving (order kept) and quarantine them, so one bad event cannot stall the rest. A
+        batch some of whose events turn out stored meanwhile (ConcurrentWrite) is halved too:
+        alone, each is then written or found stored."""
         try:
             return await self.store.write(batch, projected)
-        except PERMANENT_DATA_ERRORS as exc:
-            if len(batch) == 1:
+        except (*PERMANENT_DATA_ERRORS, ConcurrentWrite) as exc:
+            if len(batch) == 1:  # a single event never raises ConcurrentWrite
                 event, seq = batch[0]
                 log.error(
                     "attribution.quarantined", event_id=event.event_id, type=event.type, error=str(exc)[:500]

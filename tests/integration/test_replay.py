@@ -98,3 +98,60 @@ async def test_a_live_consumer_takes_again_what_the_client_lost_at_the_end(
         assert lost == [3] and seen == {1, 2, 3}
     finally:
         await bus.close()
+
+
+async def until(condition: Any, seconds: float = 10.0) -> None:
+    async with asyncio.timeout(seconds):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
+async def test_a_delivery_waiting_in_the_client_is_not_taken_for_lost(nats_server: EmbeddedNats) -> None:
+    bus = await NatsBus.connect(nats_server.url, "replay-test")
+    try:
+        await bus.ensure_streams()
+        consumer = await bus.durable_consumer(SIGNALS_STREAM, "quiet-test", "signals.>")
+        await bus.publish_signal("signals.s.BTCUSDT", b"{}", "quiet-1")
+        assert consumer.sub is not None
+        sub = consumer.sub
+        await until(lambda: sub.pending_msgs == 1)  # delivered, not yet taken
+        for _ in range(3):  # quiet spells, as next_batch would have them
+            await consumer._look_for_a_lost_tail()
+        assert not consumer.restarting
+        assert [jetstream_sequences(m)[0] for m in await consumer.next_batch(10, idle_wait=1)] == [1]
+    finally:
+        await bus.close()
+
+
+async def test_a_restart_whose_re_create_failed_resumes_where_it_started(
+    nats_server: EmbeddedNats, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Re-creating is a delete, then a create. If the create fails, the consumer and its ack floor
+    are gone; the next attempt must not start from the beginning of the stream."""
+    bus = await NatsBus.connect(nats_server.url, "replay-test")
+    try:
+        await bus.ensure_streams()
+        for n in range(5):
+            await bus.publish_signal("signals.s.BTCUSDT", b"{}", f"restart-{n}")
+        consumer = await bus.durable_consumer(SIGNALS_STREAM, "restart-test", "signals.>")
+        taken: list[Msg] = []
+        async with asyncio.timeout(10):
+            while len(taken) < 3:
+                taken += await consumer.next_batch(3 - len(taken), idle_wait=1)
+        await taken[-1].ack()
+        await bus.nc.flush()
+        await consumer.restart()  # starts at 4
+        subscribe = bus.js.subscribe
+
+        async def refused(*args: Any, **kwargs: Any) -> Any:
+            raise TimeoutError("the create did not get through")
+
+        monkeypatch.setattr(bus.js, "subscribe", refused)
+        with pytest.raises(TimeoutError):
+            await consumer.restart()
+        monkeypatch.setattr(bus.js, "subscribe", subscribe)
+        await consumer.restart()
+        again = await consumer.next_batch(10, idle_wait=1)
+        assert [jetstream_sequences(m)[0] for m in again][:1] == [4]
+    finally:
+        await bus.close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from datetime import UTC, datetime
 from decimal import Decimal, localcontext
 from typing import Any
@@ -16,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.adapters import mysql_store
+from engine.adapters.embedded_nats import EmbeddedNats
 from engine.adapters.mysql_store import (
     ConcurrentWrite,
     MultiRowInsert,
@@ -24,7 +26,9 @@ from engine.adapters.mysql_store import (
     no_backslash_escapes,
     project,
 )
-from engine.config import MysqlTarget
+from engine.adapters.nats_bus import NatsBus
+from engine.app.attribution import AttributionConsumer
+from engine.config import MysqlTarget, load_settings
 from engine.domain.events import SignalDecided
 from engine.domain.model import Action, CloseReason, Outcome, derive_id
 
@@ -185,5 +189,30 @@ async def test_events_stored_by_another_writer_meanwhile_are_not_written_twice(
     monkeypatch.setattr(mysql_store, "_unseen", checked_before_the_other_writer_committed)
     with pytest.raises(ConcurrentWrite):
         await store.write(events)
+    assert await store.write(events[:1]) == 0  # alone, it is found stored
     monkeypatch.undo()
     assert await store.write(events) == 1  # the retry
+
+
+async def test_ids_mysql_holds_equal_are_found_stored_not_retried_forever(
+    store: MysqlStore, nats_server: EmbeddedNats
+) -> None:
+    """processed_events compares ids as its collation does (case-insensitively); the writer's
+    dedupe compares exactly. The batch is written in parts until each event is settled."""
+    stored, new = decided(1), decided(2)
+    assert await store.write([stored]) == 1
+    same_to_mysql = (replace(stored[0], event_id=stored[0].event_id.upper()), 3)
+    with pytest.raises(ConcurrentWrite):
+        await store.write([same_to_mysql, new])
+    bus = await NatsBus.connect(nats_server.url, "literals-test")
+    try:
+        consumer = AttributionConsumer(load_settings(nats_url=nats_server.url), bus, store)
+        assert await consumer._write_or_quarantine([same_to_mysql, new]) == 1
+    finally:
+        await bus.close()
+    async with store.pool.acquire() as conn, conn.cursor() as cur:
+        await cur.execute("SELECT COUNT(*) FROM processed_events")
+        assert await cur.fetchone() == (2,)
+        await cur.execute("SELECT COUNT(*) FROM quarantined_events")
+        assert await cur.fetchone() == (0,)
+        await conn.commit()
