@@ -10,7 +10,13 @@ import pytest
 from nats.aio.msg import Msg
 
 from engine.adapters.embedded_nats import EmbeddedNats
-from engine.adapters.nats_bus import EVENTS_STREAM, SIGNALS_STREAM, NatsBus, jetstream_sequences
+from engine.adapters.nats_bus import (
+    EVENTS_STREAM,
+    SIGNALS_STREAM,
+    DurableConsumer,
+    NatsBus,
+    jetstream_sequences,
+)
 from engine.domain.events import SignalDecided
 from engine.domain.model import Action, Outcome, derive_id
 from tests.helpers import NOW
@@ -23,6 +29,30 @@ def decision(n: int) -> SignalDecided:
         event_id=derive_id("replay-test", str(n)), occurred_at=NOW, signal_id=f"r{n}", strategy_id="s",
         symbol="BTCUSDT", action=Action.BUY, outcome=Outcome.REJECTED, reason_code="test", reason=str(n),
     )  # fmt: skip
+
+
+def lose_once(monkeypatch: pytest.MonkeyPatch, stream_seq: int) -> list[int]:
+    """The client loses the delivery of `stream_seq` once, if it is the last of what arrived
+    (as a slow consumer or a reconnect can); returns the list it records the loss in."""
+    taken = NatsBus.next_batch
+    lost: list[int] = []
+
+    async def losing(sub: Any, batch: int, idle_wait: float, linger: float = 0.0) -> list[Msg]:
+        msgs = await taken(sub, batch, idle_wait, linger)
+        if msgs and not lost and jetstream_sequences(msgs[-1])[0] == stream_seq:
+            lost.append(jetstream_sequences(msgs.pop())[0])
+        return msgs
+
+    monkeypatch.setattr(NatsBus, "next_batch", staticmethod(losing))
+    return lost
+
+
+async def signals_consumer(bus: NatsBus, durable: str, signals: int) -> DurableConsumer:
+    """A durable consumer on SIGNALS, which holds `signals` messages."""
+    await bus.ensure_streams()
+    for n in range(signals):
+        await bus.publish_signal("signals.s.BTCUSDT", b"{}", f"{durable}-{n}")
+    return await bus.durable_consumer(SIGNALS_STREAM, durable, "signals.>")
 
 
 async def test_replay_reads_every_event_in_order_and_leaves_no_consumer(nats_server: EmbeddedNats) -> None:
@@ -46,16 +76,7 @@ async def test_replay_takes_again_what_the_client_lost_at_the_end(
     nats_server: EmbeddedNats, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A gap shows only when a later message arrives; the stream's last deliveries have none."""
-    taken = NatsBus.next_batch
-    lost: list[str] = []
-
-    async def losing_the_last(sub: Any, batch: int, idle_wait: float, linger: float = 0.0) -> list[Msg]:
-        msgs = await taken(sub, batch, idle_wait, linger)
-        if msgs and not lost and b'"reason":"299"' in msgs[-1].data:
-            lost.append(msgs.pop().subject)
-        return msgs
-
-    monkeypatch.setattr(NatsBus, "next_batch", staticmethod(losing_the_last))
+    lost = lose_once(monkeypatch, stream_seq=300)
     bus = await NatsBus.connect(nats_server.url, "replay-test")
     try:
         await bus.ensure_streams()
@@ -63,7 +84,7 @@ async def test_replay_takes_again_what_the_client_lost_at_the_end(
         await bus.publish_events(events)
         async with asyncio.timeout(20):  # redelivery after ack_wait (60 s) would be too late
             replayed = [e async for e in bus.replay_events(batch=100, idle_wait=0.2)]
-        assert lost, "the last delivery was not lost: the test did not test anything"
+        assert lost == [300], "the last delivery was not lost: the test did not test anything"
         assert [e.event_id for e in replayed] == [e.event_id for e in events]
     finally:
         await bus.close()
@@ -74,22 +95,10 @@ async def test_a_live_consumer_takes_again_what_the_client_lost_at_the_end(
 ) -> None:
     """Not only replay: a role's consumer that lost its latest deliveries gets them again after
     a quiet spell, not after ack_wait (a minute)."""
-    taken = NatsBus.next_batch
-    lost: list[int] = []
-
-    async def losing_the_third(sub: Any, batch: int, idle_wait: float, linger: float = 0.0) -> list[Msg]:
-        msgs = await taken(sub, batch, idle_wait, linger)
-        if msgs and not lost and jetstream_sequences(msgs[-1])[0] == 3:
-            lost.append(jetstream_sequences(msgs.pop())[0])
-        return msgs
-
-    monkeypatch.setattr(NatsBus, "next_batch", staticmethod(losing_the_third))
+    lost = lose_once(monkeypatch, stream_seq=3)
     bus = await NatsBus.connect(nats_server.url, "replay-test")
     try:
-        await bus.ensure_streams()
-        for n in range(3):
-            await bus.publish_signal("signals.s.BTCUSDT", b"{}", f"live-{n}")
-        consumer = await bus.durable_consumer(SIGNALS_STREAM, "tail-test", "signals.>")
+        consumer = await signals_consumer(bus, "tail-test", signals=3)
         seen: set[int] = set()
         async with asyncio.timeout(20):  # ack_wait is 60 s
             while len(seen) < 3:
@@ -130,10 +139,7 @@ async def test_a_restart_whose_re_create_failed_resumes_where_it_started(
     are gone; the next attempt must not start from the beginning of the stream."""
     bus = await NatsBus.connect(nats_server.url, "replay-test")
     try:
-        await bus.ensure_streams()
-        for n in range(5):
-            await bus.publish_signal("signals.s.BTCUSDT", b"{}", f"restart-{n}")
-        consumer = await bus.durable_consumer(SIGNALS_STREAM, "restart-test", "signals.>")
+        consumer = await signals_consumer(bus, "restart-test", signals=5)
         taken: list[Msg] = []
         async with asyncio.timeout(10):
             while len(taken) < 3:
