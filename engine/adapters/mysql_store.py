@@ -28,7 +28,7 @@ from engine.domain.events import (
     SignalDecided,
     encode_event,
 )
-from engine.domain.model import ZERO, CloseReason
+from engine.domain.model import ZERO, CloseReason, decimal_text
 
 log = structlog.get_logger(__name__)
 MIGRATION_FILE = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
@@ -281,7 +281,7 @@ class SqlLiterals:
         self._datetimes: dict[datetime, str] = {}
         self._by_type: dict[type[Any], Callable[[Any], str]] = {
             str: self._string,
-            Decimal: _decimal_literal,
+            Decimal: decimal_text,  # exponent notation would be read as a DOUBLE
             int: str,
             bool: _bool_literal,
             type(None): _null_literal,
@@ -346,20 +346,25 @@ T = TypeVar("T")
 
 def finish(steps: Generator[None, None, T]) -> T:
     """Run a stepped computation to its end, without pausing."""
+    try:
+        while True:
+            next(steps)
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+
+
+async def finish_cooperatively(steps: Generator[None, None, T]) -> T:
+    """Run a stepped computation to its end, giving the event loop a turn at each step."""
     while True:
         try:
             next(steps)
         except StopIteration as done:
             return done.value  # type: ignore[no-any-return]
+        await asyncio.sleep(0)
 
 
 def _double_quotes(value: str) -> str:
     return value.replace("'", "''")  # what asyncmy does in this mode
-
-
-def _decimal_literal(value: Decimal) -> str:
-    text = str(value)  # "1E-8" (or "1e-8", as the context has it) would be read as a DOUBLE
-    return text if "E" not in text and "e" not in text else format(value, "f")
 
 
 def _bool_literal(value: bool) -> str:
@@ -396,9 +401,7 @@ class MultiRowInsert:
         return literals.statement_steps(self.head, rows, self.tail)
 
     async def run(self, cur: Any, rows: Sequence[Sequence[Any]]) -> None:
-        for statement in finish(
-            self.statement_steps(SqlLiterals(no_backslash_escapes(cur.connection)), rows)
-        ):
+        for statement in self.statements(SqlLiterals(no_backslash_escapes(cur.connection)), rows):
             await cur.execute(statement)  # no args: asyncmy leaves the text as it is
 
 
@@ -406,7 +409,13 @@ async def _unseen(cur: Any, events: Sequence[tuple[Event, int | None]]) -> list[
     ids = list(dict.fromkeys(e.event_id for e, _ in events))
     in_list = SqlLiterals(no_backslash_escapes(cur.connection)).row(ids)
     await cur.execute(f"SELECT event_id FROM processed_events WHERE event_id IN {in_list}")
-    seen = {row[0] for row in await cur.fetchall()}
+    return _first_of_each(events, seen={row[0] for row in await cur.fetchall()})
+
+
+def _first_of_each(
+    events: Sequence[tuple[Event, int | None]], seen: set[str]
+) -> list[tuple[Event, int | None]]:
+    """The events whose id is not in `seen`, each id once (the first delivery of it)."""
     fresh: list[tuple[Event, int | None]] = []
     for event, seq in events:
         if event.event_id not in seen:
@@ -439,24 +448,13 @@ async def project_cooperatively(
     """`project`, giving the event loop a turn about every millisecond: rendering a batch takes
     tens of milliseconds, and the writer must not wait that long to send MySQL its next
     statement."""
-    steps = _projection(events, no_backslash_escapes)
-    while True:
-        try:
-            next(steps)
-        except StopIteration as done:
-            return done.value  # type: ignore[no-any-return]
-        await asyncio.sleep(0)
+    return await finish_cooperatively(_projection(events, no_backslash_escapes))
 
 
 def _projection(
     events: Sequence[tuple[Event, int | None]], no_backslash_escapes: bool
 ) -> Generator[None, None, ProjectedBatch]:
-    seen: set[str] = set()
-    fresh: list[tuple[Event, int | None]] = []
-    for event, seq in events:
-        if event.event_id not in seen:
-            seen.add(event.event_id)
-            fresh.append((event, seq))
+    fresh = _first_of_each(events, seen=set())
     literals = SqlLiterals(no_backslash_escapes)
     statements: list[str] = []
     decided = [e for e, _ in fresh if isinstance(e, SignalDecided)]

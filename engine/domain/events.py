@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 import orjson
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainSerializer, TypeAdapter
 
-from engine.domain.model import Action, CloseReason, Outcome, PositionSide, load_json_exact
+from engine.domain.model import Action, CloseReason, Outcome, PositionSide, decimal_text, load_json_exact
 
 SCHEMA_VERSION = 1
 
@@ -289,8 +289,7 @@ def event_subject(event: Event) -> str:
 
 def _encode_default(value: Any) -> str:
     if isinstance(value, Decimal):
-        text = str(value)  # twice as fast as format(); exponent notation is rare, and fixed here
-        return text if "E" not in text else format(value, "f")
+        return decimal_text(value)
     raise TypeError(f"{type(value).__name__} is not JSON")
 
 

@@ -51,6 +51,13 @@ def load_json_exact(data: bytes) -> Any:
     return _EXACT_JSON.decode(data.decode())
 
 
+def decimal_text(value: Decimal) -> str:
+    """The decimal in fixed-point notation, as the wire and MySQL want it: `str()` is twice as
+    fast as `format()`, but writes "1E-8" (or "1e-8", as the context has it) for some values."""
+    text = str(value)
+    return text if "E" not in text and "e" not in text else format(value, "f")
+
+
 _DECIMALS: dict[Decimal, Decimal] = {}
 _DECIMAL_CACHE_LIMIT = 1 << 16
 
