@@ -74,7 +74,14 @@ class Settings(BaseSettings):
     data_dir: str = ".tradeengine"
     embedded_nats_port: Annotated[int, Field(ge=1, le=65535)] = 4223
 
+    mysql_connect_timeout: Annotated[float, Field(gt=0, le=300)] = 5.0
+    mysql_read_timeout: Annotated[float, Field(gt=0)] = 60.0
+    attribution_stall_seconds: Annotated[float, Field(gt=0)] = 60.0
+
     worker_durable: str = "tradeengine-worker"
+    worker_lease_seconds: Annotated[float, Field(ge=2, le=600)] = 10.0
+    worker_standby: bool = True
+    max_deliver: Annotated[int, Field(ge=1, le=100)] = 5
     attribution_durable: str = "tradeengine-attribution"
     fetch_batch: Annotated[int, Field(ge=1, le=10_000)] = 256
 

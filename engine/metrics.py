@@ -94,3 +94,7 @@ EXPOSURE_BY_KEY = Gauge(
 )
 LAST_TICK = Gauge("tradeengine_last_price_tick_timestamp_seconds", "Unix time of the last tick", ["symbol"])
 ATTRIBUTION_LAG = Gauge("tradeengine_attribution_lag_events", "Events stored in EVENTS, not yet in MySQL")
+ATTRIBUTION_STALLED = Gauge(
+    "tradeengine_attribution_stalled_seconds",
+    "How long the batch being written has waited for MySQL (0 when none waits)",
+)

@@ -29,6 +29,8 @@ from engine.domain.events import (
     encode_event,
 )
 from engine.domain.model import ZERO, CloseReason, decimal_text
+from engine.domain.pnl import pnl_percent
+from engine.domain.signals import safe_text
 
 log = structlog.get_logger(__name__)
 MIGRATION_FILE = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
@@ -53,9 +55,14 @@ def _statements(sql: str) -> list[str]:
     return [part.strip() for part in body.split(";") if part.strip()]
 
 
-async def ensure_database(target: MysqlTarget) -> None:
+async def ensure_database(target: MysqlTarget, connect_timeout: float = 5.0) -> None:
     conn = await asyncmy.connect(
-        host=target.host, port=target.port, user=target.user, password=target.password
+        host=target.host,
+        port=target.port,
+        user=target.user,
+        password=target.password,
+        connect_timeout=connect_timeout,
+        read_timeout=30.0,
     )
     try:
         async with conn.cursor() as cur:
@@ -74,10 +81,20 @@ class MysqlStore:
         self.no_backslash_escapes = False  # the server's quoting mode, as last seen
 
     @classmethod
-    async def open(cls, target: MysqlTarget, create_database: bool = True) -> MysqlStore:
+    async def open(
+        cls,
+        target: MysqlTarget,
+        create_database: bool = True,
+        connect_timeout: float = 5.0,
+        read_timeout: float | None = 60.0,
+    ) -> MysqlStore:
+        """A pool whose connections give up on a silent server: `connect_timeout` to connect,
+        `read_timeout` for each answer (a half-open connection otherwise waits for ever)."""
         if create_database:
-            await ensure_database(target)
+            await ensure_database(target, connect_timeout)
         pool = await asyncmy.create_pool(
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
             host=target.host,
             port=target.port,
             user=target.user,
@@ -171,17 +188,32 @@ class MysqlStore:
         await conn.commit()
 
     async def quarantine(self, event: Event, stream_seq: int | None, error: str) -> None:
+        await self._quarantine_row(
+            event.event_id[:64], event.type, stream_seq, error, encode_event(event).decode()
+        )
+
+    async def quarantine_raw(self, subject: str, data: bytes, stream_seq: int, error: str) -> None:
+        """A message on an event subject that is no event of ours: kept as it came, by stream
+        sequence (its id cannot be trusted, or read)."""
+        text = data[: 4 * 1024 * 1024].decode("utf-8", errors="replace")
+        await self._quarantine_row(
+            f"seq-{stream_seq}", "undecodable", stream_seq, f"{subject}: {error}", text
+        )
+
+    async def _quarantine_row(
+        self, event_id: str, event_type: str, stream_seq: int | None, error: str, payload: str
+    ) -> None:
         async with self.pool.acquire() as conn, conn.cursor() as cur:
             await cur.execute(
                 "INSERT IGNORE INTO quarantined_events"
                 " (event_id, event_type, stream_seq, error, payload, quarantined_at)"
                 " VALUES (%s, %s, %s, %s, %s, %s)",
                 (
-                    event.event_id[:64],
-                    event.type,
+                    event_id,
+                    event_type[:32],
                     stream_seq,
-                    error[:4000],
-                    encode_event(event).decode(),
+                    safe_text(error, 4000),
+                    safe_text(payload, 16 * 1024 * 1024),
                     _utc(datetime.now(UTC)),
                 ),
             )
@@ -737,6 +769,7 @@ async def _fold_strategy_stats(
             r[7] += pnl < 0
             r[10] += pnl if pnl > 0 else zero
             r[11] += pnl if pnl < 0 else zero
-            r[12] += (pnl / (entry_price * quantity) * 100).quantize(_DB_QUANTUM)  # DECIMAL(36,18)
+            # A close whose open was quarantined has no entry notional: no percentage, no error.
+            r[12] += pnl_percent(pnl, entry_price, quantity).quantize(_DB_QUANTUM)  # DECIMAL(36,18)
             r[13] += seconds or zero
     return [tuple(r) for r in stats.values()]

@@ -196,9 +196,10 @@ class NatsBus:
         max_ack_pending: int,
         inactive_threshold: float | None = None,
         resume_at: int = 0,
-    ) -> tuple[JetStreamContext.PushSubscription, int]:
+    ) -> tuple[JetStreamContext.PushSubscription, int, int]:
         """(Re)start our durable push consumer at its ack floor and subscribe to it; returns the
-        subscription and the stream sequence it starts at.
+        subscription, the stream sequence it starts at, and the last stream sequence the
+        consumer it replaced had delivered (messages in flight at a crash lie between the two).
 
         - Ack policy ALL: our roles finish whole batches in stream order, so acking the last
           message of a batch acknowledges the batch.
@@ -212,10 +213,11 @@ class NatsBus:
           its floor with it. `resume_at` (where this process last started it) stands in then,
           rather than the start of the stream.
         """
-        start_seq = resume_at
+        start_seq, delivered = resume_at, 0
         with contextlib.suppress(NotFoundError):
             info = await self.js.consumer_info(stream, durable)
             start_seq = (info.ack_floor.stream_seq if info.ack_floor else 0) + 1
+            delivered = info.delivered.stream_seq if info.delivered else 0
             await self.js.delete_consumer(stream, durable)
         config = ConsumerConfig(
             durable_name=durable,
@@ -231,7 +233,7 @@ class NatsBus:
             subject, durable=durable, stream=stream, config=config, manual_ack=True,
             pending_msgs_limit=max_ack_pending * 2,
         )  # fmt: skip
-        return sub, start_seq
+        return sub, start_seq, delivered
 
     @staticmethod
     async def next_batch(
@@ -335,6 +337,10 @@ class DurableConsumer:
         self._last_seq: int | None = None
         self._gap = False
         self._started_at = 0  # the stream sequence the consumer was last started at
+        # (ack floor, last delivered stream sequence) when this process first started it, if
+        # messages were in flight then: delivered to a process that ended without acking them.
+        self.in_flight_at_start: tuple[int, int] | None = None
+        self._first_start = True
         self._quiet_past: int | None = None  # delivered past what we took, at the last quiet spell
 
     @property
@@ -349,7 +355,7 @@ class DurableConsumer:
             with contextlib.suppress(Exception):
                 await self.sub.unsubscribe()
             await self.bus.nc.flush(timeout=5)  # our last ack reaches the server first
-        self.sub, self._started_at = await self.bus._subscribe_at_ack_floor(
+        self.sub, self._started_at, delivered = await self.bus._subscribe_at_ack_floor(
             self.stream,
             self.durable,
             self.subject,
@@ -357,6 +363,9 @@ class DurableConsumer:
             self.inactive_threshold,
             self._started_at,
         )
+        if self._first_start and delivered >= self._started_at:
+            self.in_flight_at_start = (self._started_at - 1, delivered)
+        self._first_start = False
         self._last_seq, self._gap, self._quiet_past = 0, False, None  # a new consumer delivers 1 first
 
     async def delete(self) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import Counter
 
 import asyncmy.errors
@@ -23,9 +24,29 @@ from engine.config import Settings
 from engine.domain.events import Event, decode_event
 
 log = structlog.get_logger(__name__)
-# MySQL refusing the values themselves (out of range, too long, a broken reference): retrying
-# cannot help. Connection losses and deadlocks are OperationalError and are retried.
-PERMANENT_DATA_ERRORS = (asyncmy.errors.DataError, asyncmy.errors.IntegrityError)
+# MySQL errors that say the server, the connection or the schema is not usable now, whatever
+# the events hold: waited out (retried, readiness fails, an alert fires), never quarantined.
+# Lock waits and deadlocks; too many connections, shutdown, lost or killed connections;
+# privileges; a missing table or column; a full disk or a read-only server.
+OUTAGE_CODES = frozenset(
+    {1205, 1213, 1040, 1053, 1077, 1152, 1153, 1158, 1159, 1160, 1161, 1927, 1044, 1045, 1142, 1143,
+     1227, 1146, 1054, 1021, 1114, 1290, 1836, 4031}
+)  # fmt: skip
+
+
+def is_outage(exc: BaseException) -> bool:
+    """An error that retrying the same batch can get past: the network, the server, the
+    schema. Anything else (MySQL refusing the values, arithmetic on an impossible row, a value
+    our projection cannot handle) belongs to the events: they are set aside, never retried."""
+    if isinstance(exc, OSError | TimeoutError | asyncmy.errors.InterfaceError):
+        return True
+    if isinstance(exc, asyncmy.errors.MySQLError):
+        code = exc.args[0] if exc.args and isinstance(exc.args[0], int) else None
+        # No code, or a client-side one (2000-2999: lost connection, gone away, read timeout).
+        return code is None or 2000 <= code < 3000 or code in OUTAGE_CODES
+    return False
+
+
 # A batch as received, decoded and rendered as SQL by the reader, for the writer.
 Decoded = tuple[list[Msg], list[tuple[Event, int | None]], ProjectedBatch]
 
@@ -37,16 +58,31 @@ class AttributionConsumer:
         self.store = store
         self.ready = asyncio.Event()
         self._stopping = asyncio.Event()
+        self._writing_since: float | None = None
+        self._undecodable: list[
+            tuple[str, bytes, int, str]
+        ] = []  # to quarantine with the batch  # monotonic time the batch being written came
+        metrics.ATTRIBUTION_STALLED.set_function(self.stalled_seconds)
 
     def stop(self) -> None:
         self._stopping.set()
+
+    def stalled_seconds(self) -> float:
+        """How long the batch being written has waited for MySQL (0 when none is): a projection
+        stuck on an outage shows here, whatever the consumer's pending counts say."""
+        since = self._writing_since
+        return 0.0 if since is None else time.monotonic() - since
 
     async def checks(self) -> dict[str, bool]:
         try:
             mysql = await asyncio.wait_for(self.store.ping(), 2.0)
         except Exception:
             mysql = False
-        return {"attribution_consumer": self.ready.is_set(), "mysql": mysql}
+        return {
+            "attribution_consumer": self.ready.is_set(),
+            "mysql": mysql,
+            "attribution_progress": self.stalled_seconds() < self.settings.attribution_stall_seconds,
+        }
 
     async def report_lag(self, every: float = 5.0) -> None:
         while not self._stopping.is_set():
@@ -106,15 +142,20 @@ class AttributionConsumer:
                 projected = await project_cooperatively(batch, self.store.no_backslash_escapes)
                 await decoded.put((msgs, batch, projected))
 
-    @staticmethod
-    def decode(msgs: list[Msg]) -> list[tuple[Event, int | None]]:
+    def decode(self, msgs: list[Msg]) -> list[tuple[Event, int | None]]:
         batch: list[tuple[Event, int | None]] = []
         for msg in msgs:
+            sequence = jetstream_sequences(msg)[0]
             try:
-                batch.append((decode_event(msg.data), jetstream_sequences(msg)[0]))
-            except ValueError as exc:
-                # Not ours to judge: keep it out of MySQL, keep it in the stream, move on.
-                log.error("attribution.undecodable", subject=msg.subject, error=str(exc)[:500])
+                batch.append((decode_event(msg.data), sequence))
+            except Exception as exc:
+                # Not an event of ours: out of the projection, into quarantine with its error
+                # (the stream keeps it too).
+                log.error(
+                    "attribution.undecodable", subject=msg.subject, stream_seq=sequence, error=str(exc)[:500]
+                )
+                metrics.EVENTS_QUARANTINED.labels("undecodable").inc()
+                self._undecodable.append((msg.subject, bytes(msg.data), sequence, repr(exc)))
         return batch
 
     async def persist(
@@ -126,16 +167,24 @@ class AttributionConsumer:
         if batch is None:
             batch = self.decode(msgs)
         delay = 0.1
-        while True:
-            try:
-                new = await self._write_or_quarantine(batch, projected)
-                break
-            except Exception as exc:  # a lost connection or a deadlock: retry the same batch
-                log.warning("attribution.write_failed", error=repr(exc)[:500], events=len(batch))
-                if self._stopping.is_set():
-                    raise
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+        self._writing_since = time.monotonic()
+        try:
+            while True:
+                try:
+                    undecodable, self._undecodable = self._undecodable, []
+                    for subject, data, sequence, error in undecodable:
+                        await self.store.quarantine_raw(subject, data, sequence, error)
+                    new = await self._write_or_quarantine(batch, projected)
+                    break
+                except Exception as exc:  # an outage (see is_outage): retry the same batch
+                    self._undecodable[:0] = undecodable
+                    log.warning("attribution.write_failed", error=repr(exc)[:500], events=len(batch))
+                    if self._stopping.is_set():
+                        raise
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+        finally:
+            self._writing_since = None
         if msgs:
             await msgs[-1].ack()  # AckPolicy.ALL: acknowledges the whole batch
         metrics.ATTRIBUTION_BATCH.observe(len(batch))
@@ -152,7 +201,9 @@ class AttributionConsumer:
         alone, each is then written or found stored."""
         try:
             return await self.store.write(batch, projected)
-        except (*PERMANENT_DATA_ERRORS, ConcurrentWrite) as exc:
+        except Exception as exc:
+            if not isinstance(exc, ConcurrentWrite) and is_outage(exc):
+                raise
             if len(batch) == 1:  # a single event never raises ConcurrentWrite
                 event, seq = batch[0]
                 log.error(

@@ -35,7 +35,10 @@ console = Console(highlight=False)
 
 
 async def migrate(settings: Settings) -> int:
-    store = await MysqlStore.open(mysql_target(settings))
+    # Migrations may rebuild large tables: no read timeout here.
+    store = await MysqlStore.open(
+        mysql_target(settings), connect_timeout=settings.mysql_connect_timeout, read_timeout=None
+    )
     try:
         applied = await store.migrate()
     finally:
@@ -159,7 +162,12 @@ async def tail(
 
 
 async def report(settings: Settings, flt: ReportFilter, html_file: str | None) -> int:
-    store = await MysqlStore.open(mysql_target(settings), create_database=False)
+    store = await MysqlStore.open(
+        mysql_target(settings),
+        create_database=False,
+        connect_timeout=settings.mysql_connect_timeout,
+        read_timeout=settings.mysql_read_timeout,
+    )
     try:
         data = await gather(store, flt)
     finally:

@@ -96,7 +96,11 @@ async def run_roles(settings: Settings, roles: frozenset[str]) -> None:
             from engine.adapters.mysql_store import MysqlStore  # the worker never loads asyncmy
             from engine.app.attribution import AttributionConsumer
 
-            store = await MysqlStore.open(mysql_target(settings))
+            store = await MysqlStore.open(
+                mysql_target(settings),
+                connect_timeout=settings.mysql_connect_timeout,
+                read_timeout=settings.mysql_read_timeout,
+            )
             cleanups.append(store.close)
             running.append(AttributionConsumer(settings, bus, store))
         if settings.http_port:

@@ -14,6 +14,7 @@ import gc
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -24,10 +25,12 @@ from nats.aio.msg import Msg
 
 from engine import metrics
 from engine.adapters.gateway import ExchangeGateway, OrderRejected, OrderUncertain
-from engine.adapters.nats_bus import SIGNALS_STREAM, NatsBus, jetstream_sequences
+from engine.adapters.leases import Holder, Lease, LeaseLost, count_start
+from engine.adapters.nats_bus import SIGNALS_STREAM, DurableConsumer, NatsBus, jetstream_sequences
 from engine.adapters.paper import PaperExchange
 from engine.config import Settings
 from engine.domain.book import PositionBook
+from engine.domain.dead_letters import dead_letter
 from engine.domain.decide import Accepted, close_intent, closes_by_key, decide, strategy_position_id_for
 from engine.domain.events import (
     Event,
@@ -51,7 +54,6 @@ from engine.domain.signals import MalformedSignal, Signal, parse_signal
 from engine.logs import SIGNAL_CONTEXT
 
 log = structlog.get_logger(__name__)
-DEAD_LETTER_PAYLOAD_LIMIT = 64 * 1024
 ORDER_HISTORY_REACH = timedelta(days=6, hours=20)
 LOOKUP_COOLDOWN = 5.0  # seconds between lookups on a symbol whose venue did not answer
 TICK_BACKLOG_LIMIT = 10_000  # per symbol, while its lock is held by a slow venue call
@@ -66,6 +68,15 @@ def release_free_memory() -> None:
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class Suspects:
+    """Messages in flight when an earlier process died, handled one at a time."""
+
+    until: int  # the last stream sequence delivered to that process
+    starts: int  # starts in a row that found the consumer at the same ack floor
+    first: bool  # the next message is the first after the ack floor
 
 
 class Worker:
@@ -103,11 +114,46 @@ class Worker:
         self._lookup_cooldown: dict[str, float] = {}
         self._replayed_opens: set[str] = set()  # during recovery only
         self._ticks: defaultdict[str, deque[Decimal]] = defaultdict(deque)
+        self.lease: Lease | None = None
+        self.standby = False  # waiting for another worker's lease on the durable
+        self._fenced = False  # the lease was lost: nothing more is placed or stored
         self._tick_runners: dict[str, asyncio.Task[None]] = {}
 
     # --- lifecycle -----------------------------------------------------------------------
     async def run(self) -> None:
+        """Take the durable's lease (waiting as a standby while another worker holds it), then
+        run until stopped; a lost lease stops the worker before it stores or places anything
+        more."""
         await self.bus.ensure_streams()
+        lease = Lease(self.bus.js, self.settings.worker_durable, self.settings.worker_lease_seconds)
+        if not await lease.acquire(self.settings.worker_standby, self._stopping, self._on_standby):
+            return
+        self.lease = lease
+        keeper = asyncio.create_task(self._keep_lease(lease))
+        try:
+            await self._run_leased()
+        finally:
+            keeper.cancel()
+            await asyncio.gather(keeper, return_exceptions=True)
+            if not self._fenced:
+                await lease.release()
+
+    def _on_standby(self, holder: Holder | None) -> None:
+        self.standby = True
+
+    async def _keep_lease(self, lease: Lease) -> None:
+        try:
+            await lease.keep(self._stopping)
+        except LeaseLost as exc:
+            self._fenced = True
+            log.error(
+                "worker.lease_lost",
+                error=str(exc),
+                why="another worker runs this durable now; this one stops without placing or storing anything more",
+            )
+            self.stop()
+
+    async def _run_leased(self) -> None:
         await self.gateway.start()
         await self.recover()
         # Signals past the ack floor come again: an order of theirs the venue never placed is
@@ -128,6 +174,8 @@ class Worker:
         gc.set_threshold(50_000, 50, 1000)
         self._price_sub = await self.bus.subscribe_prices(self.on_price_message)
         sub = await self.bus.durable_consumer(SIGNALS_STREAM, self.settings.worker_durable, "signals.>")
+        suspects = await self._suspects(sub)
+        self.standby = False
         self.ready.set()
         log.info("worker.ready", open_positions=len(self.book.positions), venue=self.gateway.name)
         gauges = asyncio.create_task(self.report_gauges())
@@ -140,6 +188,13 @@ class Worker:
                     # comes; and an ack goes out before the consumer is re-created.
                     await storing
                     storing = None
+                if suspects is not None:
+                    # Messages a process died on: one at a time, each acked before the next.
+                    if storing is not None:
+                        await storing
+                        storing = None
+                    suspects = await self._handle_suspect(sub, suspects)
+                    continue
                 msgs = await sub.next_batch(self.settings.fetch_batch, idle_wait=0.5)
                 if not msgs:
                     continue
@@ -177,8 +232,52 @@ class Worker:
     def stop(self) -> None:
         self._stopping.set()
 
+    async def _suspects(self, sub: DurableConsumer) -> Suspects | None:
+        """The crash-loop breaker. Messages delivered to a process that ended without acking
+        them are suspects; when starts keep finding the consumer at the same ack floor, they
+        are taken one at a time (so the floor stops right before the one that kills the
+        process), and past MAX_DELIVER such starts the first of them is dead-lettered unread."""
+        if sub.in_flight_at_start is None:
+            return None
+        floor, delivered = sub.in_flight_at_start
+        try:
+            starts = await count_start(self.bus.js, self.settings.worker_durable, floor)
+        except Exception as exc:  # the breaker is a safety net: never a reason not to start
+            log.warning("worker.start_count_failed", error=repr(exc))
+            return None
+        if starts < 2:
+            return None
+        log.warning(
+            "worker.careful_start",
+            ack_floor=floor,
+            in_flight_until=delivered,
+            starts_at_this_floor=starts,
+            max_deliver=self.settings.max_deliver,
+        )
+        return Suspects(until=delivered, starts=starts, first=True)
+
+    async def _handle_suspect(self, sub: DurableConsumer, suspects: Suspects) -> Suspects | None:
+        msgs = await sub.next_batch(1, idle_wait=0.5)
+        if not msgs:
+            return suspects
+        (msg,) = msgs
+        sequence = jetstream_sequences(msg)[0]
+        if suspects.first and suspects.starts > self.settings.max_deliver:
+            poison = MalformedSignal(
+                "poison",
+                (
+                    f"{suspects.starts} starts in a row ended while this message was being handled "
+                    f"(MAX_DELIVER={self.settings.max_deliver}); set aside unread",
+                ),
+            )
+            self._emit(self._dead_letter(msg, poison, sequence))
+            await self.store_and_ack([msg], time.perf_counter())
+        else:
+            await self.process_batch([msg])
+        return Suspects(suspects.until, suspects.starts, first=False) if sequence < suspects.until else None
+
     async def checks(self) -> dict[str, bool]:
-        return {"worker_consumer": self.ready.is_set()}
+        return {"worker_consumer": self.ready.is_set(), "worker_lease": not self.standby and not self._fenced}
 
     async def report_gauges(self, every: float = 5.0) -> None:
         """Consumer backlog and per-key exposure, refreshed off the hot path."""
@@ -226,6 +325,8 @@ class Worker:
         """Send one order and book its fill; None when booked. With a real venue the order is
         journaled (and stored) first, and an order the journal still holds open is looked up
         by client order id instead of being sent again (DESIGN §4.3)."""
+        if self._fenced:
+            raise LeaseLost("this worker lost its lease: no order is placed")
         if self.journaled:
             journaled = self.journal.pending.get(intent.client_order_id)
             if journaled is not None:
@@ -425,8 +526,15 @@ class Worker:
             metrics.DECISION_LATENCY.observe(elapsed)
 
     async def on_signal_message(self, msg: Msg) -> None:
-        parsed = parse_signal(msg.subject, msg.data, self.settings.max_signal_bytes)
+        """Decide one delivery. Nothing a publisher sends may stop the worker: whatever goes
+        wrong before the signal is known is a dead letter, whatever goes wrong after it is an
+        `internal_error` decision, and the batch is acked either way."""
         sequence = jetstream_sequences(msg)[0]
+        try:
+            parsed = parse_signal(msg.subject, msg.data, self.settings.max_signal_bytes)
+        except Exception as exc:  # parse_signal contains every error it knows of; this is a bug
+            log.exception("signal.parse_internal_error", subject=msg.subject)
+            parsed = MalformedSignal("internal_error", (f"payload: {type(exc).__name__}",))
         if isinstance(parsed, MalformedSignal):
             self._emit(self._dead_letter(msg, parsed, sequence))
             return
@@ -642,22 +750,7 @@ class Worker:
     def _dead_letter(self, msg: Msg, bad: MalformedSignal, sequence: int) -> SignalDead:
         metrics.DEAD_LETTERS.labels(bad.reason_code).inc()
         log.warning("signal.dead", subject=msg.subject, reason_code=bad.reason_code, errors=list(bad.errors))
-        raw = msg.data[:DEAD_LETTER_PAYLOAD_LIMIT]
-        now = self.clock()
-        return SignalDead(
-            event_id=derive_id("signal.dead", msg.subject, str(sequence)),
-            occurred_at=now,
-            subject=msg.subject,
-            reason_code=bad.reason_code,
-            errors=list(bad.errors),
-            payload=raw.decode("utf-8", errors="replace"),
-            payload_truncated=len(msg.data) > DEAD_LETTER_PAYLOAD_LIMIT,
-            headers={k: v for k, v in (msg.headers or {}).items() if not k.lower().startswith("auth")},
-            received_at=now,
-            strategy_id=bad.strategy_id,
-            symbol=bad.symbol,
-            signal_id=bad.signal_id,
-        )
+        return dead_letter(msg.subject, msg.data, msg.headers, bad, sequence, self.clock())
 
     # --- prices and TP/SL ----------------------------------------------------------------
     async def on_price_message(self, msg: Msg) -> None:
@@ -795,6 +888,8 @@ class Worker:
         unpublished events are not acked, so the next start redelivers them, and the book that
         start replays never saw these events, so nothing is counted twice."""
         async with self._flush_lock:  # one flusher: retries keep stream order, acks wait for storage
+            if self._fenced:
+                raise LeaseLost("this worker lost its lease: nothing more is stored")
             if self._abandoned_events:
                 # Events were dropped on the way out: nothing after them may count as stored
                 # (no ack, no order sent on the strength of a journal entry).

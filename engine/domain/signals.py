@@ -29,7 +29,20 @@ from engine.domain.model import Action, PositionSide, SignalId, StrategyId, load
 
 TOKEN_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 _TOKEN = re.compile(TOKEN_PATTERN)
+# Visible ASCII only: a signal id travels in a NATS header (Nats-Msg-Id) and in log lines, and
+# "x " must never be the same signal as "x" (nothing is stripped).
+SIGNAL_ID_PATTERN = r"^[!-~]{1,128}$"
 MAX_SIGNAL_BYTES = 64 * 1024
+# Levels of arrays/objects, the payload itself being level 1. Checked on the raw bytes before
+# parsing (a deep payload exhausts the decoder's recursion); MariaDB refuses JSON deeper than
+# 32 levels, and metadata sits one level down.
+MAX_JSON_DEPTH = 16
+MAX_TEXT_LENGTH = 64  # free-text fields: strategy, source, strength
+MAX_METADATA_STRING = 4096
+# Every amount stays below 10^9, so a quantity times a price stays below 10^18 and fits the
+# DECIMAL(36,18) columns of the projection; no amount has more than 18 decimal places.
+MAX_AMOUNT = Decimal(10) ** 9
+MAX_DECIMAL_PLACES = 18
 _EPOCH_MS_THRESHOLD = 100_000_000_000  # epochs above this are milliseconds (year 5138 in s)
 
 
@@ -44,9 +57,20 @@ def _no_bool_or_nan(value: Any) -> Any:
     return value
 
 
-Number = Annotated[Decimal, BeforeValidator(_no_bool_or_nan), Field(allow_inf_nan=False)]
-PositiveNumber = Annotated[Decimal, BeforeValidator(_no_bool_or_nan), Field(gt=0, allow_inf_nan=False)]
-Fraction = Annotated[Decimal, BeforeValidator(_no_bool_or_nan), Field(gt=0, lt=1, allow_inf_nan=False)]
+Number = Annotated[
+    Decimal, BeforeValidator(_no_bool_or_nan), Field(allow_inf_nan=False, decimal_places=MAX_DECIMAL_PLACES)
+]
+PositiveNumber = Annotated[
+    Decimal,
+    BeforeValidator(_no_bool_or_nan),
+    Field(gt=0, lt=MAX_AMOUNT, allow_inf_nan=False, decimal_places=MAX_DECIMAL_PLACES),
+]
+Fraction = Annotated[
+    Decimal,
+    BeforeValidator(_no_bool_or_nan),
+    Field(gt=0, lt=1, allow_inf_nan=False, decimal_places=MAX_DECIMAL_PLACES),
+]
+Text = Annotated[str, Field(max_length=MAX_TEXT_LENGTH)]
 
 
 def parse_timestamp(value: Any) -> datetime:
@@ -63,7 +87,7 @@ def parse_timestamp(value: Any) -> datetime:
             seconds /= 1000
         try:
             return datetime.fromtimestamp(float(seconds), tz=UTC)
-        except (OverflowError, OSError, ValueError) as exc:
+        except (OverflowError, OSError, ValueError, ArithmeticError) as exc:
             raise ValueError(f"timestamp {value} is out of range") from exc
     if isinstance(value, datetime):
         parsed = value
@@ -76,18 +100,21 @@ def parse_timestamp(value: Any) -> datetime:
         raise ValueError("timestamp must be ISO-8601 or epoch seconds/milliseconds")
     if parsed.tzinfo is None:
         return parsed.replace(tzinfo=UTC)
-    return parsed.astimezone(UTC)
+    try:
+        return parsed.astimezone(UTC)
+    except OverflowError as exc:  # "0001-01-01T00:00:00+01:00" has no UTC time
+        raise ValueError(f"timestamp {value!r} is out of range") from exc
 
 
 class Signal(BaseModel):
     """A strategy's instruction. Unknown fields are ignored so petrosa payloads are accepted."""
 
-    model_config = ConfigDict(extra="ignore", frozen=True, str_strip_whitespace=True)
+    model_config = ConfigDict(extra="ignore", frozen=True)
 
     strategy_id: Annotated[str, Field(pattern=TOKEN_PATTERN)]
     symbol: Annotated[str, Field(pattern=TOKEN_PATTERN)]
     action: Action
-    signal_id: Annotated[str, Field(min_length=1, max_length=128)] | None = None
+    signal_id: Annotated[str, Field(pattern=SIGNAL_ID_PATTERN)] | None = None
     confidence: Annotated[Number, Field(ge=0, le=1)] = Decimal(1)
     quantity: PositiveNumber | None = None
     quote_quantity: PositiveNumber | None = None
@@ -100,9 +127,9 @@ class Signal(BaseModel):
     current_price: PositiveNumber | None = None
     timestamp: Annotated[datetime, BeforeValidator(parse_timestamp)] | None = None
     timeframe: Annotated[str, Field(max_length=16)] | None = None
-    strategy: str | None = None
-    source: str | None = None
-    strength: str | None = None
+    strategy: Text | None = None
+    source: Text | None = None
+    strength: Text | None = None
     metadata: dict[str, Any] | None = None
 
     @field_validator("action", mode="before")
@@ -183,22 +210,86 @@ def _format_errors(exc: ValidationError) -> tuple[str, ...]:
     lines = []
     for err in exc.errors():
         where = ".".join(str(part) for part in err["loc"]) or "payload"
-        lines.append(f"{where}: {err['msg']}")
+        lines.append(safe_text(f"{where}: {err['msg']}", 500))
     return tuple(lines)
 
 
+_BRACKET = re.compile(rb"[\[\]{}]")
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')  # linear: the two alternatives never overlap
+
+
+def json_too_deep(data: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether the arrays and objects of `data` nest deeper than `limit`, read off the raw
+    bytes without parsing. Nearly every payload has fewer brackets than the limit in all, which
+    two `count` calls show; only the rest is scanned (strings removed first)."""
+    if data.count(b"[") + data.count(b"{") <= limit:
+        return False
+    depth = 0
+    for bracket in _BRACKET.findall(_JSON_STRING.sub(b"", data)):
+        if bracket in (b"[", b"{"):
+            depth += 1
+            if depth > limit:
+                return True
+        else:
+            depth -= 1
+    return False
+
+
+def text_problem(value: Any, where: str = "payload") -> str | None:
+    """'where: what' for the first string (key or value) that is not plain Unicode text: a
+    lone surrogate ("\\ud800") cannot be written as UTF-8 by anything downstream, and NUL ends
+    strings in C libraries. Raw bytes cannot hold either (the UTF-8 decode and the JSON
+    decoder refuse them); only \\u escapes can."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            return f"{where}: contains NUL (\\u0000)"
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return f"{where}: contains a lone surrogate, which is not Unicode text"
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            problem = text_problem(key, where) or text_problem(item, f"{where}.{safe_text(str(key), 40)}")
+            if problem:
+                return problem
+    elif isinstance(value, list):
+        for n, item in enumerate(value):
+            problem = text_problem(item, f"{where}[{n}]")
+            if problem:
+                return problem
+    return None
+
+
+def safe_text(value: str, limit: int) -> str:
+    """`value` cut to `limit` characters, with anything UTF-8 cannot hold replaced: for text
+    from outside copied into our own events (dead letters, log fields)."""
+    return value[:limit].encode("utf-8", "replace").decode("utf-8").replace("\x00", "\ufffd")
+
+
 def parse_signal(subject: str, data: bytes, max_bytes: int = MAX_SIGNAL_BYTES) -> Signal | MalformedSignal:
+    """Never raises: anything that is not a valid signal comes back as a MalformedSignal."""
     if len(data) > max_bytes:
         return MalformedSignal("oversize", (f"payload is {len(data)} bytes; limit {max_bytes}",))
     tokens = subject_tokens(subject)
     if tokens is None:
-        return MalformedSignal("bad_subject", (f"subject {subject!r} is not signals.<strategy_id>.<symbol>",))
+        return MalformedSignal(
+            "bad_subject", (f"subject {safe_text(subject, 300)!r} is not signals.<strategy_id>.<symbol>",)
+        )
+    if json_too_deep(data):
+        return MalformedSignal(
+            "too_deep", (f"payload: arrays/objects nest deeper than {MAX_JSON_DEPTH} levels",)
+        )
     try:
         payload = load_json_exact(data)
-    except ValueError as exc:
-        return MalformedSignal("bad_json", (f"payload: not valid JSON ({exc})",))
+    except (ValueError, RecursionError) as exc:
+        return MalformedSignal("bad_json", (f"payload: not valid JSON ({safe_text(str(exc), 300)})",))
     if not isinstance(payload, dict):
         return MalformedSignal("bad_json", ("payload: must be a JSON object",))
+    if b"\\u" in data:
+        problem = text_problem(payload)
+        if problem:
+            return MalformedSignal("bad_text", (problem,))
     raw_id = payload.get("signal_id")
     try:
         signal = Signal.model_validate(payload)
@@ -209,6 +300,10 @@ def parse_signal(subject: str, data: bytes, max_bytes: int = MAX_SIGNAL_BYTES) -
             strategy_id=_text_or_none(payload.get("strategy_id")),
             symbol=_text_or_none(payload.get("symbol")),
             signal_id=_text_or_none(raw_id),
+        )
+    except Exception as exc:  # a validator tripped over a value no rule foresaw
+        return MalformedSignal(
+            "invalid_field", (f"payload: {type(exc).__name__}: {safe_text(str(exc), 300)}",)
         )
     for field_name, in_payload, in_subject in (
         ("strategy_id", signal.strategy_id, tokens[0]),
@@ -228,4 +323,4 @@ def parse_signal(subject: str, data: bytes, max_bytes: int = MAX_SIGNAL_BYTES) -
 
 
 def _text_or_none(value: Any) -> str | None:
-    return value if isinstance(value, str) else None
+    return safe_text(value, 128) if isinstance(value, str) else None

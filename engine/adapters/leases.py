@@ -1,0 +1,258 @@
+"""Who may run a durable consumer, and how often a start died on the same message, kept in
+NATS KV (JetStream key-value buckets; the 2.9 server has them).
+
+- `Lease`: one live holder per durable. Two workers on one durable would each place the
+  other's orders; the second one waits as a standby (or refuses) instead, and takes over
+  when the holder stops renewing. Renewals are revision-checked updates, so a holder that was
+  replaced finds out on its next renewal instead of writing over the new holder.
+- `StartRecord`: the crash-loop breaker's memory. Re-creating a consumer at its ack floor
+  (how a restart gets its unacked messages back at once and in order) resets the server's
+  delivery count, so the server's MAX_DELIVER cannot see a message that kills every process
+  that reads it. This record can: it counts the starts that found the same ack floor with
+  messages in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import socket
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+from nats.js.api import KeyValueConfig, StorageType
+from nats.js.client import JetStreamContext
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
+from nats.js.kv import KeyValue
+
+log = structlog.get_logger(__name__)
+
+LEASE_BUCKET = "tradeengine_leases"
+STARTS_BUCKET = "tradeengine_starts"
+
+
+@dataclass(frozen=True, slots=True)
+class Holder:
+    """A process, told apart from a later one with the same pid (pids are reused, and in a
+    container the worker is often pid 1 every time)."""
+
+    instance: str
+    host: str
+    pid: int
+    started: str  # the process's start time in clock ticks since boot ("" where unknown)
+    since: str
+
+    @classmethod
+    def this_process(cls) -> Holder:
+        return cls(
+            instance=uuid.uuid4().hex[:12],
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            started=_start_ticks(os.getpid()),
+            since=datetime.now(UTC).isoformat(timespec="seconds"),
+        )
+
+    def encode(self) -> bytes:
+        return json.dumps(asdict(self)).encode()
+
+    @classmethod
+    def decode(cls, data: bytes | None) -> Holder | None:
+        try:
+            fields = json.loads(data or b"")
+            return cls(**{k: fields[k] for k in ("instance", "host", "pid", "started", "since")})
+        except (ValueError, TypeError, KeyError):
+            return None
+
+    def gone(self) -> bool:
+        """True only when this host can see that the holder process no longer runs."""
+        if self.host != socket.gethostname() or not self.started:
+            return False
+        return _start_ticks(self.pid) != self.started
+
+    def describe(self) -> str:
+        return f"instance {self.instance} (pid {self.pid} on {self.host}, since {self.since})"
+
+
+def _start_ticks(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return ""
+    # The command name (field 2) may hold spaces and parentheses: count from its closing one.
+    fields = stat[stat.rfind(")") + 2 :].split()
+    return fields[19] if len(fields) > 19 else ""
+
+
+class LeaseLost(RuntimeError):
+    """Another process holds the lease now: this one must stop acting for the durable."""
+
+
+class LeaseTaken(RuntimeError):
+    """The lease is held by a live process and this one was told not to wait."""
+
+
+async def _bucket(js: JetStreamContext, name: str, ttl: float | None) -> KeyValue:
+    try:
+        return await js.key_value(name)
+    except (NotFoundError, Exception):
+        with contextlib.suppress(Exception):  # another process may have created it meanwhile
+            return await js.create_key_value(
+                KeyValueConfig(bucket=name, history=1, ttl=ttl, storage=StorageType.FILE)
+            )
+        return await js.key_value(name)
+
+
+class Lease:
+    """The lease on one name (a durable), held by this process while it renews it."""
+
+    def __init__(self, js: JetStreamContext, name: str, seconds: float) -> None:
+        self.js, self.name, self.seconds = js, name, seconds
+        self.holder = Holder.this_process()
+        self.revision: int | None = None
+        self._kv: KeyValue | None = None
+        self._renewed_at = 0.0
+
+    @property
+    def held(self) -> bool:
+        return self.revision is not None
+
+    async def acquire(
+        self, wait: bool, stopping: asyncio.Event, on_standby: Callable[[Holder | None], None]
+    ) -> bool:
+        """Take the lease; while someone else holds it, wait as a standby (or raise
+        LeaseTaken). False if `stopping` was set before the lease came free."""
+        # A holder that stopped renewing is gone from the bucket after `seconds` (its TTL).
+        self._kv = await _bucket(self.js, LEASE_BUCKET, self.seconds)
+        told: str | None = None
+        while not stopping.is_set():
+            other = await self._try_take()
+            if other is None:
+                log.info("lease.acquired", lease=self.name, holder=self.holder.describe())
+                return True
+            if not wait:
+                raise LeaseTaken(f"durable {self.name!r} is in use by {other.describe()}")
+            if told != other.instance:
+                told = other.instance
+                log.warning(
+                    "lease.standby",
+                    lease=self.name,
+                    held_by=other.describe(),
+                    why="another worker runs this durable; this one waits and takes over "
+                    f"if that one stops renewing for {self.seconds:g}s",
+                )
+                on_standby(other)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), min(1.0, self.seconds / 4))
+        return False
+
+    async def _try_take(self) -> Holder | None:
+        """None once the lease is ours; else its live holder."""
+        assert self._kv is not None
+        try:
+            self.revision = await self._kv.create(self.name, self.holder.encode())
+            self._renewed_at = time.monotonic()
+            return None
+        except KeyWrongLastSequenceError:
+            pass
+        try:
+            entry = await self._kv.get(self.name)
+        except KeyNotFoundError:
+            return await self._try_take_again()
+        other = Holder.decode(entry.value)
+        if other is not None and other.instance == self.holder.instance:
+            self.revision = entry.revision
+            return None
+        if other is None or other.gone():
+            # Its process is dead (seen from this host) or the value is not a lease: take it,
+            # revision-checked, so of two processes doing this at once only one wins.
+            log.info("lease.taking_over", lease=self.name, from_holder=other.describe() if other else None)
+            try:
+                self.revision = await self._kv.update(self.name, self.holder.encode(), last=entry.revision)
+                self._renewed_at = time.monotonic()
+                return None
+            except KeyWrongLastSequenceError:
+                return other
+        return other
+
+    async def _try_take_again(self) -> Holder | None:
+        assert self._kv is not None
+        try:
+            self.revision = await self._kv.create(self.name, self.holder.encode())
+            self._renewed_at = time.monotonic()
+            return None
+        except KeyWrongLastSequenceError:
+            entry = await self._kv.get(self.name)
+            return Holder.decode(entry.value)
+
+    async def renew(self) -> None:
+        """Raise LeaseLost if someone else holds it now; other errors (NATS away) pass up
+        and the next renewal tries again."""
+        assert self._kv is not None and self.revision is not None
+        try:
+            self.revision = await self._kv.update(self.name, self.holder.encode(), last=self.revision)
+            self._renewed_at = time.monotonic()
+        except KeyWrongLastSequenceError:
+            self.revision = None
+            raise LeaseLost(f"the lease on {self.name!r} was taken over") from None
+
+    async def keep(self, stopping: asyncio.Event) -> None:
+        """Renew every third of the lease until stopped; raises LeaseLost."""
+        while not stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), self.seconds / 3)
+            if stopping.is_set():
+                return
+            try:
+                await self.renew()
+            except LeaseLost:
+                raise
+            except Exception as exc:
+                log.warning(
+                    "lease.renew_failed",
+                    lease=self.name,
+                    error=repr(exc),
+                    unrenewed_seconds=round(time.monotonic() - self._renewed_at, 1),
+                )
+
+    async def release(self) -> None:
+        if self._kv is None or self.revision is None:
+            return
+        with contextlib.suppress(Exception):
+            await self._kv.delete(self.name, last=self.revision)
+        self.revision = None
+
+
+@dataclass(frozen=True, slots=True)
+class StartCount:
+    floor: int
+    starts: int
+
+
+async def count_start(js: JetStreamContext, durable: str, floor: int) -> int:
+    """How many starts in a row found `durable` at this ack floor with messages in flight
+    (this one included)."""
+    kv = await _bucket(js, STARTS_BUCKET, 7 * 86_400.0)
+    starts = 1
+    with contextlib.suppress(KeyNotFoundError):
+        entry = await kv.get(durable)
+        last = _decode_start(entry.value)
+        if last is not None and last.floor == floor:
+            starts = last.starts + 1
+    await kv.put(durable, json.dumps(asdict(StartCount(floor, starts))).encode())
+    return starts
+
+
+def _decode_start(data: bytes | None) -> StartCount | None:
+    try:
+        fields: dict[str, Any] = json.loads(data or b"")
+        return StartCount(int(fields["floor"]), int(fields["starts"]))
+    except (ValueError, TypeError, KeyError):
+        return None
