@@ -95,6 +95,17 @@ class RetryPolicy:
     # The venue refuses a request older than this when it reaches the matching engine, so an
     # order not found once this much (plus a margin) has passed since sending will never be.
     recv_window: float = 5.0
+    # No attempt of one order is sent later than this after the first: so a process that
+    # restarts knows, from the journal alone, when the last request can no longer execute.
+    send_span: float = 15.0
+    # How far the venue's clock may run behind ours (its receive window closes that much later).
+    clock_margin: float = 2.0
+
+    @property
+    def unknown_outcome_seconds(self) -> float:
+        """After journaling an order, how long its requests may still reach the venue and
+        execute: before then, "no such order" does not mean it will never exist."""
+        return self.send_span + self.recv_window + self.clock_margin
 
 
 def venue_code(exc: Exception) -> int | None:
@@ -173,6 +184,7 @@ class CcxtGateway:
         self.name = exchange_id
         self.mode = mode
         self.policy = policy or RetryPolicy()
+        self.unknown_outcome_seconds = self.policy.unknown_outcome_seconds
         self.set_position_mode = set_position_mode
         config: dict[str, Any] = {} if rate_limit_ms is None else {"rateLimit": rate_limit_ms}
         self.exchange: Any = getattr(ccxt_async, exchange_id)(
@@ -282,7 +294,13 @@ class CcxtGateway:
             params["reduceOnly"] = True
         unified = self._unified[intent.symbol]
         delay = self.policy.backoff
+        first_sent = time.monotonic()
         for attempt in range(1, self.policy.attempts + 1):
+            if attempt > 1 and time.monotonic() - first_sent > self.policy.send_span:
+                # Sending later would outlive what a restarted process assumes (see send_span).
+                raise OrderUncertain(
+                    f"{intent.client_order_id}: no answer within {self.policy.send_span:g}s of attempts"
+                )
             try:
                 order = await self.exchange.create_order(
                     unified, "market", intent.side.value, float(intent.quantity), None, dict(params)

@@ -26,6 +26,9 @@ class OrderUncertain(Exception):
 
 class ExchangeGateway(Protocol):
     name: str
+    # How long after an order is journaled a request for it may still reach the venue and
+    # execute; until then a lookup that finds nothing proves nothing (0: in-process venues).
+    unknown_outcome_seconds: float
 
     async def start(self) -> None:
         """Load markets and check (or set) the position mode; before the first order."""

@@ -49,6 +49,7 @@ class PaperPosition:
 
 class PaperExchange:
     name = "paper"
+    unknown_outcome_seconds = 0.0  # in-process: an order exists the moment it is sent, or never
 
     def __init__(
         self,

@@ -51,7 +51,9 @@ def build_gateway(settings: Settings) -> ExchangeGateway:
             set_position_mode=settings.set_position_mode,
             timeout=settings.order_timeout_seconds,
             policy=RetryPolicy(
-                attempts=settings.order_attempts, recv_window=settings.exchange_recv_window_ms / 1000
+                attempts=settings.order_attempts,
+                recv_window=settings.exchange_recv_window_ms / 1000,
+                send_span=settings.order_send_span_seconds,
             ),
             rate_limit_ms=settings.exchange_rate_limit_ms,
         )

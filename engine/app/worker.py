@@ -55,6 +55,7 @@ from engine.logs import SIGNAL_CONTEXT
 
 log = structlog.get_logger(__name__)
 ORDER_HISTORY_REACH = timedelta(days=6, hours=20)
+LATE_LOOKUP_EVERY = 1.0  # seconds between lookups of an order whose request may still arrive
 LOOKUP_COOLDOWN = 5.0  # seconds between lookups on a symbol whose venue did not answer
 TICK_BACKLOG_LIMIT = 10_000  # per symbol, while its lock is held by a slow venue call
 
@@ -338,6 +339,11 @@ class Worker:
                     # Booked as sent, not as planned now; the signal being handled decides.
                     self._book_journaled(journaled, known, decide=False)
                     return None
+                if not self._outcome_final(journaled):
+                    self._wake_when_final(journaled)
+                    return OrderUncertain(
+                        f"{intent.client_order_id}: an earlier request may still reach the venue"
+                    )
             self._emit(self.journal.submit(intent, self.clock(), decision))
             await self._flush()  # stored before it is sent
         started = time.perf_counter()
@@ -403,6 +409,12 @@ class Worker:
             if fill is not None:
                 log.info("order.found_at_venue", client_order_id=cid, quantity=str(fill.quantity))
                 self._book_journaled(submitted, fill, decide=True)
+            elif not self._outcome_final(submitted):
+                # A request of this order may still reach the venue (receive window, clock
+                # margin): "not found" proves nothing yet. Look again once it cannot.
+                log.info(
+                    "order.not_found_yet", client_order_id=cid, look_again_in=self._wake_when_final(submitted)
+                )
             else:
                 log.info("order.not_placed", client_order_id=cid)
                 self._decide_after_lookup(submitted, filled=False)
@@ -411,6 +423,19 @@ class Worker:
                 )
                 self._rearm_still_open(intent)
         return not self.journal.pending_on(symbol)
+
+    def _outcome_final(self, submitted: OrderSubmitted) -> bool:
+        closes_at = submitted.occurred_at + timedelta(seconds=self.gateway.unknown_outcome_seconds)
+        return self.clock() >= closes_at
+
+    def _wake_when_final(self, submitted: OrderSubmitted) -> float:
+        """Wake the lookup round again soon (a late request may show up at the venue any
+        moment), at the latest when the order's requests can no longer execute; returns the
+        delay in seconds."""
+        closes_at = submitted.occurred_at + timedelta(seconds=self.gateway.unknown_outcome_seconds)
+        delay = min(max((closes_at - self.clock()).total_seconds(), 0.0) + 0.1, LATE_LOOKUP_EVERY)
+        asyncio.get_running_loop().call_later(delay, self._wake_reconcile.set)
+        return round(delay, 1)
 
     def _rearm_still_open(self, intent: OrderIntent) -> None:
         """Slices a resolved close left open (not placed, or partly filled) get their TP/SL back."""

@@ -72,7 +72,7 @@ class Position:
 
 @dataclass(slots=True)
 class Fault:
-    kind: str  # stall | http_5xx | http_5xx_empty | http_429 | drop_before | drop_after
+    kind: str  # stall | http_5xx | http_5xx_empty | http_429 | drop_before | drop_after | late
     method: str = "POST"
     path: str = "/fapi/v1/order"
     times: int = 1
@@ -97,6 +97,7 @@ class Exchange:
     faults: list[Fault] = field(default_factory=list)
     request_count: Counter[str] = field(default_factory=Counter)
     ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1_000_001))
+    late: list[asyncio.Task[None]] = field(default_factory=list)  # requests still on their way
 
     # --- trading ------------------------------------------------------------------------
     def place(self, p: dict[str, str]) -> dict[str, Any]:
@@ -505,10 +506,25 @@ async def faults_middleware(request: web.Request, handler: Any) -> web.StreamRes
                 response = await handler(request)  # committed at the venue, answered too late
                 await asyncio.sleep(fault.seconds)
                 return response  # type: ignore[no-any-return]
+            case "late":
+                # The client loses the connection at once, but its request reaches the
+                # matching engine `seconds` later (a slow path inside the venue), where it is
+                # executed if its receive window is still open, as Binance does.
+                await request.read()  # kept by aiohttp for the handler
+                exchange.late.append(asyncio.create_task(_arrive_late(request, handler, fault.seconds)))
+                return _drop(request)
     try:
         return await handler(request)  # type: ignore[no-any-return]
     except BinanceError as exc:
         return _error(exc)
+
+
+async def _arrive_late(request: web.Request, handler: Any, seconds: float) -> None:
+    await asyncio.sleep(seconds)
+    try:
+        await handler(request)
+    except BinanceError:
+        pass  # refused when it arrived (receive window closed): nobody hears of it
 
 
 def _drop(request: web.Request) -> web.Response:
