@@ -39,14 +39,19 @@ class Settings(BaseSettings):
     position_mode: PositionMode = PositionMode.HEDGE
     position_mode_aware_conflicts: bool = True
     same_direction_conflict_resolution: SameDirectionPolicy = SameDirectionPolicy.ACCUMULATE
-    max_accumulations_per_position: Annotated[int, Field(ge=1)] = 10
+    max_accumulations_per_position: Annotated[int, Field(ge=1, le=1000)] = 10
     min_confidence: Annotated[Decimal, Field(ge=0, le=1)] = Decimal("0.6")
     max_signal_age_seconds: Annotated[float, Field(gt=0)] = 300.0
     allowed_strategies: CommaList = frozenset()
     allowed_symbols: CommaList = frozenset()
     max_notional_per_key: Annotated[Decimal, Field(gt=0)] | None = None
     max_total_notional: Annotated[Decimal, Field(gt=0)] | None = None
-    max_signal_bytes: Annotated[int, Field(ge=256)] = 64 * 1024
+    max_signal_bytes: Annotated[int, Field(ge=256, le=1024 * 1024)] = 64 * 1024
+    # Bounded so that no position the engine can open overflows the projection's DECIMAL(36,18).
+    max_order_notional: Annotated[Decimal, Field(gt=0, le=Decimal(10) ** 12)] = Decimal(1_000_000)
+    price_band_pct: Annotated[Decimal, Field(gt=0, le=10)] = Decimal("0.1")
+    price_max_age_seconds: Annotated[float, Field(gt=0)] = 30.0
+    max_clock_skew_seconds: Annotated[float, Field(ge=0)] = 60.0
 
     nats_url: str | None = None
     mysql_url: str | None = None
@@ -146,6 +151,9 @@ class Settings(BaseSettings):
             allowed_symbols=self.allowed_symbols,
             max_notional_per_key=self.max_notional_per_key,
             max_total_notional=self.max_total_notional,
+            max_order_notional=self.max_order_notional,
+            price_band=self.price_band_pct,
+            max_clock_skew=timedelta(seconds=self.max_clock_skew_seconds),
         )
 
 

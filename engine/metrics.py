@@ -98,3 +98,6 @@ ATTRIBUTION_STALLED = Gauge(
     "tradeengine_attribution_stalled_seconds",
     "How long the batch being written has waited for MySQL (0 when none waits)",
 )
+UNLISTED_TICKS = Counter(
+    "tradeengine_price_ticks_unlisted_total", "Ticks for symbols the venue does not list (ignored)"
+)

@@ -272,6 +272,17 @@ class CcxtGateway:
     def on_price(self, symbol: str, price: Decimal) -> None:
         return None
 
+    quotes = True
+
+    async def reference_price(self, symbol: str) -> Decimal | None:
+        unified = self._unified.get(symbol)
+        if unified is None:
+            return None
+        ticker = await self._call(lambda: self.exchange.fetch_mark_price(unified))
+        raw = ticker.get("markPrice") or (ticker.get("info") or {}).get("markPrice") or ticker.get("last")
+        price = _dec(raw) if raw is not None else ZERO
+        return price if price > 0 else None
+
     async def execute(self, intent: OrderIntent) -> Fill:
         market = self._markets.get(intent.symbol)
         if market is None:

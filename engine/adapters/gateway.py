@@ -38,6 +38,14 @@ class ExchangeGateway(Protocol):
 
     def on_price(self, symbol: str, price: Decimal) -> None: ...
 
+    # Whether `reference_price` asks the venue (a real market) or only echoes our own ticks.
+    quotes: bool
+
+    async def reference_price(self, symbol: str) -> Decimal | None:
+        """The venue's own price for `symbol` (Binance: the mark price), for pre-trade checks
+        when no fresh tick is at hand; None if it has none."""
+        ...
+
     async def execute(self, intent: OrderIntent) -> Fill:
         """Place the order and return its fill. Raises OrderRejected (final) or
         OrderUncertain (look the client order id up later before placing it again)."""

@@ -50,6 +50,7 @@ class PaperPosition:
 class PaperExchange:
     name = "paper"
     unknown_outcome_seconds = 0.0  # in-process: an order exists the moment it is sent, or never
+    quotes = False  # no market data of its own: its prices are the ticks it was given
 
     def __init__(
         self,
@@ -76,6 +77,9 @@ class PaperExchange:
 
     async def start(self) -> None:
         return None
+
+    async def reference_price(self, symbol: str) -> Decimal | None:
+        return self.last_prices.get(symbol)
 
     async def find_order(self, client_order_id: ClientOrderId, symbol: str) -> Fill | None:
         return self.orders.get(client_order_id)

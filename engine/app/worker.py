@@ -103,6 +103,8 @@ class Worker:
         self._attributed_orders: set[str] = set()  # venue orders reconciliation already booked
         self._wake_reconcile = asyncio.Event()
         self.last_prices: dict[str, Decimal] = {}
+        self._price_seen_at: dict[str, float] = {}  # monotonic time of each symbol's last price
+        self._not_found_yet: set[str] = set()  # journaled orders a late request may still place
         self.ready = asyncio.Event()
         self._stopping = asyncio.Event()
         self._outbox: list[Event] = []
@@ -160,7 +162,7 @@ class Worker:
         # Signals past the ack floor come again: an order of theirs the venue never placed is
         # decided by their redelivery, not by the lookup.
         self._redelivered_from = await self.bus.ack_floor(SIGNALS_STREAM, self.settings.worker_durable) + 1
-        await self.resolve_pending()
+        await self._resolve_pending_at_start()
         self._redelivered_from = None
         try:
             await self.reconcile_all()
@@ -383,6 +385,31 @@ class Worker:
         self._emit(self.journal.settled(intent, fill, self.clock()))
         self._rearm_still_open(intent)
 
+    async def _resolve_pending_at_start(self) -> None:
+        """Resolve the journal before taking signals. An order of a signal that will be
+        redelivered is waited for while a request of it may still reach the venue: deciding
+        "not placed" sooner would let the redelivery send it a second time (issue #14)."""
+        while True:
+            self._not_found_yet.clear()
+            await self.resolve_pending()
+            assert self._redelivered_from is not None
+            waiting = [
+                p
+                for p in self.journal.pending.values()
+                if p.client_order_id in self._not_found_yet
+                and p.decision is not None
+                and p.decision.signal_sequence >= self._redelivered_from
+            ]
+            if not waiting or self._stopping.is_set():
+                return
+            log.info(
+                "worker.waiting_for_venue",
+                orders=len(waiting),
+                why="a request of these orders may still reach the venue; their signals wait",
+            )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), LATE_LOOKUP_EVERY)
+
     async def resolve_pending(self) -> None:
         """Look up every journaled order without an outcome: book it if the venue filled it,
         mark it failed if the venue never placed it (its signal may then place it again)."""
@@ -412,6 +439,7 @@ class Worker:
             elif not self._outcome_final(submitted):
                 # A request of this order may still reach the venue (receive window, clock
                 # margin): "not found" proves nothing yet. Look again once it cannot.
+                self._not_found_yet.add(cid)
                 log.info(
                     "order.not_found_yet", client_order_id=cid, look_again_in=self._wake_when_final(submitted)
                 )
@@ -638,7 +666,7 @@ class Worker:
             signal,
             self.book,
             self.gateway.market(signal.symbol),
-            self.last_prices.get(signal.symbol),
+            await self._trusted_price(signal.symbol) if signal.action is not Action.HOLD else None,
             now,
             self.rules,
         )
@@ -787,6 +815,10 @@ class Worker:
             log.warning("price.invalid", subject=msg.subject, error=tick)
             return
         symbol, price = tick
+        if self.gateway.market(symbol) is None:
+            # Nothing can trade it here: no metric series, lock or queue for a made-up symbol.
+            metrics.UNLISTED_TICKS.inc()
+            return
         queue = self._ticks[symbol]
         runner = self._tick_runners.get(symbol)
         idle = runner is None or runner.done()  # a live runner may hold a tick taken off the queue
@@ -819,7 +851,32 @@ class Worker:
         metrics.PRICE_TICKS.inc()
         metrics.child(metrics.LAST_TICK, symbol).set(time.time())
         self.last_prices[symbol] = price
+        self._price_seen_at[symbol] = time.monotonic()
         self.gateway.on_price(symbol, price)
+
+    async def _trusted_price(self, symbol: str) -> Decimal | None:
+        """The price pre-trade checks use: the last tick while it is fresh, else the venue's
+        own (mark) price, else the last tick however old (a venue without prices of its own)."""
+        last = self.last_prices.get(symbol)
+        if not self.gateway.quotes:
+            return last
+        seen = self._price_seen_at.get(symbol)
+        if (
+            last is not None
+            and seen is not None
+            and time.monotonic() - seen <= self.settings.price_max_age_seconds
+        ):
+            return last
+        try:
+            quoted = await self.gateway.reference_price(symbol)
+        except Exception as exc:
+            log.warning("price.reference_failed", symbol=symbol, error=repr(exc)[:300])
+            return last
+        if quoted is None:
+            return last
+        self.last_prices[symbol] = quoted
+        self._price_seen_at[symbol] = time.monotonic()
+        return quoted
 
     async def on_price(self, symbol: str, price: Decimal) -> None:
         async with self._symbol_locks[symbol]:

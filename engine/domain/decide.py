@@ -23,6 +23,7 @@ from engine.domain.model import (
     PositionMode,
     SignalId,
     StrategyPositionId,
+    decimal_text,
     derive_client_order_id,
     derive_id,
 )
@@ -40,6 +41,10 @@ class Rules:
     allowed_symbols: frozenset[str] = frozenset()
     max_notional_per_key: Decimal | None = None
     max_total_notional: Decimal | None = None
+    max_order_notional: Decimal | None = Decimal(1_000_000)
+    # A signal's own price is believed only this close (a fraction) to the trusted price.
+    price_band: Decimal | None = Decimal("0.1")
+    max_clock_skew: timedelta = timedelta(seconds=60)
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +62,12 @@ class Refused:
 
 
 Verdict = Accepted | Refused
+
+
+def amount(value: Decimal) -> str:
+    """A decimal as people read it in a reason: 50, not 5E+1; 0.1, not 0.10000."""
+    text = decimal_text(value.normalize()) if value == value.to_integral_value() else decimal_text(value)
+    return text.rstrip("0").rstrip(".") if "." in text else text
 
 
 def strategy_position_id_for(signal: Signal) -> StrategyPositionId:
@@ -77,6 +88,12 @@ def decide(
         return _reject("symbol_not_allowed", f"symbol {signal.symbol} is not on the allow-list")
     if market is None:
         return _reject("unknown_symbol", f"the venue has no market {signal.symbol}")
+    if signal.timestamp is not None and signal.timestamp - now > rules.max_clock_skew:
+        ahead = (signal.timestamp - now).total_seconds()
+        return _reject(
+            "future_timestamp",
+            f"signal is dated {ahead:.0f}s ahead of the worker's clock; limit {rules.max_clock_skew.total_seconds():.0f}s",
+        )
     if signal.timestamp is not None and now - signal.timestamp > rules.max_signal_age:
         age = (now - signal.timestamp).total_seconds()
         return _reject(
@@ -84,9 +101,19 @@ def decide(
         )
     if signal.action is Action.HOLD:
         return Refused(Outcome.IGNORED, "hold", "hold recorded; nothing to do")
+    # The trusted price (a tick, or the venue's mark) wins; a signal's own price stands in only
+    # where the venue offers none (the paper venue before its first tick).
     price = last_price or signal.reference_price
     if signal.action is Action.CLOSE:
         return _decide_close(signal, book, market, price)
+    own = signal.reference_price
+    if last_price is not None and own is not None and rules.price_band is not None:
+        if abs(own - last_price) > last_price * rules.price_band:
+            return _reject(
+                "price_out_of_band",
+                f"signal price {amount(own)} is more than {amount(rules.price_band * 100)}% from the "
+                f"last trusted price {amount(last_price)}",
+            )
     return _decide_open(signal, book, market, price, rules)
 
 
@@ -110,7 +137,9 @@ def _decide_close(signal: Signal, book: PositionBook, market: Market, price: Dec
         if wanted is not None:
             wanted -= qty
     if not closing:
-        return _reject("below_min_quantity", f"close quantity rounds to zero at step {market.quantity_step}")
+        return _reject(
+            "below_min_quantity", f"close quantity rounds to zero at step {amount(market.quantity_step)}"
+        )
     orders = closes_by_key(closing, price, signal.id, market.max_quantity)
     ids = tuple(str(sp.id) for sp, _, _ in closing)
     return Accepted(orders, ids, f"closing {len(closing)} position(s)")
@@ -182,7 +211,8 @@ def _decide_open(
     assert side is not None
     if signal.confidence < rules.min_confidence:
         return _reject(
-            "low_confidence", f"confidence {signal.confidence} below minimum {rules.min_confidence}"
+            "low_confidence",
+            f"confidence {amount(signal.confidence)} below minimum {amount(rules.min_confidence)}",
         )
     if price is None:
         return _reject("no_price", "no price tick seen and the signal carries no price")
@@ -193,9 +223,19 @@ def _decide_open(
         raw_qty = signal.quote_quantity / price
     qty = market.round_quantity(raw_qty)
     if qty < market.min_quantity or qty <= 0:
-        return _reject("below_min_quantity", f"quantity {qty} below minimum {market.min_quantity}")
+        return _reject(
+            "below_min_quantity", f"quantity {amount(qty)} below minimum {amount(market.min_quantity)}"
+        )
     if qty * price < market.min_notional:
-        return _reject("below_min_notional", f"notional {qty * price} below minimum {market.min_notional}")
+        return _reject(
+            "below_min_notional",
+            f"notional {amount(qty * price)} below minimum {amount(market.min_notional)}",
+        )
+    if rules.max_order_notional is not None and qty * price > rules.max_order_notional:
+        return _reject(
+            "order_too_large",
+            f"notional {amount(qty * price)} above the order limit {amount(rules.max_order_notional)}",
+        )
     levels = LevelSpec(signal.take_profit, signal.stop_loss, signal.take_profit_pct, signal.stop_loss_pct)
     misplaced = levels.misplaced(side, price)
     if misplaced:
@@ -207,7 +247,7 @@ def _decide_open(
     # else the signal would meet. The total limit waits for the conflicts: a reversal frees
     # the notional of the positions it closes.
     if rules.max_notional_per_key is not None and book.key_cost(key) + added > rules.max_notional_per_key:
-        return _reject("risk_limit_key", f"{key} notional would exceed {rules.max_notional_per_key}")
+        return _reject("risk_limit_key", f"{key} notional would exceed {amount(rules.max_notional_per_key)}")
     verdict = resolve_conflicts(
         signal.confidence,
         book.keyed(key),
@@ -222,7 +262,7 @@ def _decide_open(
         rules.max_total_notional is not None
         and book.total_cost() - released + added > rules.max_total_notional
     ):
-        return _reject("risk_limit_total", f"total notional would exceed {rules.max_total_notional}")
+        return _reject("risk_limit_total", f"total notional would exceed {amount(rules.max_total_notional)}")
 
     open_leg = OpenLeg(
         position_id=strategy_position_id_for(signal),
@@ -238,7 +278,9 @@ def _decide_open(
         metadata=signal.metadata,
     )
     orders = _open_orders(signal, open_leg, verdict.reverse, price, rules.conflicts.position_mode, market)
-    reason = f"opened {qty} {side.value}" + (f", reversed {len(verdict.reverse)}" if verdict.reverse else "")
+    reason = f"opened {amount(qty)} {side.value}" + (
+        f", reversed {len(verdict.reverse)}" if verdict.reverse else ""
+    )
     return Accepted(orders, (open_leg.position_id, *(sp.id for sp in verdict.reverse)), reason)
 
 

@@ -20,6 +20,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainSerializ
 from engine.domain.model import Action, CloseReason, Outcome, PositionSide, decimal_text, load_json_exact
 
 SCHEMA_VERSION = 1
+MAX_PRICE = Decimal(10) ** 9  # as for signals' amounts: prices times quantities fit DECIMAL(36,18)
 
 
 # Never exponent notation on the wire ("1E+1", "0E-8"), whatever arithmetic produced.
@@ -248,8 +249,8 @@ def parse_tick(subject: str, data: bytes) -> tuple[str, Decimal] | str:
         price = Decimal(raw)
     except InvalidOperation:
         return f"price {raw!r} is not a decimal"
-    if not price.is_finite() or price <= 0:
-        return f"price {raw!r} must be positive and finite"
+    if not price.is_finite() or price <= 0 or price >= MAX_PRICE:
+        return f"price {raw!r} must be positive, finite and below {MAX_PRICE}"
     return symbol, price
 
 

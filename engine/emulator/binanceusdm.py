@@ -521,10 +521,7 @@ async def faults_middleware(request: web.Request, handler: Any) -> web.StreamRes
 
 async def _arrive_late(request: web.Request, handler: Any, seconds: float) -> None:
     await asyncio.sleep(seconds)
-    try:
-        await handler(request)
-    except BinanceError:
-        pass  # refused when it arrived (receive window closed): nobody hears of it
+    await handler(request)  # a refusal (receive window closed) goes to nobody
 
 
 def _drop(request: web.Request) -> web.Response:
@@ -593,6 +590,7 @@ def build_app(exchange: Exchange | None = None) -> web.Application:
         web.get("/fapi/v1/time", public(lambda p: {"serverTime": _ms()})),
         web.get("/fapi/v1/exchangeInfo", public(lambda p: exchange_info(ex.markets))),
         web.get("/fapi/v1/ticker/price", public(lambda p: _ticker(ex, p))),
+        web.get("/fapi/v1/premiumIndex", public(lambda p: _premium_index(ex, p))),
         web.get("/fapi/v2/ticker/price", public(lambda p: _ticker(ex, p))),
         web.get("/fapi/v1/positionSide/dual", private(lambda p: {"dualSidePosition": ex.dual_side})),
         web.post("/fapi/v1/positionSide/dual", private(set_dual)),
@@ -632,6 +630,29 @@ def build_app(exchange: Exchange | None = None) -> web.Application:
 
 def _ticker(ex: Exchange, p: dict[str, str]) -> Any:
     rows = [{"symbol": s, "price": str(price), "time": _ms()} for s, price in ex.prices.items()]
+    if "symbol" in p:
+        found = [r for r in rows if r["symbol"] == p["symbol"]]
+        if not found:
+            raise BinanceError(-1121, "Invalid symbol.")
+        return found[0]
+    return rows
+
+
+def _premium_index(ex: Exchange, p: dict[str, str]) -> Any:
+    """Mark prices: the emulator's mark is its last price (no index, no premium)."""
+    rows = [
+        {
+            "symbol": s,
+            "markPrice": str(price),
+            "indexPrice": str(price),
+            "estimatedSettlePrice": str(price),
+            "lastFundingRate": "0.00010000",
+            "interestRate": "0.00010000",
+            "nextFundingTime": (_ms() // 28_800_000 + 1) * 28_800_000,
+            "time": _ms(),
+        }
+        for s, price in ex.prices.items()
+    ]
     if "symbol" in p:
         found = [r for r in rows if r["symbol"] == p["symbol"]]
         if not found:

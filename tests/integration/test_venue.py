@@ -79,7 +79,8 @@ async def test_a_venue_rejection_is_final_and_carries_the_venues_message(
     on_emulator: Pipeline, emulator: Emulator
 ) -> None:
     await on_emulator.tick("BTCUSDT", "45000")
-    sid = await on_emulator.publish("s1", "BTCUSDT", "buy", quantity="1000", confidence=0.9)
+    emulator.exchange.wallet = Decimal("1000")  # 1 BTC at 20x needs 2,250 of margin
+    sid = await on_emulator.publish("s1", "BTCUSDT", "buy", quantity="1", confidence=0.9)
     decision = await on_emulator.decision(sid)
     assert (decision.outcome, decision.reason_code) == (Outcome.REJECTED, "insufficient_margin")
     assert decision.reason == "venue: Margin is insufficient. (code -2019)"
@@ -209,8 +210,9 @@ async def test_a_reversal_whose_open_is_refused_reports_the_closes_it_made(
         short = await pipeline.decision(
             await pipeline.publish("a", "ETHUSDT", "sell", quantity="0.1", confidence=0.7)
         )
+        emulator.exchange.wallet = Decimal("1000")
         refused = await pipeline.decision(
-            await pipeline.publish("b", "ETHUSDT", "buy", quantity="10000", confidence=0.9)  # 1.5M margin
+            await pipeline.publish("b", "ETHUSDT", "buy", quantity="10", confidence=0.9)  # 1,500 margin
         )
         assert (refused.outcome, refused.reason_code) == (Outcome.REJECTED, "insufficient_margin")
         assert refused.reason.endswith("the 1 opposite position(s) had already been closed (reversed)")
