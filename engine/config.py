@@ -39,7 +39,7 @@ class Settings(BaseSettings):
     position_mode: PositionMode = PositionMode.HEDGE
     position_mode_aware_conflicts: bool = True
     same_direction_conflict_resolution: SameDirectionPolicy = SameDirectionPolicy.ACCUMULATE
-    max_accumulations_per_position: Annotated[int, Field(ge=1, le=1000)] = 10
+    max_accumulations_per_position: Annotated[int, Field(ge=1)] = 10
     min_confidence: Annotated[Decimal, Field(ge=0, le=1)] = Decimal("0.6")
     max_signal_age_seconds: Annotated[float, Field(gt=0)] = 300.0
     allowed_strategies: CommaList = frozenset()
@@ -54,6 +54,7 @@ class Settings(BaseSettings):
     max_clock_skew_seconds: Annotated[float, Field(ge=0)] = 60.0
 
     nats_url: str | None = None
+    nats_connect_timeout: Annotated[float, Field(gt=0, le=300)] = 5.0
     mysql_url: str | None = None
     exchange: str = "paper"
     paper_taker_fee: Annotated[Decimal, Field(ge=0, lt=1)] = Decimal("0.0005")

@@ -39,8 +39,11 @@ def free_port() -> int:
 class EmbeddedNats:
     """A JetStream-enabled nats-server child process on 127.0.0.1, stopped by PID."""
 
-    def __init__(self, port: int, store_dir: Path, log_file: Path | None = None) -> None:
+    def __init__(
+        self, port: int, store_dir: Path, log_file: Path | None = None, extra_args: tuple[str, ...] = ()
+    ) -> None:
         self.port = port
+        self.extra_args = extra_args  # e.g. --user/--pass, --config (tests)
         self.store_dir = store_dir
         self.log_file = log_file or store_dir / "nats-server.log"
         self.process: subprocess.Popen[bytes] | None = None
@@ -56,7 +59,7 @@ class EmbeddedNats:
         self.process = subprocess.Popen(
             [
                 nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.port), "-js",
-                "-sd", str(self.store_dir), "-l", str(self.log_file),
+                "-sd", str(self.store_dir), "-l", str(self.log_file), *self.extra_args,
             ],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip

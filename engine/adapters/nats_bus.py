@@ -7,6 +7,7 @@ import contextlib
 import itertools
 import time
 import uuid
+from urllib.parse import urlsplit, urlunsplit
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +36,21 @@ STORED_IN_EVENTS = b'"stream":"EVENTS"'
 DAY = 86_400.0
 
 
+class NatsUnavailable(RuntimeError):
+    """NATS could not be reached (or refused us) at start: the message names the server."""
+
+
+def redact_url(url: str) -> str:
+    """The URL(s) without user names, passwords or tokens."""
+    shown = []
+    for one in url.split(","):
+        parts = urlsplit(one.strip())
+        host = parts.hostname or ""
+        netloc = f"{host}:{parts.port}" if parts.port else host
+        shown.append(urlunsplit((parts.scheme, netloc, parts.path, "", "")) if parts.scheme else "<bad url>")
+    return ",".join(shown)
+
+
 class NatsBus:
     def __init__(self, nc: Client) -> None:
         self.nc = nc
@@ -45,12 +61,16 @@ class NatsBus:
         self._acks: AckCollector | None = None
 
     @classmethod
-    async def connect(cls, url: str, name: str) -> NatsBus:
+    async def connect(cls, url: str, name: str, connect_timeout: float = 5.0) -> NatsBus:
+        """Connect, or fail within `connect_timeout` with one line naming the server and the
+        last error (a wrong address, a refused login): nats-py itself would retry forever.
+        Once connected, a lost connection is retried forever."""
         bus: NatsBus | None = None
+        last_error: list[str] = []
 
         async def on_disconnect() -> None:
             if bus is None or not bus.closing:
-                log.warning("nats.disconnected")
+                log.warning("nats.disconnected", url=redact_url(url))
 
         async def on_reconnect() -> None:
             log.info("nats.reconnected")
@@ -58,17 +78,31 @@ class NatsBus:
                 hook()
 
         async def on_error(exc: Exception) -> None:
-            log.warning("nats.error", error=str(exc))
+            if bus is None:
+                last_error.append(str(exc) or type(exc).__name__)
+                return  # said once, in NatsUnavailable, not twice a second
+            log.warning("nats.error", error=str(exc), url=redact_url(url))
 
-        nc = await nats.connect(
-            url,
-            name=name,
-            max_reconnect_attempts=-1,
-            reconnect_time_wait=0.5,
-            disconnected_cb=on_disconnect,
-            reconnected_cb=on_reconnect,
-            error_cb=on_error,
+        connecting = asyncio.ensure_future(
+            nats.connect(
+                url,
+                name=name,
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=0.5,
+                connect_timeout=min(connect_timeout, 2.0),
+                disconnected_cb=on_disconnect,
+                reconnected_cb=on_reconnect,
+                error_cb=on_error,
+            )
         )
+        try:
+            nc = await asyncio.wait_for(connecting, connect_timeout)
+        except Exception as exc:
+            why = last_error[-1] if last_error else (str(exc) or type(exc).__name__)
+            raise NatsUnavailable(
+                f"cannot connect to NATS at {redact_url(url)} within {connect_timeout:g}s: {why}"
+                " (set NATS_URL, or NATS_CONNECT_TIMEOUT)"
+            ) from None
         bus = cls(nc)
         return bus
 

@@ -50,7 +50,9 @@ async def migrate(settings: Settings) -> int:
 async def publish(settings: Settings, payload: dict[str, Any], wait: float = 5.0) -> int:
     payload.setdefault("signal_id", str(uuid.uuid4()))
     subject = f"signals.{payload.get('strategy_id')}.{payload.get('symbol')}"
-    bus = await NatsBus.connect(client_nats_url(settings), "tradeengine-publish")
+    bus = await NatsBus.connect(
+        client_nats_url(settings), "tradeengine-publish", settings.nats_connect_timeout
+    )
     try:
         await bus.ensure_streams()
         verdict: asyncio.Future[SignalDecided | SignalDead] = asyncio.get_running_loop().create_future()
@@ -80,7 +82,7 @@ async def publish(settings: Settings, payload: dict[str, Any], wait: float = 5.0
 
 async def publish_price(settings: Settings, symbol: str, price: str) -> int:
     Decimal(price)  # fail early on a typo
-    bus = await NatsBus.connect(client_nats_url(settings), "tradeengine-price")
+    bus = await NatsBus.connect(client_nats_url(settings), "tradeengine-price", settings.nats_connect_timeout)
     try:
         await bus.nc.publish(f"prices.{symbol}", json.dumps({"symbol": symbol, "price": price}).encode())
         await bus.nc.flush()
@@ -136,7 +138,7 @@ def describe(event: Event) -> str:
 async def tail(
     settings: Settings, as_json: bool, strategy: str | None, symbol: str | None, from_start: bool
 ) -> int:
-    bus = await NatsBus.connect(client_nats_url(settings), "tradeengine-tail")
+    bus = await NatsBus.connect(client_nats_url(settings), "tradeengine-tail", settings.nats_connect_timeout)
     queue: asyncio.Queue[Any] = asyncio.Queue()
 
     async def enqueue(msg: Any) -> None:

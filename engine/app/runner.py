@@ -86,7 +86,7 @@ async def run_roles(settings: Settings, roles: frozenset[str]) -> None:
             log.info("nats.embedded_started", url=url, pid=embedded.process.pid if embedded.process else None)
         url = url or DEFAULT_NATS_URL
         running: list[Role] = []
-        bus = await NatsBus.connect(url, "tradeengine")
+        bus = await NatsBus.connect(url, "tradeengine", settings.nats_connect_timeout)
         cleanups.append(bus.close)
         if "worker" in roles:
             from engine.app.worker import Worker
