@@ -73,7 +73,7 @@ class Settings(BaseSettings):
     order_attempts: Annotated[int, Field(ge=1, le=20)] = 5
     exchange_rate_limit_ms: Annotated[float, Field(ge=0)] | None = None
     exchange_recv_window_ms: Annotated[int, Field(ge=100, le=60_000)] = 5000
-    order_send_span_seconds: Annotated[float, Field(gt=0, le=600)] = 15.0
+    order_send_span_seconds: Annotated[float, Field(gt=0, le=600)] = 30.0
 
     http_port: Annotated[int, Field(ge=0, le=65535)] | None = None
     log_format: LogFormat | None = None

@@ -97,7 +97,7 @@ class RetryPolicy:
     recv_window: float = 5.0
     # No attempt of one order is sent later than this after the first: so a process that
     # restarts knows, from the journal alone, when the last request can no longer execute.
-    send_span: float = 15.0
+    send_span: float = 30.0
     # How far the venue's clock may run behind ours (its receive window closes that much later).
     clock_margin: float = 2.0
 

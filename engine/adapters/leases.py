@@ -250,6 +250,13 @@ async def count_start(js: JetStreamContext, durable: str, floor: int) -> int:
     return starts
 
 
+async def carry_start_count(js: JetStreamContext, durable: str, floor: int, starts: int) -> None:
+    """A careful start moved the ack floor past a message that did not kill it: the count
+    moves with it, so the next start that dies on the next message adds to it."""
+    kv = await _bucket(js, STARTS_BUCKET, 7 * 86_400.0)
+    await kv.put(durable, json.dumps(asdict(StartCount(floor, starts))).encode())
+
+
 def _decode_start(data: bytes | None) -> StartCount | None:
     try:
         fields: dict[str, Any] = json.loads(data or b"")

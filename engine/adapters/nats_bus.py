@@ -7,10 +7,10 @@ import contextlib
 import itertools
 import time
 import uuid
-from urllib.parse import urlsplit, urlunsplit
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import nats
 import nats.errors
@@ -34,6 +34,13 @@ PRICE_SUBJECT = "prices.>"
 MSG_ID = "Nats-Msg-Id"
 STORED_IN_EVENTS = b'"stream":"EVENTS"'
 DAY = 86_400.0
+
+
+def signal_msg_id(strategy_id: str, signal_id: str) -> str:
+    """The Nats-Msg-Id of a signal: JetStream drops a second message with the same id within
+    the duplicate window, so the id carries the strategy; one strategy's ids never suppress
+    another's."""
+    return f"{strategy_id}:{signal_id}"
 
 
 class NatsUnavailable(RuntimeError):

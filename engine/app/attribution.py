@@ -58,6 +58,7 @@ class AttributionConsumer:
         self.store = store
         self.ready = asyncio.Event()
         self._stopping = asyncio.Event()
+        self._ping: asyncio.Future[bool] | None = None
         self._writing_since: float | None = None
         self._undecodable: list[
             tuple[str, bytes, int, str]
@@ -74,10 +75,13 @@ class AttributionConsumer:
         return 0.0 if since is None else time.monotonic() - since
 
     async def checks(self) -> dict[str, bool]:
-        try:
-            mysql = await asyncio.wait_for(self.store.ping(), 2.0)
-        except Exception:
-            mysql = False
+        # Never cancel a ping: a query cancelled on a pooled asyncmy connection can leave the
+        # pool short of a connection for good, and then the writer waits on it for ever. A
+        # ping that takes long runs on (bounded by MYSQL_READ_TIMEOUT) and answers later probes.
+        if self._ping is None or self._ping.done():
+            self._ping = asyncio.ensure_future(self.store.ping())
+        done, _ = await asyncio.wait({self._ping}, timeout=2.0)
+        mysql = bool(done) and self._ping.exception() is None and self._ping.result()
         return {
             "attribution_consumer": self.ready.is_set(),
             "mysql": mysql,

@@ -14,7 +14,7 @@ from nats.js.api import DeliverPolicy
 from rich.console import Console
 
 from engine.adapters.mysql_store import MysqlStore
-from engine.adapters.nats_bus import EVENT_SUBJECTS, NatsBus
+from engine.adapters.nats_bus import EVENT_SUBJECTS, NatsBus, signal_msg_id
 from engine.app.report import ReportFilter, gather, render_html, render_terminal
 from engine.app.runner import client_nats_url, mysql_target
 from engine.config import Settings
@@ -67,7 +67,11 @@ async def publish(settings: Settings, payload: dict[str, Any], wait: float = 5.0
             await bus.nc.subscribe(f"decisions.{payload.get('symbol')}", cb=on_event),
             await bus.nc.subscribe("deadletter.signals", cb=on_event),
         ]
-        fresh = await bus.publish_signal(subject, json.dumps(payload).encode(), str(payload["signal_id"]))
+        fresh = await bus.publish_signal(
+            subject,
+            json.dumps(payload).encode(),
+            signal_msg_id(str(payload.get("strategy_id")), str(payload["signal_id"])),
+        )
         console.print(f"published {payload['signal_id']} to {subject}" + ("" if fresh else " (duplicate)"))
         try:
             console.print(describe(await asyncio.wait_for(verdict, timeout=wait)))

@@ -25,7 +25,7 @@ from nats.aio.msg import Msg
 
 from engine import metrics
 from engine.adapters.gateway import ExchangeGateway, OrderRejected, OrderUncertain
-from engine.adapters.leases import Holder, Lease, LeaseLost, count_start
+from engine.adapters.leases import Holder, Lease, LeaseLost, carry_start_count, count_start
 from engine.adapters.nats_bus import SIGNALS_STREAM, DurableConsumer, NatsBus, jetstream_sequences
 from engine.adapters.paper import PaperExchange
 from engine.config import Settings
@@ -277,7 +277,11 @@ class Worker:
             await self.store_and_ack([msg], time.perf_counter())
         else:
             await self.process_batch([msg])
-        return Suspects(suspects.until, suspects.starts, first=False) if sequence < suspects.until else None
+        if sequence >= suspects.until:
+            return None
+        with contextlib.suppress(Exception):  # a safety net: never a reason to stop
+            await carry_start_count(self.bus.js, self.settings.worker_durable, sequence, suspects.starts)
+        return Suspects(suspects.until, suspects.starts, first=False)
 
     async def checks(self) -> dict[str, bool]:
         return {"worker_consumer": self.ready.is_set(), "worker_lease": not self.standby and not self._fenced}

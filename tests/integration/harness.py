@@ -141,7 +141,11 @@ class Pipeline:
     async def start_attribution(self) -> None:
         assert self.settings.nats_url and self.settings.mysql_url
         self.attribution_bus = await NatsBus.connect(self.settings.nats_url, "test-attribution")
-        self.store = await MysqlStore.open(MysqlTarget.parse(self.settings.mysql_url))
+        self.store = await MysqlStore.open(
+            MysqlTarget.parse(self.settings.mysql_url),
+            connect_timeout=self.settings.mysql_connect_timeout,
+            read_timeout=self.settings.mysql_read_timeout,
+        )
         self.attribution = AttributionConsumer(self.settings, self.attribution_bus, self.store)
         self.attribution_task = asyncio.create_task(self.attribution.run())
         await self._until_ready(self.attribution.ready, self.attribution_task)

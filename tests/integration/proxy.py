@@ -13,6 +13,7 @@ class TcpProxy:
         self.target = (target_host, target_port)
         self.port = free_port()
         self.cut_now = False
+        self.silent = False  # a half-open link: connections stay up, nothing gets through
         self.connections = 0
         self.refused = 0
         self._writers: set[asyncio.StreamWriter] = set()
@@ -35,8 +36,14 @@ class TcpProxy:
             writer.transport.abort()
         self._writers.clear()
 
+    def go_silent(self) -> None:
+        """Stop forwarding without closing anything, as a link that died without a FIN or RST
+        looks to both ends: only a read timeout notices."""
+        self.silent = True
+
     def restore(self) -> None:
         self.cut_now = False
+        self.silent = False
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self.cut_now:
@@ -55,6 +62,8 @@ class TcpProxy:
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while data := await reader.read(65536):
+                if self.silent:
+                    continue  # swallowed: never delivered, never refused
                 writer.write(data)
                 await writer.drain()
         except (ConnectionError, OSError):

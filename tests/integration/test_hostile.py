@@ -5,6 +5,7 @@ on; a fuzz run of 10,000+ payloads; a second worker on the same durable; a refus
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -25,6 +26,9 @@ from nats.js.api import DeliverPolicy
 
 from engine.adapters.embedded_nats import EmbeddedNats, free_port
 from engine.adapters.nats_bus import NatsBus
+from engine.adapters.paper import PaperExchange
+from engine.app.worker import Worker
+from engine.config import load_settings
 from engine.domain.events import SignalDead, SignalDecided, decode_event
 from tests.integration.harness import eventually
 from tests.integration.processes import interrupt
@@ -380,3 +384,62 @@ def test_a_refused_login_fails_start_up_within_seconds_naming_the_server(tmp_pat
     assert f"nats://127.0.0.1:{server.port}" in err and "cannot connect to NATS" in err
     assert "authorization" in err.lower()
     assert "wrong-pass" not in err + done.stdout.decode()
+
+
+class Die(BaseException):
+    """What no handler contains: the process ends (a segfault, an OOM kill, a bug in C)."""
+
+
+class DyingWorker(Worker):
+    """A worker whose process ends whenever it handles the message that says so."""
+
+    async def on_signal_message(self, msg: Any) -> None:
+        if b"kills-the-process" in msg.data:
+            raise Die()
+        await super().on_signal_message(msg)
+
+
+@pytest.mark.timeout(120)
+async def test_a_message_that_kills_every_start_is_set_aside_after_max_deliver(
+    nats_server: EmbeddedNats, client: tuple[Any, Events]
+) -> None:
+    nc, events = client
+    js = nc.jetstream()
+    settings = load_settings(nats_url=nats_server.url, max_deliver=3, worker_lease_seconds=2)
+    await nc.publish("prices.BTCUSDT", b'{"symbol":"BTCUSDT","price":"45000"}')
+    for n in range(3):
+        await js.publish("signals.s1.BTCUSDT", json.dumps(VALID | {"signal_id": f"before-{n}"}).encode())
+    await js.publish(
+        "signals.s1.BTCUSDT", json.dumps(VALID | {"metadata": {"x": "kills-the-process"}}).encode()
+    )
+    for n in range(3):
+        await js.publish("signals.s1.BTCUSDT", json.dumps(VALID | {"signal_id": f"after-{n}"}).encode())
+
+    starts = 0
+    while True:
+        starts += 1
+        assert starts <= 10, "the breaker never set the message aside"
+        bus = await NatsBus.connect(nats_server.url, f"dying-{starts}")
+        worker = DyingWorker(settings, bus, PaperExchange())
+        task = asyncio.create_task(worker.run())
+        try:
+            await eventually(
+                lambda task=task: task.done() or len({d.signal_id for d in events.decided()}) == 6 or None,
+                timeout=30,
+                what="a death or every signal decided",
+            )
+        finally:
+            worker.stop()
+            with contextlib.suppress(Die):
+                await asyncio.wait_for(task, 10)
+            await bus.close()
+        if not isinstance(task.exception(), Die):
+            break
+    (poison,) = events.dead()
+    assert poison.reason_code == "poison" and "kills-the-process" in poison.payload
+    decided = Counter(d.signal_id for d in events.decided())
+    assert set(decided) == {f"before-{n}" for n in range(3)} | {f"after-{n}" for n in range(3)}
+    assert max(decided.values()) == 1
+    # Starts that found the same floor with the message in flight: 1 (normal), then careful
+    # ones until the count passes MAX_DELIVER.
+    assert starts == settings.max_deliver + 2, starts

@@ -76,3 +76,42 @@ async def test_a_mysql_outage_loses_and_doubles_nothing(
             assert pipeline.attribution is not None
             attribution = pipeline.attribution
             await eventually(lambda: attribution.ready.is_set(), what="attribution still running")
+
+
+async def test_a_half_open_mysql_link_is_noticed_by_the_read_timeout_and_shows_as_stalled(
+    nats_server: EmbeddedNats, mysql_url: str, mysql_server: MysqlTarget
+) -> None:
+    """A link that goes silent (no FIN, no RST) would hold a write for ever without a read
+    timeout, with readiness green. With MYSQL_READ_TIMEOUT the write fails and is retried on a
+    new connection; meanwhile the stalled time grows and readiness reports it."""
+    async with TcpProxy(mysql_server.host, mysql_server.port) as proxy:
+        direct = MysqlTarget.parse(mysql_url)
+        auth = direct.user + (f":{direct.password}" if direct.password else "")
+        via_proxy = f"mysql://{auth}@127.0.0.1:{proxy.port}/{direct.database}"
+        settings = {"MYSQL_READ_TIMEOUT": 1, "ATTRIBUTION_STALL_SECONDS": 1}
+        async with Pipeline(nats_server.url, via_proxy, **settings) as pipeline:
+            await pipeline.tick("ETHUSDT", "3000")
+            await pipeline.decision(
+                await pipeline.publish("s1", "ETHUSDT", "buy", quantity="0.01", confidence=0.9)
+            )
+            await pipeline.mysql_caught_up()
+            attribution = pipeline.attribution
+            assert attribution is not None
+            assert (await attribution.checks())["attribution_progress"] is True
+            connections_before = proxy.connections
+
+            proxy.go_silent()
+            await pipeline.decision(
+                await pipeline.publish("s2", "ETHUSDT", "buy", quantity="0.01", confidence=0.9)
+            )
+            await eventually(lambda: attribution.stalled_seconds() > 1.5 or None, timeout=20, what="a stall")
+            assert (await attribution.checks())["attribution_progress"] is False
+            await eventually(
+                lambda: proxy.connections > connections_before or None,
+                timeout=20,
+                what="a new connection after the read timed out",
+            )
+            proxy.restore()
+            await pipeline.mysql_caught_up(timeout=60)
+            await eventually(lambda: attribution.stalled_seconds() == 0 or None, what="the stall over")
+            assert (await attribution.checks())["attribution_progress"] is True

@@ -119,7 +119,9 @@ async def test_health_readiness_and_metrics(scraped: tuple[Pipeline, str, int]) 
     assert status == 200, body
     assert json.loads(body)["checks"] == {
         "worker_consumer": True,
+        "worker_lease": True,
         "attribution_consumer": True,
+        "attribution_progress": True,
         "mysql": True,
     }
     await pipeline.stop_worker()  # a stopped role makes the process unready

@@ -30,7 +30,7 @@ class Emulator:
             "RECONCILE_INTERVAL_SECONDS": 0,
             "EXCHANGE_RATE_LIMIT_MS": 1,
             "EXCHANGE_RECV_WINDOW_MS": 1000,
-            "ORDER_SEND_SPAN_SECONDS": 2,
+            "ORDER_SEND_SPAN_SECONDS": 4,
         }
 
 
