@@ -23,14 +23,15 @@ from typing import Any
 import nats
 import pytest
 from nats.js.api import DeliverPolicy
+from prometheus_client import REGISTRY
 
 from engine.adapters.embedded_nats import EmbeddedNats, free_port
-from engine.adapters.nats_bus import NatsBus
+from engine.adapters.nats_bus import NatsBus, signal_msg_id
 from engine.adapters.paper import PaperExchange
 from engine.app.worker import Worker
 from engine.config import load_settings
 from engine.domain.events import SignalDead, SignalDecided, decode_event
-from tests.integration.harness import eventually
+from tests.integration.harness import Pipeline, eventually
 from tests.integration.processes import interrupt
 
 pytestmark = pytest.mark.integration
@@ -443,3 +444,40 @@ async def test_a_message_that_kills_every_start_is_set_aside_after_max_deliver(
     # Starts that found the same floor with the message in flight: 1 (normal), then careful
     # ones until the count passes MAX_DELIVER.
     assert starts == settings.max_deliver + 2, starts
+
+
+async def test_ticks_for_made_up_symbols_add_no_metric_series(pipeline: Pipeline) -> None:
+    before = {
+        m.name for m in REGISTRY.collect() for s in m.samples if s.labels.get("symbol", "").startswith("FAKE")
+    }
+    assert pipeline.client is not None
+    for n in range(2000):
+        await pipeline.client.publish(
+            f"prices.FAKE{n}USDT", json.dumps({"symbol": f"FAKE{n}USDT", "price": "1"}).encode()
+        )
+    await pipeline.tick("BTCUSDT", "45000")  # after the made-up ones: all of them were handled
+    worker = pipeline.worker
+    assert worker is not None
+    labelled = {
+        s.labels["symbol"]
+        for m in REGISTRY.collect()
+        for s in m.samples
+        if s.labels.get("symbol", "").startswith("FAKE")
+    }
+    assert before == set() and labelled == set()
+    assert not any(symbol.startswith("FAKE") for symbol in worker.last_prices)
+    assert (REGISTRY.get_sample_value("tradeengine_price_ticks_unlisted_total") or 0) >= 2000
+
+
+async def test_one_strategy_cannot_suppress_anothers_signal_by_reusing_its_id(pipeline: Pipeline) -> None:
+    assert pipeline.client is not None
+    bus = NatsBus(pipeline.client)
+    await pipeline.tick("BTCUSDT", "45000")
+    for strategy in ("alpha", "beta"):
+        body = VALID | {"strategy_id": strategy, "signal_id": "same-id"}
+        stored = await bus.publish_signal(
+            f"signals.{strategy}.BTCUSDT", json.dumps(body).encode(), signal_msg_id(strategy, "same-id")
+        )
+        assert stored  # not dropped as a duplicate of the other strategy's message
+    await pipeline.wait_events(lambda _: len(pipeline.decisions()) == 2, "both decided")
+    assert {d.strategy_id for d in pipeline.decisions()} == {"alpha", "beta"}
