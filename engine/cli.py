@@ -7,6 +7,7 @@ import asyncio
 import json
 import sys
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 import uvloop
@@ -64,6 +65,9 @@ def _parser() -> argparse.ArgumentParser:
     emu.add_argument("--hedge", action="store_true", help="start in hedge mode (dual side position)")
     emu.add_argument("--api-key", default="emulator-key")
     emu.add_argument("--api-secret", default="emulator-secret")
+    emu.add_argument(
+        "--taker-fee", default="0.0004", help="the account's taker commission rate (default 0.0004 = 0.04 %%)"
+    )
     return parser
 
 
@@ -100,7 +104,7 @@ async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "emulator":
         from engine.emulator import binanceusdm
 
-        await binanceusdm.main(args.port, args.hedge, args.api_key, args.api_secret)
+        await binanceusdm.main(args.port, args.hedge, args.api_key, args.api_secret, Decimal(args.taker_fee))
         return 0
     from engine.app import commands
 

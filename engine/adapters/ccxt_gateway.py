@@ -209,7 +209,8 @@ class CcxtGateway:
             self._guard_host(urlsplit(api_url).netloc)
         self._markets: dict[str, Market] = {}
         self._unified: dict[str, str] = {}
-        self._taker: dict[str, Decimal] = {}
+        self._taker: dict[str, Decimal] = {}  # ccxt's static rates: a fallback only
+        self._venue_taker: dict[str, Decimal] = {}  # the account's own, as the venue states them
 
     def _guard_host(self, allowed: str) -> None:
         """With EXCHANGE_API_URL set, no request may leave for any other host."""
@@ -407,17 +408,9 @@ class CcxtGateway:
         trades = await self._call(
             lambda: self.exchange.fetch_my_trades(unified, None, None, {"orderId": order_id})
         )
-        fee = ZERO
-        quote = self.exchange.markets[unified].get("quote")
-        for trade in trades:
-            cost = trade.get("fee") or {}
-            raw = (trade.get("info") or {}).get("commission", cost.get("cost"))
-            if cost.get("currency") in (None, quote) and raw is not None:
-                fee += _dec(raw)
-            else:  # paid in another asset (e.g. BNB): count what the taker rate would cost
-                fee += _dec((trade.get("info") or {}).get("quoteQty", 0)) * self._taker[symbol]
-        if not trades:
-            fee = filled * average * self._taker[symbol]
+        fee = await self._fee_of(trades, unified, symbol) if trades else None
+        if fee is None:
+            fee = filled * average * await self.taker_rate(symbol)
         return Fill(
             client_order_id=ClientOrderId(_client_id(order)),
             exchange_order_id=order_id,
@@ -443,10 +436,19 @@ class CcxtGateway:
         return found
 
     async def orders_since(self, symbol: str, since: datetime) -> list[VenueOrder]:
+        """Filled orders since `since`, each with the commission the venue charged for it (its
+        trades), or, for an order whose trades are out of reach, the account's own rate."""
         unified = self._unified.get(symbol)
         if unified is None:
             return []
-        rows = await self._call(lambda: self.exchange.fetch_orders(unified, int(since.timestamp() * 1000)))
+        since_ms = int(since.timestamp() * 1000)
+        rows = await self._call(lambda: self.exchange.fetch_orders(unified, since_ms))
+        trades_by_order: dict[str, list[Any]] = {}
+        for trade in await self._trades_since(unified, since_ms):
+            trades_by_order.setdefault(
+                str(trade.get("order") or (trade.get("info") or {}).get("orderId")), []
+            ).append(trade)
+        rate = await self.taker_rate(symbol)
         orders = []
         for row in rows:
             info = row.get("info") or {}
@@ -454,6 +456,8 @@ class CcxtGateway:
             if filled <= 0:
                 continue
             client_id = _client_id(row)
+            trades = trades_by_order.get(str(row["id"]))
+            charged = await self._fee_of(trades, unified, symbol) if trades else None
             orders.append(
                 VenueOrder(
                     client_order_id=client_id,
@@ -463,13 +467,60 @@ class CcxtGateway:
                     position_side=_position_side(info),
                     quantity=filled,
                     average_price=average,
-                    fee=filled * average * self._taker[symbol],
+                    fee=charged if charged is not None else filled * average * rate,
                     liquidation=client_id.startswith(("autoclose", "adl_autoclose"))
                     or info.get("origType") == "LIQUIDATION",
                     at=datetime.fromtimestamp((row.get("timestamp") or 0) / 1000, UTC),
                 )
             )
         return orders
+
+    async def _trades_since(
+        self, unified: str, since_ms: int, limit: int = 1000, pages: int = 20
+    ) -> list[Any]:
+        """The account's trades on a symbol from `since_ms` on, oldest first, page by page."""
+        found: list[Any] = []
+        start = since_ms
+        for _ in range(pages):
+            page = await self._call(lambda start=start: self.exchange.fetch_my_trades(unified, start, limit))  # type: ignore[misc]
+            found += page
+            if len(page) < limit:
+                break
+            start = int(page[-1].get("timestamp") or start) + 1
+        return found
+
+    async def _fee_of(self, trades: list[Any], unified: str, symbol: str) -> Decimal | None:
+        """The commission of these trades in the quote currency; a commission paid in another
+        asset (e.g. BNB) is counted at the account's taker rate on the trade's notional."""
+        quote = self.exchange.markets[unified].get("quote")
+        fee = ZERO
+        for trade in trades:
+            cost = trade.get("fee") or {}
+            info = trade.get("info") or {}
+            raw = info.get("commission", cost.get("cost"))
+            asset = info.get("commissionAsset", cost.get("currency"))
+            if asset in (None, quote) and raw is not None:
+                fee += _dec(raw)
+            else:
+                fee += _dec(info.get("quoteQty", 0)) * await self.taker_rate(symbol)
+        return fee
+
+    async def taker_rate(self, symbol: str) -> Decimal:
+        """The account's taker commission rate on `symbol`, as the venue states it (Binance:
+        GET /fapi/v1/commissionRate, which reflects the account's fee tier and discounts), read
+        once per symbol; ccxt's static market rate only if the venue will not say."""
+        known = self._venue_taker.get(symbol)
+        if known is not None:
+            return known
+        unified = self._unified[symbol]
+        try:
+            answer = await self._call(lambda: self.exchange.fetch_trading_fee(unified))
+            rate = _dec((answer.get("info") or {}).get("takerCommissionRate", answer.get("taker")))
+        except Exception as exc:
+            log.warning("venue.commission_rate_unknown", symbol=symbol, error=repr(exc)[:300])
+            return self._taker[symbol]
+        self._venue_taker[symbol] = rate
+        return rate
 
     async def close(self) -> None:
         await self.exchange.close()

@@ -26,7 +26,10 @@ from aiohttp import web
 D = Decimal
 ZERO = D(0)
 STARTING_WALLET = D("1000000")
-TAKER_FEE = D("0.0005")
+# The account's fee tier (a discounted one, as many desks have): deliberately not ccxt's default
+# rate (0.05 %), so a client that guesses fees from ccxt's static market data is caught here.
+TAKER_FEE = D("0.0004")
+MAKER_FEE = D("0.0002")
 LEVERAGE = 20
 
 
@@ -88,6 +91,8 @@ class Exchange:
     # orders never stay open. `strict_client_ids` refuses any reuse, as some venues do.
     strict_client_ids: bool = False
     wallet: Decimal = STARTING_WALLET
+    taker_fee: Decimal = TAKER_FEE
+    maker_fee: Decimal = MAKER_FEE
     markets: dict[str, EmulatedMarket] = field(default_factory=lambda: dict(MARKETS))
     prices: dict[str, Decimal] = field(default_factory=lambda: {s: m.price for s, m in MARKETS.items()})
     positions: dict[tuple[str, str], Position] = field(default_factory=dict)
@@ -165,7 +170,7 @@ class Exchange:
         pos = self.positions.setdefault(key, Position())
         signed = qty if side == "BUY" else -qty
         realized = _trade(pos, signed, price)
-        fee = qty * price * TAKER_FEE
+        fee = qty * price * self.taker_fee
         self.wallet += realized - fee
         pos.updated = now
         self.client_ids[client_id] += 1
@@ -571,6 +576,14 @@ def build_app(exchange: Exchange | None = None) -> web.Application:
         ex.dual_side = wanted
         return {"code": 200, "msg": "success"}
 
+    def commission_rate(p: dict[str, str]) -> dict[str, Any]:
+        market = ex._market(p.get("symbol", ""))
+        return {
+            "symbol": market.symbol,
+            "makerCommissionRate": str(ex.maker_fee),
+            "takerCommissionRate": str(ex.taker_fee),
+        }
+
     def cancel(p: dict[str, str]) -> dict[str, Any]:
         try:
             ex.find(p)
@@ -583,7 +596,9 @@ def build_app(exchange: Exchange | None = None) -> web.Application:
         chosen = [r for r in rows if r["symbol"] == p.get("symbol") and r[stamp] >= start]
         if "orderId" in p and stamp == "time" and "id" in (chosen[0] if chosen else {}):
             chosen = [r for r in chosen if r["orderId"] == int(p["orderId"])]
-        return chosen[-int(p.get("limit", "500")) :]
+        limit = int(p.get("limit", "500"))
+        # Binance: from startTime on, the oldest `limit`; without it, the most recent `limit`.
+        return chosen[:limit] if "startTime" in p else chosen[-limit:]
 
     routes = [
         web.get("/fapi/v1/ping", public(lambda p: {})),
@@ -606,6 +621,7 @@ def build_app(exchange: Exchange | None = None) -> web.Application:
         web.get("/fapi/v3/account", private(lambda p: ex.account())),
         web.get("/fapi/v2/balance", private(lambda p: ex.account()["assets"])),
         web.get("/fapi/v1/leverageBracket", private(lambda p: _brackets(p))),
+        web.get("/fapi/v1/commissionRate", private(commission_rate)),
         # --- control, for tests and rehearsals -------------------------------------------
         web.get("/emulator/state", state),
         web.post(
@@ -690,8 +706,9 @@ async def serve(host: str, port: int, exchange: Exchange | None = None) -> web.A
     return runner
 
 
-async def main(port: int, dual_side: bool, api_key: str, secret: str) -> None:
-    runner = await serve("127.0.0.1", port, Exchange(api_key=api_key, secret=secret, dual_side=dual_side))
+async def main(port: int, dual_side: bool, api_key: str, secret: str, taker_fee: Decimal = TAKER_FEE) -> None:
+    exchange = Exchange(api_key=api_key, secret=secret, dual_side=dual_side, taker_fee=taker_fee)
+    runner = await serve("127.0.0.1", port, exchange)
     print(f"binanceusdm emulator on http://127.0.0.1:{port}", flush=True)
     try:
         await asyncio.Event().wait()

@@ -67,7 +67,7 @@ async def test_an_order_hit_by_a_venue_fault_is_executed_exactly_once(
     assert len(emulator.exchange.orders) == 1 and not emulator.exchange.state()["duplicate_client_ids"]
     (opened,) = on_emulator.opened()
     assert (opened.quantity, opened.entry_price) == (D("0.01"), D("45000"))
-    assert opened.fee == D("0.225")  # from the venue's trade, not estimated
+    assert opened.fee == D("0.18")  # from the venue's trade (0.04 %), not ccxt's static rate
     # committed-then-lost answers are looked up, never re-sent; refusals are re-sent
     assert orders_sent(emulator) == (1 if kind in ("stall", "drop_after") else 2)
     await on_emulator.tick("BTCUSDT", "45450")  # the TP still works on the venue
@@ -93,6 +93,7 @@ async def test_a_venue_rejection_is_final_and_carries_the_venues_message(
 async def test_reconciliation_books_manual_reductions_liquidations_and_external_positions(
     on_emulator: Pipeline, emulator: Emulator
 ) -> None:
+    wallet_before = emulator.exchange.wallet
     await on_emulator.tick("ETHUSDT", "3000")
     for strategy, qty in (("a", "0.1"), ("b", "0.3")):
         await on_emulator.decision(
@@ -136,6 +137,20 @@ async def test_reconciliation_books_manual_reductions_liquidations_and_external_
         "SELECT close_reason, COUNT(*) AS n FROM position_closes GROUP BY close_reason ORDER BY close_reason"
     )
     assert [(r["close_reason"], r["n"]) for r in reasons] == [("liquidation", 2), ("manual", 2)]
+
+    # Every fee booked is the commission the venue charged (0.04 %, not ccxt's static rate),
+    # for fills we did not place too.
+    assert all(e.exit_fee == e.closed_quantity * e.exit_price * D("0.0004") for e in on_emulator.closed())
+    assert external.fee == D("0.5") * D("2000") * D("0.0004")
+    # Flat to flat, the strategies' net PnL is the venue's realized PnL minus its commissions:
+    # the emulator's own wallet says so.
+    await on_emulator.tick("ETHUSDT", "1900")
+    emulator.exchange.by_hand("ETHUSDT", "SHORT", "BUY", D("0.5"), liquidation=False)
+    await worker.reconcile_all()
+    await on_emulator.wait_events(lambda _: len(on_emulator.closed()) == 5, "the external close")
+    assert emulator.exchange.state()["positions"] == {} and not worker.book.positions
+    net = sum((e.realized_pnl for e in on_emulator.closed()), D(0))
+    assert net == emulator.exchange.wallet - wallet_before, (net, emulator.exchange.wallet - wallet_before)
 
 
 class Crash(BaseException):
