@@ -59,6 +59,8 @@ class Settings(BaseSettings):
     exchange: str = "paper"
     paper_taker_fee: Annotated[Decimal, Field(ge=0, lt=1)] = Decimal("0.0005")
     paper_slippage: Annotated[Decimal, Field(ge=0, lt=1)] = Decimal("0")
+    paper_balance: Annotated[Decimal, Field(gt=0, le=Decimal(10) ** 12)] = Decimal("100000")
+    default_notional: Annotated[Decimal, Field(gt=0, le=Decimal(10) ** 12)] | None = None
 
     exchange_api_key: SecretStr | None = None
     exchange_api_secret: SecretStr | None = None
@@ -154,6 +156,7 @@ class Settings(BaseSettings):
             max_total_notional=self.max_total_notional,
             max_order_notional=self.max_order_notional,
             price_band=self.price_band_pct,
+            default_notional=self.default_notional,
             max_clock_skew=timedelta(seconds=self.max_clock_skew_seconds),
         )
 

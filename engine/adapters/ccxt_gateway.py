@@ -211,6 +211,7 @@ class CcxtGateway:
         self._unified: dict[str, str] = {}
         self._taker: dict[str, Decimal] = {}  # ccxt's static rates: a fallback only
         self._venue_taker: dict[str, Decimal] = {}  # the account's own, as the venue states them
+        self.settlement_asset = "USDT"  # linear USD-M swaps settle in it
 
     def _guard_host(self, allowed: str) -> None:
         """With EXCHANGE_API_URL set, no request may leave for any other host."""
@@ -283,6 +284,11 @@ class CcxtGateway:
         raw = ticker.get("markPrice") or (ticker.get("info") or {}).get("markPrice") or ticker.get("last")
         price = _dec(raw) if raw is not None else ZERO
         return price if price > 0 else None
+
+    async def available_balance(self) -> Decimal | None:
+        balance = await self._call(self.exchange.fetch_balance)
+        free = (balance.get("free") or {}).get(self.settlement_asset)
+        return _dec(free) if free is not None else None
 
     async def execute(self, intent: OrderIntent) -> Fill:
         market = self._markets.get(intent.symbol)

@@ -46,6 +46,11 @@ class ExchangeGateway(Protocol):
         when no fresh tick is at hand; None if it has none."""
         ...
 
+    async def available_balance(self) -> Decimal | None:
+        """What the account can still put into new positions, in the quote currency (USDT),
+        for signals sized by `position_size_pct`; None if unknown."""
+        ...
+
     async def execute(self, intent: OrderIntent) -> Fill:
         """Place the order and return its fill. Raises OrderRejected (final) or
         OrderUncertain (look the client order id up later before placing it again)."""

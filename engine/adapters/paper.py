@@ -27,6 +27,7 @@ from engine.domain.reconcile import VenueOrder, VenuePosition
 
 D = Decimal
 DEFAULT_TAKER_FEE = D("0.0005")
+DEFAULT_BALANCE = D("100000")
 BUILTIN_MARKETS: dict[str, Market] = {
     m.symbol: m
     for m in (
@@ -58,6 +59,7 @@ class PaperExchange:
         taker_fee: Decimal = DEFAULT_TAKER_FEE,
         slippage: Decimal = ZERO,
         markets: dict[str, Market] | None = None,
+        balance: Decimal = DEFAULT_BALANCE,
     ) -> None:
         self.mode = mode
         self.taker_fee = taker_fee
@@ -68,6 +70,8 @@ class PaperExchange:
         self.orders: dict[ClientOrderId, Fill] = {}
         self.realized_pnl = ZERO
         self.fees_paid = ZERO
+        self.balance = balance  # the wallet before any trade (PAPER_BALANCE); no leverage
+        self.cash_before_start = ZERO  # net cash of the trades a restart replayed
 
     def market(self, symbol: str) -> Market | None:
         return self.markets.get(symbol)
@@ -80,6 +84,11 @@ class PaperExchange:
 
     async def reference_price(self, symbol: str) -> Decimal | None:
         return self.last_prices.get(symbol)
+
+    async def available_balance(self) -> Decimal:
+        """The wallet plus realized PnL less fees, less the cost of what is held (no leverage)."""
+        held = sum((abs(pos.cash) for pos in self.holdings.values() if pos.quantity), ZERO)
+        return self.balance + self.cash_before_start + self.realized_pnl - self.fees_paid - held
 
     async def find_order(self, client_order_id: ClientOrderId, symbol: str) -> Fill | None:
         return self.orders.get(client_order_id)
@@ -156,8 +165,10 @@ class PaperExchange:
             self.realized_pnl += pos.cash
             pos.cash = ZERO
 
-    def restore(self, book: PositionBook) -> None:
-        """After a restart, the paper venue holds what the replayed book says it holds."""
+    def restore(self, book: PositionBook, net_cash: Decimal = ZERO) -> None:
+        """After a restart, the paper venue holds what the replayed book says it holds, and its
+        wallet what the replayed trades left (`net_cash`: closed PnL less every fee)."""
+        self.cash_before_start = net_cash
         self.holdings.clear()
         for key, ep in book.exchange.items():
             if self.mode is PositionMode.HEDGE:

@@ -32,7 +32,12 @@ class Role(Protocol):
 
 def build_gateway(settings: Settings) -> ExchangeGateway:
     if settings.exchange == "paper":
-        return PaperExchange(settings.position_mode, settings.paper_taker_fee, settings.paper_slippage)
+        return PaperExchange(
+            settings.position_mode,
+            settings.paper_taker_fee,
+            settings.paper_slippage,
+            balance=settings.paper_balance,
+        )
     from engine.adapters.ccxt_gateway import CcxtGateway, RetryPolicy  # ccxt costs ~0.45 s, ~100 MB
 
     api_key, secret = settings.credentials()

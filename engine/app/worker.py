@@ -116,6 +116,7 @@ class Worker:
         self._redelivered_from: int | None = None
         self._lookup_cooldown: dict[str, float] = {}
         self._replayed_opens: set[str] = set()  # during recovery only
+        self._replayed_cash = Decimal(0)  # closed PnL less every fee, over the replayed trades
         self._ticks: defaultdict[str, deque[Decimal]] = defaultdict(deque)
         self.lease: Lease | None = None
         self.standby = False  # waiting for another worker's lease on the durable
@@ -316,7 +317,7 @@ class Worker:
             count += 1
         self._replayed_opens = set()
         if isinstance(self.gateway, PaperExchange):
-            self.gateway.restore(self.book)
+            self.gateway.restore(self.book, self._replayed_cash)
         metrics.OPEN_STRATEGY_POSITIONS.set_function(lambda: len(self.book.positions))  # read when scraped
         log.info(
             "worker.recovered",
@@ -588,7 +589,12 @@ class Worker:
         `internal_error` decision, and the batch is acked either way."""
         sequence = jetstream_sequences(msg)[0]
         try:
-            parsed = parse_signal(msg.subject, msg.data, self.settings.max_signal_bytes)
+            parsed = parse_signal(
+                msg.subject,
+                msg.data,
+                self.settings.max_signal_bytes,
+                self.settings.default_notional is not None,
+            )
         except Exception as exc:  # parse_signal contains every error it knows of; this is a bug
             log.exception("signal.parse_internal_error", subject=msg.subject)
             parsed = MalformedSignal("internal_error", (f"payload: {type(exc).__name__}",))
@@ -673,6 +679,7 @@ class Worker:
             await self._trusted_price(signal.symbol) if signal.action is not Action.HOLD else None,
             now,
             self.rules,
+            await self._balance_for(signal),
         )
         if not isinstance(verdict, Accepted):
             if closed_before is not None:  # nothing left to do: it all happened before a restart
@@ -858,6 +865,20 @@ class Worker:
         self._price_seen_at[symbol] = time.monotonic()
         self.gateway.on_price(symbol, price)
 
+    async def _balance_for(self, signal: Signal) -> Decimal | None:
+        """The account's available balance, asked only for a signal sized by it."""
+        if (
+            signal.position_size_pct is None
+            or signal.quantity is not None
+            or signal.quote_quantity is not None
+        ):
+            return None
+        try:
+            return await self.gateway.available_balance()
+        except Exception as exc:
+            log.warning("venue.balance_failed", error=repr(exc)[:300])
+            return None
+
     async def _trusted_price(self, symbol: str) -> Decimal | None:
         """The price pre-trade checks use: the last tick while it is fresh, else the venue's
         own (mark) price, else the last tick however old (a venue without prices of its own)."""
@@ -927,6 +948,7 @@ class Worker:
                 if replay and event.strategy_position_id not in self._replayed_opens:
                     self._replayed_opens.add(event.strategy_position_id)
                     self.book.apply(event)  # a re-stored open of a slice closed since is not reopened
+                    self._replayed_cash -= event.fee
                 self.ledger.apply(event)
                 self.journal.apply(event)
                 if event.strategy_id == EXTERNAL_STRATEGY:
@@ -938,6 +960,7 @@ class Worker:
             case PositionClosed():
                 if replay:
                     self.book.apply(event)
+                    self._replayed_cash += event.gross_pnl - event.exit_fee
                 self.ledger.apply(event)
                 self.journal.apply(event)
                 if event.close_reason in (CloseReason.MANUAL, CloseReason.LIQUIDATION):

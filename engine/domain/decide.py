@@ -45,6 +45,7 @@ class Rules:
     # A signal's own price is believed only this close (a fraction) to the trusted price.
     price_band: Decimal | None = Decimal("0.1")
     max_clock_skew: timedelta = timedelta(seconds=60)
+    default_notional: Decimal | None = None  # sizes buy/sell signals that carry no size
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +82,10 @@ def decide(
     last_price: Decimal | None,
     now: datetime,
     rules: Rules,
+    balance: Decimal | None = None,
 ) -> Verdict:
+    """`balance`: the account's available balance, needed only to size a signal by
+    `position_size_pct`."""
     if rules.allowed_strategies and signal.strategy_id not in rules.allowed_strategies:
         return _reject("strategy_not_allowed", f"strategy {signal.strategy_id} is not on the allow-list")
     if rules.allowed_symbols and signal.symbol not in rules.allowed_symbols:
@@ -114,7 +118,7 @@ def decide(
                 f"signal price {amount(own)} is more than {amount(rules.price_band * 100)}% from the "
                 f"last trusted price {amount(last_price)}",
             )
-    return _decide_open(signal, book, market, price, rules)
+    return _decide_open(signal, book, market, price, rules, balance)
 
 
 def _reject(code: str, reason: str) -> Refused:
@@ -205,7 +209,12 @@ def _close_order(
 
 
 def _decide_open(
-    signal: Signal, book: PositionBook, market: Market, price: Decimal | None, rules: Rules
+    signal: Signal,
+    book: PositionBook,
+    market: Market,
+    price: Decimal | None,
+    rules: Rules,
+    balance: Decimal | None,
 ) -> Verdict:
     side = signal.opening_side
     assert side is not None
@@ -216,11 +225,22 @@ def _decide_open(
         )
     if price is None:
         return _reject("no_price", "no price tick seen and the signal carries no price")
+    # Sizing: an explicit quantity, else a notional, else a share of the available balance,
+    # else the worker's DEFAULT_NOTIONAL.
     if signal.quantity is not None:
         raw_qty = signal.quantity
-    else:
-        assert signal.quote_quantity is not None  # the signal model requires one of the two
+    elif signal.quote_quantity is not None:
         raw_qty = signal.quote_quantity / price
+    elif signal.position_size_pct is not None:
+        if balance is None or balance <= 0:
+            return _reject(
+                "no_balance", "position_size_pct needs the account's available balance, and none is known"
+            )
+        raw_qty = balance * signal.position_size_pct / price
+    elif rules.default_notional is not None:
+        raw_qty = rules.default_notional / price
+    else:
+        return _reject("no_size", "no quantity, quote_quantity or position_size_pct, and no DEFAULT_NOTIONAL")
     qty = market.round_quantity(raw_qty)
     if qty < market.min_quantity or qty <= 0:
         return _reject(

@@ -21,6 +21,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -122,6 +123,8 @@ class Signal(BaseModel):
     stop_loss: PositiveNumber | None = None
     take_profit_pct: Fraction | None = None
     stop_loss_pct: Fraction | None = None
+    # A fraction of the account's available balance, as the original system's strategies size.
+    position_size_pct: Fraction | None = None
     position_side: PositionSide | None = None
     price: PositiveNumber | None = None
     current_price: PositiveNumber | None = None
@@ -151,10 +154,13 @@ class Signal(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _sized_when_opening(self) -> Self:
-        if self.action in (Action.BUY, Action.SELL):
-            if self.quantity is None and self.quote_quantity is None:
-                raise ValueError(f"{self.action.value} needs quantity or quote_quantity")
+    def _sized_when_opening(self, info: ValidationInfo) -> Self:
+        if self.action in (Action.BUY, Action.SELL) and not (info.context or {}).get("sized_by_default"):
+            if self.quantity is None and self.quote_quantity is None and self.position_size_pct is None:
+                raise ValueError(
+                    f"{self.action.value} needs quantity, quote_quantity or position_size_pct"
+                    " (or DEFAULT_NOTIONAL set on the worker)"
+                )
         return self
 
     @property
@@ -267,8 +273,11 @@ def safe_text(value: str, limit: int) -> str:
     return value[:limit].encode("utf-8", "replace").decode("utf-8").replace("\x00", "\ufffd")
 
 
-def parse_signal(subject: str, data: bytes, max_bytes: int = MAX_SIGNAL_BYTES) -> Signal | MalformedSignal:
-    """Never raises: anything that is not a valid signal comes back as a MalformedSignal."""
+def parse_signal(
+    subject: str, data: bytes, max_bytes: int = MAX_SIGNAL_BYTES, sized_by_default: bool = False
+) -> Signal | MalformedSignal:
+    """Never raises: anything that is not a valid signal comes back as a MalformedSignal.
+    `sized_by_default`: buy/sell without any size are valid (the worker has DEFAULT_NOTIONAL)."""
     if len(data) > max_bytes:
         return MalformedSignal("oversize", (f"payload is {len(data)} bytes; limit {max_bytes}",))
     tokens = subject_tokens(subject)
@@ -292,7 +301,7 @@ def parse_signal(subject: str, data: bytes, max_bytes: int = MAX_SIGNAL_BYTES) -
             return MalformedSignal("bad_text", (problem,))
     raw_id = payload.get("signal_id")
     try:
-        signal = Signal.model_validate(payload)
+        signal = Signal.model_validate(payload, context={"sized_by_default": sized_by_default})
     except ValidationError as exc:
         return MalformedSignal(
             "invalid_field",

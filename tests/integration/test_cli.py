@@ -87,7 +87,7 @@ def test_run_publish_tp_hit_and_clean_shutdown(
         "--raw",
         '{"strategy_id":"x","symbol":"ETHUSDT","action":"buy"}',
     )
-    assert "DEAD" in out and "quantity or quote_quantity" in out, out
+    assert "DEAD" in out and "quote_quantity or position_size_pct" in out, out
     cli(env, "price", "ETHUSDT", "3150")
 
     def tp_counted() -> bool:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Callable
 from decimal import Decimal
+from typing import Any
 
 import pytest
 
@@ -222,3 +224,32 @@ async def test_republished_signal_executes_once(pipeline: Pipeline) -> None:
     assert [d.outcome for d in pipeline.decisions()] == [Outcome.ACCEPTED, Outcome.DUPLICATE]
     assert len(pipeline.opened()) == 1
     assert pipeline.venue_order_count() == 1
+
+
+async def test_seed_era_signals_without_a_quantity_are_sized_by_the_rules(
+    make_pipeline: Any, venue: Emulator | None
+) -> None:
+    """The seed's example signals carry no quantity: DEFAULT_NOTIONAL sizes them, and
+    `position_size_pct` takes a share of the paper wallet (PAPER_BALANCE; the emulator's
+    balance is the venue test's)."""
+    if venue is not None:
+        pytest.skip("the paper wallet")
+    async with make_pipeline(DEFAULT_NOTIONAL="900", PAPER_BALANCE="45000") as pipeline:
+        await pipeline.tick("BTCUSDT", "45000")
+        seed = {
+            "strategy_id": "seed_v1",
+            "symbol": "BTCUSDT",
+            "action": "buy",
+            "confidence": 0.8,
+            "price": 45000,
+        }
+        await pipeline.publish_raw(
+            "signals.seed_v1.BTCUSDT", json.dumps(seed | {"signal_id": "seed-1"}).encode()
+        )
+        assert (await pipeline.decision("seed-1")).outcome is Outcome.ACCEPTED
+        share = seed | {"signal_id": "seed-2", "strategy_id": "share_v1", "position_size_pct": 0.1}
+        await pipeline.publish_raw("signals.share_v1.BTCUSDT", json.dumps(share).encode())
+        assert (await pipeline.decision("seed-2")).outcome is Outcome.ACCEPTED
+        quantities = {e.strategy_id: e.quantity for e in pipeline.opened()}
+        # 900 / 45,000; then 10 % of what the wallet has left (45,000 - 900 - fees) / 45,000
+        assert quantities == {"seed_v1": Decimal("0.02"), "share_v1": Decimal("0.097")}

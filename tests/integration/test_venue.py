@@ -432,3 +432,17 @@ async def test_slices_closing_together_go_in_orders_no_larger_than_the_venue_all
     assert emulator.exchange.request_count["POST /fapi/v1/order"] - posts == 2  # 0.2 and 0.1, no refusal
     assert len({e.client_order_id for e in on_emulator.closed()}) == 2
     assert emulator.exchange.state()["positions"] == {}
+
+
+async def test_a_signal_sized_by_a_share_of_the_balance_asks_the_venue(
+    on_emulator: Pipeline, emulator: Emulator
+) -> None:
+    """The original system's strategies send `position_size_pct`, a fraction of the available
+    balance: the worker asks the venue for it (ccxt fetch_balance)."""
+    await on_emulator.tick("ETHUSDT", "3000")
+    emulator.exchange.wallet = Decimal("30000")
+    sid = await on_emulator.publish("s1", "ETHUSDT", "buy", confidence=0.9, position_size_pct="0.1")
+    decision = await on_emulator.decision(sid)
+    assert decision.outcome is Outcome.ACCEPTED, decision
+    (opened,) = on_emulator.opened()
+    assert opened.quantity == D("1")  # 10 % of 30,000 at 3,000

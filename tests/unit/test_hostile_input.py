@@ -191,3 +191,23 @@ def test_a_lease_holder_is_gone_only_when_this_host_sees_its_process_end() -> No
     assert not Holder(me.instance, "another-host", 999_999, "1", me.since).gone()
     assert Holder.decode(me.encode()) == me
     assert Holder.decode(b"not json") is None
+
+
+def test_sizing_by_balance_share_and_by_default_notional() -> None:
+    book, market = PositionBook(), BUILTIN_MARKETS["BTCUSDT"]
+    seed = {"strategy_id": "s1", "symbol": "BTCUSDT", "action": "buy", "confidence": 0.9}
+    unsized = parse_signal(SUBJECT, json.dumps(seed).encode())
+    assert isinstance(unsized, MalformedSignal) and "position_size_pct" in unsized.errors[0]
+    by_default = parse_signal(SUBJECT, json.dumps(seed).encode(), sized_by_default=True)
+    assert isinstance(by_default, Signal)
+    verdict = decide(by_default, book, market, Decimal("45000"), NOW, Rules(default_notional=Decimal("1000")))
+    assert not isinstance(verdict, Refused) and verdict.orders[0].quantity == Decimal("0.022")
+
+    share = parse_signal(SUBJECT, json.dumps(seed | {"position_size_pct": 0.1}).encode())
+    assert isinstance(share, Signal)
+    verdict = decide(share, book, market, Decimal("45000"), NOW, Rules(), balance=Decimal("10000"))
+    assert not isinstance(verdict, Refused) and verdict.orders[0].quantity == Decimal(
+        "0.022"
+    )  # 1,000 / 45,000
+    refused = decide(share, book, market, Decimal("45000"), NOW, Rules(), balance=None)
+    assert isinstance(refused, Refused) and refused.reason_code == "no_balance"

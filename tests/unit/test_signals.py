@@ -108,7 +108,7 @@ def test_nan_and_infinity_are_rejected_as_bad_json() -> None:
 def test_buy_needs_a_size_but_close_and_hold_do_not() -> None:
     payload = base()
     del payload["quantity"]
-    assert "quantity or quote_quantity" in "".join(errors_of(parse(payload))[1])
+    assert "needs quantity, quote_quantity or position_size_pct" in "".join(errors_of(parse(payload))[1])
     assert isinstance(parse(base(quote_quantity=100, quantity=None) | {"quantity": 5}), Signal)
     for action in ("close", "hold"):
         p = {"strategy_id": "momentum_v1", "symbol": "BTCUSDT", "action": action}
