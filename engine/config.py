@@ -26,6 +26,11 @@ class LogFormat(StrEnum):
     CONSOLE = "console"
 
 
+class MarginType(StrEnum):
+    ISOLATED = "isolated"
+    CROSS = "cross"
+
+
 class ConfigError(ValueError):
     """A setting is wrong; the message names the environment variable."""
 
@@ -76,6 +81,10 @@ class Settings(BaseSettings):
     exchange_rate_limit_ms: Annotated[float, Field(ge=0)] | None = None
     exchange_recv_window_ms: Annotated[int, Field(ge=100, le=60_000)] = 5000
     order_send_span_seconds: Annotated[float, Field(gt=0, le=600)] = 30.0
+    leverage: Annotated[int, Field(ge=1, le=125)] | None = None
+    margin_type: MarginType | None = None
+    leverage_by_symbol: Annotated[dict[str, int], NoDecode] = {}
+    margin_type_by_symbol: Annotated[dict[str, MarginType], NoDecode] = {}
 
     http_port: Annotated[int, Field(ge=0, le=65535)] | None = None
     log_format: LogFormat | None = None
@@ -99,6 +108,30 @@ class Settings(BaseSettings):
     def _split_commas(cls, value: Any) -> Any:
         if isinstance(value, str):
             return frozenset(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("leverage_by_symbol", "margin_type_by_symbol", mode="before")
+    @classmethod
+    def _symbol_map(cls, value: Any) -> Any:
+        """`BTCUSDT=10,ETHUSDT=5`: a setting per symbol."""
+        if not isinstance(value, str):
+            return value
+        found: dict[str, str] = {}
+        for part in (p.strip() for p in value.split(",")):
+            if not part:
+                continue
+            symbol, sep, setting = part.partition("=")
+            if not sep or not symbol.strip() or not setting.strip():
+                raise ValueError(f"{part!r} is not SYMBOL=VALUE")
+            found[symbol.strip().upper()] = setting.strip().lower()
+        return found
+
+    @field_validator("leverage_by_symbol")
+    @classmethod
+    def _leverage_range(cls, value: dict[str, int]) -> dict[str, int]:
+        for symbol, leverage in value.items():
+            if not 1 <= leverage <= 125:
+                raise ValueError(f"{symbol}: leverage {leverage} is not between 1 and 125")
         return value
 
     @field_validator("mysql_url")

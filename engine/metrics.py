@@ -101,3 +101,8 @@ ATTRIBUTION_STALLED = Gauge(
 UNLISTED_TICKS = Counter(
     "tradeengine_price_ticks_unlisted_total", "Ticks for symbols the venue does not list (ignored)"
 )
+VENUE_CLOCK_OFFSET = Gauge(
+    "tradeengine_venue_clock_offset_seconds",
+    "This host's clock minus the venue's, as last measured (requests are stamped with the venue's)",
+    ["venue"],
+)

@@ -10,11 +10,12 @@ ccxt is imported here only, and this module only when a ccxt venue is configured
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, TypeVar
@@ -84,6 +85,25 @@ VENUE_REASONS = {
     -4164: "below_min_notional",
 }
 _CODE = re.compile(r'"code"\s*:\s*(-?\d+)')
+
+
+@dataclass(frozen=True, slots=True)
+class AccountSettings:
+    """LEVERAGE / MARGIN_TYPE, global and per symbol; None leaves the account as it is."""
+
+    leverage: int | None = None
+    margin_type: str | None = None  # "isolated" or "cross" (ccxt's names)
+    leverage_by_symbol: dict[str, int] = field(default_factory=dict)
+    margin_type_by_symbol: dict[str, str] = field(default_factory=dict)
+
+    def leverage_of(self, symbol: str) -> int | None:
+        return self.leverage_by_symbol.get(symbol, self.leverage)
+
+    def margin_type_of(self, symbol: str) -> str | None:
+        return self.margin_type_by_symbol.get(symbol, self.margin_type)
+
+    def overridden(self) -> set[str]:
+        return set(self.leverage_by_symbol) | set(self.margin_type_by_symbol)
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,12 +198,15 @@ class CcxtGateway:
         timeout: float = 10.0,
         policy: RetryPolicy | None = None,
         rate_limit_ms: float | None = None,  # ccxt's client-side throttle; by default the venue's
+        account: AccountSettings | None = None,
     ) -> None:
         if not hasattr(ccxt_async, exchange_id):
             raise ValueError(f"ccxt has no exchange {exchange_id!r}")
         self.name = exchange_id
         self.mode = mode
         self.policy = policy or RetryPolicy()
+        self.account = account or AccountSettings()
+        self._configured: set[str] = set()  # symbols whose leverage and margin type are set
         self.unknown_outcome_seconds = self.policy.unknown_outcome_seconds
         self.set_position_mode = set_position_mode
         config: dict[str, Any] = {} if rate_limit_ms is None else {"rateLimit": rate_limit_ms}
@@ -199,6 +222,9 @@ class CcxtGateway:
                     "defaultType": "swap",
                     "warnOnFetchOpenOrdersWithoutSymbol": False,
                     "recvWindow": int(self.policy.recv_window * 1000),
+                    # Stamp requests with the venue's clock, not ours: a host clock running
+                    # ahead would otherwise fail every signed request (-1021).
+                    "adjustForTimeDifference": True,
                 },
             }
         )
@@ -243,8 +269,47 @@ class CcxtGateway:
                 price_tick=_dec(m["precision"]["price"]),
                 max_quantity=_max_market_quantity(m["limits"]),
             )
+        self._record_clock_offset()
         await self._check_position_mode()
-        log.info("venue.ready", venue=self.name, markets=len(self._markets), mode=self.mode.value)
+        for symbol in sorted(self.account.overridden()):  # the symbols configured by name: now
+            await self.configure(symbol)
+        log.info(
+            "venue.ready",
+            venue=self.name,
+            markets=len(self._markets),
+            mode=self.mode.value,
+            clock_offset_ms=self.exchange.options.get("timeDifference", 0),
+        )
+
+    def _record_clock_offset(self) -> None:
+        offset_ms = int(self.exchange.options.get("timeDifference") or 0)
+        metrics.child(metrics.VENUE_CLOCK_OFFSET, self.name).set(offset_ms / 1000)
+
+    async def configure(self, symbol: str) -> None:
+        """Set the symbol's margin type and leverage as configured, once, and check what the
+        venue answered: an order must not go out with whatever the account had."""
+        if symbol in self._configured or symbol not in self._unified:
+            return
+        unified = self._unified[symbol]
+        margin, leverage = self.account.margin_type_of(symbol), self.account.leverage_of(symbol)
+        try:
+            if margin is not None:
+                answer = await self._call(lambda: self.exchange.set_margin_mode(margin, unified))
+                code = (answer or {}).get("code")
+                if code not in (None, 200, "200", -4046, "-4046"):
+                    raise OrderRejected("margin_type_not_set", f"{symbol}: venue answered {answer}")
+            if leverage is not None:
+                answer = await self._call(lambda: self.exchange.set_leverage(leverage, unified))
+                if int((answer or {}).get("leverage", -1)) != leverage:
+                    raise OrderRejected("leverage_not_set", f"{symbol}: venue answered {answer}")
+        except OrderRejected:
+            raise
+        except Exception as exc:
+            if classify(exc) == "final":  # e.g. -4048: a position of the other margin type is open
+                raise OrderRejected("account_settings_refused", venue_message(exc)) from exc
+            raise OrderRejected("account_settings_unknown", f"{symbol}: {exc!r}"[:300]) from exc
+        log.info("venue.symbol_configured", symbol=symbol, margin_type=margin, leverage=leverage)
+        self._configured.add(symbol)
 
     async def _check_position_mode(self) -> None:
         if not self.exchange.has.get("fetchPositionMode"):
@@ -304,6 +369,7 @@ class CcxtGateway:
                 "below_min_notional",
                 f"notional {intent.quantity * intent.reference_price} is below the venue minimum {market.min_notional}",
             )
+        await self.configure(intent.symbol)  # before the first order on the symbol (refusal: final)
         params: dict[str, Any] = {"newClientOrderId": intent.client_order_id}
         if self.mode is PositionMode.HEDGE:
             # Binance refuses reduceOnly next to positionSide (-1106): the side says it all.
@@ -336,6 +402,10 @@ class CcxtGateway:
                 )
                 if kind == "final":
                     raise OrderRejected(reason_code(exc), venue_message(exc)) from exc
+                if venue_code(exc) == -1021:  # our stamp and the venue's clock disagree: measure again
+                    with contextlib.suppress(Exception):
+                        await self.exchange.load_time_difference()
+                        self._record_clock_offset()
                 if kind == "ambiguous":
                     found = await self._await_unknown_outcome(intent, time.monotonic())
                     if found is not None:

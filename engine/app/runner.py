@@ -38,7 +38,11 @@ def build_gateway(settings: Settings) -> ExchangeGateway:
             settings.paper_slippage,
             balance=settings.paper_balance,
         )
-    from engine.adapters.ccxt_gateway import CcxtGateway, RetryPolicy  # ccxt costs ~0.45 s, ~100 MB
+    from engine.adapters.ccxt_gateway import (  # ccxt costs ~0.45 s, ~100 MB
+        AccountSettings,
+        CcxtGateway,
+        RetryPolicy,
+    )
 
     api_key, secret = settings.credentials()
     if not api_key or not secret:
@@ -61,6 +65,12 @@ def build_gateway(settings: Settings) -> ExchangeGateway:
                 send_span=settings.order_send_span_seconds,
             ),
             rate_limit_ms=settings.exchange_rate_limit_ms,
+            account=AccountSettings(
+                leverage=settings.leverage,
+                margin_type=settings.margin_type.value if settings.margin_type else None,
+                leverage_by_symbol=settings.leverage_by_symbol,
+                margin_type_by_symbol={k: v.value for k, v in settings.margin_type_by_symbol.items()},
+            ),
         )
     except ValueError as exc:
         raise ConfigError(f"EXCHANGE: {exc}; use 'paper' or a ccxt id such as 'binanceusdm'") from None

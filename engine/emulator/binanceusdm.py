@@ -93,6 +93,11 @@ class Exchange:
     wallet: Decimal = STARTING_WALLET
     taker_fee: Decimal = TAKER_FEE
     maker_fee: Decimal = MAKER_FEE
+    # How far the venue's clock is from this host's (ms): a venue behind us refuses requests
+    # stamped more than 1 s ahead of it (-1021) unless the client adjusts for the difference.
+    clock_offset_ms: int = 0
+    leverage: dict[str, int] = field(default_factory=dict)  # per symbol; LEVERAGE when unset
+    margin_type: dict[str, str] = field(default_factory=dict)  # per symbol: ISOLATED / CROSSED
     markets: dict[str, EmulatedMarket] = field(default_factory=lambda: dict(MARKETS))
     prices: dict[str, Decimal] = field(default_factory=lambda: {s: m.price for s, m in MARKETS.items()})
     positions: dict[tuple[str, str], Position] = field(default_factory=dict)
@@ -140,7 +145,7 @@ class Exchange:
                 -4164,
                 f"Order's notional must be no smaller than {market.min_notional} (unless you choose reduce only).",
             )
-        if not reducing and qty * price / LEVERAGE > self.available():
+        if not reducing and qty * price / self.leverage_of(market.symbol) > self.available():
             raise BinanceError(-2019, "Margin is insufficient.")
         client_id = p.get("newClientOrderId") or f"emu-{next(self.ids)}"
         if self.strict_client_ids and client_id in self.client_ids:
@@ -219,8 +224,41 @@ class Exchange:
         )
         return order
 
+    def now_ms(self) -> int:
+        return _ms() + self.clock_offset_ms
+
+    def leverage_of(self, symbol: str) -> int:
+        return self.leverage.get(symbol, LEVERAGE)
+
+    def set_leverage(self, p: dict[str, str]) -> dict[str, Any]:
+        market = self._market(p.get("symbol", ""))
+        try:
+            wanted = int(p.get("leverage", ""))
+        except ValueError:
+            raise BinanceError(
+                -1102, "Mandatory parameter 'leverage' was not sent, was empty/null, or malformed."
+            ) from None
+        if not 1 <= wanted <= 125:
+            raise BinanceError(-4028, f"Leverage {wanted} is not valid")
+        self.leverage[market.symbol] = wanted
+        return {"leverage": wanted, "maxNotionalValue": "1000000", "symbol": market.symbol}
+
+    def set_margin_type(self, p: dict[str, str]) -> dict[str, Any]:
+        market = self._market(p.get("symbol", ""))
+        wanted = p.get("marginType", "").upper()
+        if wanted not in ("ISOLATED", "CROSSED"):
+            raise BinanceError(-1116, "Invalid marginType.")
+        if self.margin_type.get(market.symbol, "CROSSED") == wanted:
+            raise BinanceError(-4046, "No need to change margin type.")
+        if any(pos.amount for (s, _), pos in self.positions.items() if s == market.symbol):
+            raise BinanceError(-4048, "Margin type cannot be changed if there exists position.")
+        self.margin_type[market.symbol] = wanted
+        return {"code": 200, "msg": "success"}
+
     def available(self) -> Decimal:
-        margin = sum((abs(p.amount) * p.entry / LEVERAGE for p in self.positions.values()), ZERO)
+        margin = sum(
+            (abs(p.amount) * p.entry / self.leverage_of(s) for (s, _), p in self.positions.items()), ZERO
+        )
         return self.wallet + self.unrealized() - margin
 
     def unrealized(self) -> Decimal:
@@ -291,9 +329,9 @@ class Exchange:
                         "markPrice": str(mark),
                         "unRealizedProfit": str((mark - pos.entry) * pos.amount),
                         "liquidationPrice": "0",
-                        "leverage": str(LEVERAGE),
+                        "leverage": str(self.leverage_of(s)),
                         "maxNotionalValue": "1000000",
-                        "marginType": "cross",
+                        "marginType": "isolated" if self.margin_type.get(s) == "ISOLATED" else "cross",
                         "isolatedMargin": "0",
                         "isAutoAddMargin": "false",
                         "positionSide": ps,
@@ -473,7 +511,7 @@ async def _params(request: web.Request, signed: bool) -> dict[str, str]:
         # Binance refuses a request that reaches it later than its receive window: an order
         # whose answer was lost is executed now or never.
         stamp, window = int(params.get("timestamp", "0")), int(params.get("recvWindow", "5000"))
-        if not stamp - 1000 <= _ms() <= stamp + window:
+        if not stamp - 1000 <= request.app[EXCHANGE_KEY].now_ms() <= stamp + window:
             raise BinanceError(-1021, "Timestamp for this request is outside of the recvWindow.")
     return params
 
@@ -602,7 +640,9 @@ def build_app(exchange: Exchange | None = None) -> web.Application:
 
     routes = [
         web.get("/fapi/v1/ping", public(lambda p: {})),
-        web.get("/fapi/v1/time", public(lambda p: {"serverTime": _ms()})),
+        web.get("/fapi/v1/time", public(lambda p: {"serverTime": ex.now_ms()})),
+        web.post("/fapi/v1/leverage", private(ex.set_leverage)),
+        web.post("/fapi/v1/marginType", private(ex.set_margin_type)),
         web.get("/fapi/v1/exchangeInfo", public(lambda p: exchange_info(ex.markets))),
         web.get("/fapi/v1/ticker/price", public(lambda p: _ticker(ex, p))),
         web.get("/fapi/v1/premiumIndex", public(lambda p: _premium_index(ex, p))),

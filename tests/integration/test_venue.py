@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from decimal import Decimal
 
 import pytest
+from prometheus_client import REGISTRY
 
 from engine.adapters.embedded_nats import EmbeddedNats
 from engine.adapters.gateway import ExchangeGateway, OrderUncertain
@@ -446,3 +447,34 @@ async def test_a_signal_sized_by_a_share_of_the_balance_asks_the_venue(
     assert decision.outcome is Outcome.ACCEPTED, decision
     (opened,) = on_emulator.opened()
     assert opened.quantity == D("1")  # 10 % of 30,000 at 3,000
+
+
+async def test_leverage_and_margin_type_are_set_before_trading_and_the_venues_clock_is_used(
+    nats_server: EmbeddedNats, mysql_url: str, emulator: Emulator
+) -> None:
+    """LEVERAGE / MARGIN_TYPE (and per symbol) are set and checked before a symbol's first
+    order; a venue whose clock runs 1.5 s behind ours still takes every signed request."""
+    emulator.exchange.clock_offset_ms = -1500  # our stamps would be "in the future" (-1021)
+    settings = emulator.venue_settings() | {
+        "LEVERAGE": 5,
+        "MARGIN_TYPE": "isolated",
+        "LEVERAGE_BY_SYMBOL": "BTCUSDT=10",
+    }
+    async with Pipeline(nats_server.url, mysql_url, emulator.exchange, **settings) as pipeline:
+        assert emulator.exchange.leverage == {"BTCUSDT": 10}  # configured by name: at start
+        assert emulator.exchange.margin_type == {"BTCUSDT": "ISOLATED"}
+        await pipeline.tick("ETHUSDT", "3000")
+        sid = await pipeline.publish("s1", "ETHUSDT", "buy", quantity="0.1", confidence=0.9)
+        assert (await pipeline.decision(sid)).outcome is Outcome.ACCEPTED
+        assert emulator.exchange.leverage == {"BTCUSDT": 10, "ETHUSDT": 5}
+        assert emulator.exchange.margin_type == {"BTCUSDT": "ISOLATED", "ETHUSDT": "ISOLATED"}
+        offset = REGISTRY.get_sample_value("tradeengine_venue_clock_offset_seconds", {"venue": "binanceusdm"})
+        assert offset is not None and 1.3 < offset < 1.8, offset
+        # A setting the venue refuses stops that symbol's orders, not the worker.
+        emulator.exchange.positions.clear()
+        emulator.exchange.by_hand("SOLUSDT", "LONG", "BUY", D("1"), liquidation=False)  # cross, by hand
+        refused = await pipeline.decision(
+            await pipeline.publish("s1", "SOLUSDT", "buy", quantity="1", confidence=0.9, price="150")
+        )
+        assert (refused.outcome, refused.reason_code) == (Outcome.REJECTED, "account_settings_refused")
+        assert "Margin type cannot be changed" in refused.reason
