@@ -26,6 +26,17 @@ class LogFormat(StrEnum):
     CONSOLE = "console"
 
 
+class PriceFeedMode(StrEnum):
+    AUTO = "auto"  # poll on a ccxt venue, off on the paper venue
+    OFF = "off"
+    POLL = "poll"
+
+
+class TpslPrice(StrEnum):
+    LAST = "last"
+    MARK = "mark"
+
+
 class MarginType(StrEnum):
     ISOLATED = "isolated"
     CROSS = "cross"
@@ -56,6 +67,10 @@ class Settings(BaseSettings):
     max_order_notional: Annotated[Decimal, Field(gt=0, le=Decimal(10) ** 12)] = Decimal(1_000_000)
     price_band_pct: Annotated[Decimal, Field(gt=0, le=10)] = Decimal("0.1")
     price_max_age_seconds: Annotated[float, Field(gt=0)] = 30.0
+    price_feed: PriceFeedMode = PriceFeedMode.AUTO
+    price_poll_seconds: Annotated[float, Field(ge=0.1, le=3600)] = 1.0
+    tpsl_price: TpslPrice = TpslPrice.LAST
+    price_interest_seconds: Annotated[float, Field(gt=0)] = 600.0
     max_clock_skew_seconds: Annotated[float, Field(ge=0)] = 60.0
 
     nats_url: str | None = None

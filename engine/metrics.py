@@ -106,3 +106,8 @@ VENUE_CLOCK_OFFSET = Gauge(
     "This host's clock minus the venue's, as last measured (requests are stamped with the venue's)",
     ["venue"],
 )
+PRICE_FEED_POLLED = Gauge(
+    "tradeengine_price_feed_last_poll_timestamp_seconds",
+    "Unix time the venue last answered the price feed's poll",
+    ["source"],
+)

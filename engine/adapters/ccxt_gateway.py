@@ -350,6 +350,26 @@ class CcxtGateway:
         price = _dec(raw) if raw is not None else ZERO
         return price if price > 0 else None
 
+    async def venue_prices(self, symbols: list[str], kind: str) -> dict[str, Decimal]:
+        """The venue's `last` (Binance: /fapi/v2/ticker/price) or `mark` (premiumIndex) price
+        of each symbol, in one request."""
+        unified = {self._unified[s]: s for s in symbols if s in self._unified}
+        if not unified:
+            return {}
+        found: dict[str, Decimal] = {}
+        if kind == "mark":
+            tickers = await self._call(lambda: self.exchange.fetch_mark_prices(list(unified)))
+            for name, ticker in tickers.items():
+                raw = ticker.get("markPrice") or (ticker.get("info") or {}).get("markPrice")
+                if name in unified and raw is not None:
+                    found[unified[name]] = _dec(raw)
+        else:
+            prices = await self._call(lambda: self.exchange.fetch_last_prices(list(unified)))
+            for name, row in prices.items():
+                if name in unified and row.get("price") is not None:
+                    found[unified[name]] = _dec(row["price"])
+        return {s: p for s, p in found.items() if p > 0}
+
     async def available_balance(self) -> Decimal | None:
         balance = await self._call(self.exchange.fetch_balance)
         free = (balance.get("free") or {}).get(self.settlement_asset)

@@ -46,6 +46,11 @@ class ExchangeGateway(Protocol):
         when no fresh tick is at hand; None if it has none."""
         ...
 
+    async def venue_prices(self, symbols: list[str], kind: str) -> dict[str, Decimal]:
+        """The venue's `last` or `mark` price of each symbol it knows, in one request (the
+        price feed); empty where the venue has no market data of its own."""
+        ...
+
     async def available_balance(self) -> Decimal | None:
         """What the account can still put into new positions, in the quote currency (USDT),
         for signals sized by `position_size_pct`; None if unknown."""

@@ -99,7 +99,8 @@ class LeaseTaken(RuntimeError):
     """The lease is held by a live process and this one was told not to wait."""
 
 
-async def _bucket(js: JetStreamContext, name: str, ttl: float | None) -> KeyValue:
+async def open_bucket(js: JetStreamContext, name: str, ttl: float | None) -> KeyValue:
+    """The KV bucket `name`, created (with entries expiring after `ttl` seconds) if missing."""
     try:
         return await js.key_value(name)
     except (NotFoundError, Exception):
@@ -130,7 +131,7 @@ class Lease:
         """Take the lease; while someone else holds it, wait as a standby (or raise
         LeaseTaken). False if `stopping` was set before the lease came free."""
         # A holder that stopped renewing is gone from the bucket after `seconds` (its TTL).
-        self._kv = await _bucket(self.js, LEASE_BUCKET, self.seconds)
+        self._kv = await open_bucket(self.js, LEASE_BUCKET, self.seconds)
         told: str | None = None
         while not stopping.is_set():
             other = await self._try_take()
@@ -239,7 +240,7 @@ class StartCount:
 async def count_start(js: JetStreamContext, durable: str, floor: int) -> int:
     """How many starts in a row found `durable` at this ack floor with messages in flight
     (this one included)."""
-    kv = await _bucket(js, STARTS_BUCKET, 7 * 86_400.0)
+    kv = await open_bucket(js, STARTS_BUCKET, 7 * 86_400.0)
     starts = 1
     with contextlib.suppress(KeyNotFoundError):
         entry = await kv.get(durable)
@@ -253,7 +254,7 @@ async def count_start(js: JetStreamContext, durable: str, floor: int) -> int:
 async def carry_start_count(js: JetStreamContext, durable: str, floor: int, starts: int) -> None:
     """A careful start moved the ack floor past a message that did not kill it: the count
     moves with it, so the next start that dies on the next message adds to it."""
-    kv = await _bucket(js, STARTS_BUCKET, 7 * 86_400.0)
+    kv = await open_bucket(js, STARTS_BUCKET, 7 * 86_400.0)
     await kv.put(durable, json.dumps(asdict(StartCount(floor, starts))).encode())
 
 

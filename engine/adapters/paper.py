@@ -85,6 +85,9 @@ class PaperExchange:
     async def reference_price(self, symbol: str) -> Decimal | None:
         return self.last_prices.get(symbol)
 
+    async def venue_prices(self, symbols: list[str], kind: str) -> dict[str, Decimal]:
+        return {}  # its prices are the ticks it is given
+
     async def available_balance(self) -> Decimal:
         """The wallet plus realized PnL less fees, less the cost of what is held (no leverage)."""
         held = sum((abs(pos.cash) for pos in self.holdings.values() if pos.quantity), ZERO)

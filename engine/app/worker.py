@@ -13,7 +13,7 @@ import ctypes
 import gc
 import time
 from collections import defaultdict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -25,10 +25,12 @@ from nats.aio.msg import Msg
 
 from engine import metrics
 from engine.adapters.gateway import ExchangeGateway, OrderRejected, OrderUncertain
+from engine.adapters.last_prices import LastPrices
 from engine.adapters.leases import Holder, Lease, LeaseLost, carry_start_count, count_start
 from engine.adapters.nats_bus import SIGNALS_STREAM, DurableConsumer, NatsBus, jetstream_sequences
 from engine.adapters.paper import PaperExchange
-from engine.config import Settings
+from engine.app.price_feed import PriceFeed
+from engine.config import PriceFeedMode, Settings
 from engine.domain.book import PositionBook
 from engine.domain.dead_letters import dead_letter
 from engine.domain.decide import Accepted, close_intent, closes_by_key, decide, strategy_position_id_for
@@ -105,6 +107,10 @@ class Worker:
         self.last_prices: dict[str, Decimal] = {}
         self._price_seen_at: dict[str, float] = {}  # monotonic time of each symbol's last price
         self._not_found_yet: set[str] = set()  # journaled orders a late request may still place
+        self._interest: dict[str, float] = {}  # symbol -> monotonic time of its last signal
+        self.price_feed: PriceFeed | None = None
+        self._price_store: LastPrices | None = None
+        self._background: set[asyncio.Task[Any]] = set()
         self.ready = asyncio.Event()
         self._stopping = asyncio.Event()
         self._outbox: list[Event] = []
@@ -176,6 +182,7 @@ class Worker:
         release_free_memory()  # what the replay's decoding used and freed goes back to the OS
         gc.freeze()
         gc.set_threshold(50_000, 50, 1000)
+        await self._restore_prices()
         self._price_sub = await self.bus.subscribe_prices(self.on_price_message)
         sub = await self.bus.durable_consumer(SIGNALS_STREAM, self.settings.worker_durable, "signals.>")
         suspects = await self._suspects(sub)
@@ -184,6 +191,7 @@ class Worker:
         log.info("worker.ready", open_positions=len(self.book.positions), venue=self.gateway.name)
         gauges = asyncio.create_task(self.report_gauges())
         upkeep = asyncio.create_task(self.keep_reconciling())
+        feed = self._start_price_feed()
         storing: asyncio.Task[None] | None = None
         try:
             while not self._stopping.is_set():
@@ -217,6 +225,8 @@ class Worker:
             self._stopping.set()
             self._wake_reconcile.set()
             # No TP/SL order may start after this point: stop the price feed and its runners.
+            if feed is not None:
+                await asyncio.gather(feed, return_exceptions=True)
             if self._price_sub is not None:
                 with contextlib.suppress(Exception):
                     await self._price_sub.unsubscribe()
@@ -285,7 +295,13 @@ class Worker:
         return Suspects(suspects.until, suspects.starts, first=False)
 
     async def checks(self) -> dict[str, bool]:
-        return {"worker_consumer": self.ready.is_set(), "worker_lease": not self.standby and not self._fenced}
+        checks = {
+            "worker_consumer": self.ready.is_set(),
+            "worker_lease": not self.standby and not self._fenced,
+        }
+        if self.price_feed is not None:
+            checks["price_feed"] = self.price_feed.fresh(time.monotonic())
+        return checks
 
     async def report_gauges(self, every: float = 5.0) -> None:
         """Consumer backlog and per-key exposure, refreshed off the hot path."""
@@ -621,6 +637,7 @@ class Worker:
             SIGNAL_CONTEXT.reset(context)
 
     async def on_signal(self, signal: Signal, sequence: int) -> None:
+        self._interest[signal.symbol] = time.monotonic()  # the price feed watches it a while
         prior = self.ledger.decided_at(signal.strategy_id, signal.id)
         if prior is not False:
             if prior == sequence:
@@ -862,8 +879,70 @@ class Worker:
         metrics.PRICE_TICKS.inc()
         metrics.child(metrics.LAST_TICK, symbol).set(time.time())
         self.last_prices[symbol] = price
-        self._price_seen_at[symbol] = time.monotonic()
+        now = self._price_seen_at[symbol] = time.monotonic()
         self.gateway.on_price(symbol, price)
+        if self._price_store is not None and self._price_store.due(symbol, now):
+            self._in_background(self._price_store.write(symbol, price, time.time()))
+
+    def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
+        """Work nobody waits for (a failure is logged, never raised)."""
+
+        async def guarded() -> None:
+            try:
+                await work
+            except Exception as exc:
+                log.warning("worker.background_failed", error=repr(exc)[:300])
+
+        task = asyncio.create_task(guarded())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _restore_prices(self) -> None:
+        """The last price of every symbol as the previous process left it, with its age: a
+        reference for pre-trade checks at once (a stale one is replaced by the venue's mark);
+        never a trigger for TP/SL, which wait for a new tick."""
+        try:
+            self._price_store = await LastPrices.open(self.bus.js)
+            stored = await self._price_store.read_all()
+        except Exception as exc:
+            log.warning("prices.restore_failed", error=repr(exc)[:300])
+            return
+        now = time.monotonic()
+        for symbol, (price, age) in stored.items():
+            if symbol not in self.last_prices and self.gateway.market(symbol) is not None:
+                self.last_prices[symbol] = price
+                self._price_seen_at[symbol] = now - age
+                self.gateway.on_price(symbol, price)
+        log.info("prices.restored", symbols=len(stored))
+
+    def _feed_symbols(self) -> set[str]:
+        """Open positions' symbols and those with a signal in the last PRICE_INTEREST_SECONDS."""
+        horizon = time.monotonic() - self.settings.price_interest_seconds
+        for symbol in [s for s, at in self._interest.items() if at < horizon]:
+            del self._interest[symbol]
+        return {key.symbol for key in self.book.exchange} | set(self._interest)
+
+    def _start_price_feed(self) -> asyncio.Task[None] | None:
+        mode = self.settings.price_feed
+        if mode is PriceFeedMode.OFF or (mode is PriceFeedMode.AUTO and not self.gateway.quotes):
+            return None
+        kind = self.settings.tpsl_price.value
+
+        async def source(symbols: list[str]) -> dict[str, Decimal]:
+            return await self.gateway.venue_prices(symbols, kind)
+
+        async def publish(subject: str, payload: bytes) -> None:
+            await self.bus.nc.publish(subject, payload)
+
+        self.price_feed = PriceFeed(
+            source,
+            publish,
+            self._feed_symbols,
+            self.settings.price_poll_seconds,
+            f"{self.gateway.name}:{kind}",
+        )
+        log.info("price_feed.started", source=self.price_feed.name, every=self.settings.price_poll_seconds)
+        return asyncio.create_task(self.price_feed.run(self._stopping))
 
     async def _balance_for(self, signal: Signal) -> Decimal | None:
         """The account's available balance, asked only for a signal sized by it."""

@@ -19,8 +19,12 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(params=VENUES)
 async def venue(request: pytest.FixtureRequest) -> AsyncIterator[Emulator | None]:
-    """Every scenario here runs on the paper venue and on ccxt + the Binance USD-M emulator."""
+    """Every scenario here runs on the paper venue and on ccxt + the Binance USD-M emulator, the
+    emulator at the paper venue's fee rate so one set of hand-computed figures holds for both
+    (test_venue.py checks the venue's own fee tier)."""
     async with venue_called(request.param) as running:
+        if running is not None:
+            running.exchange.taker_fee = D("0.0005")
         yield running
 
 

@@ -4,6 +4,7 @@ and reconciliation of changes the worker did not make. Real NATS, real MariaDB, 
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import AsyncIterator
 from decimal import Decimal
 
@@ -478,3 +479,47 @@ async def test_leverage_and_margin_type_are_set_before_trading_and_the_venues_cl
         )
         assert (refused.outcome, refused.reason_code) == (Outcome.REJECTED, "account_settings_refused")
         assert "Margin type cannot be changed" in refused.reason
+
+
+async def test_the_venues_own_prices_fire_tp_without_anyone_publishing_ticks(
+    nats_server: EmbeddedNats, mysql_url: str, emulator: Emulator
+) -> None:
+    """PRICE_FEED (poll, on by default on a ccxt venue): the worker reads the venue's prices for
+    the symbols it holds and publishes them as ticks; nobody else publishes a tick here."""
+    settings = emulator.venue_settings() | {"PRICE_POLL_SECONDS": 0.2}
+    async with Pipeline(nats_server.url, mysql_url, emulator.exchange, **settings) as pipeline:
+        emulator.exchange.prices["ETHUSDT"] = D("3000")
+        sid = await pipeline.publish(
+            "s1", "ETHUSDT", "buy", quantity="0.1", confidence=0.9, price="3000", take_profit_pct="0.01"
+        )
+        assert (await pipeline.decision(sid)).outcome is Outcome.ACCEPTED
+        worker = pipeline.worker
+        assert worker is not None and worker.price_feed is not None
+        await eventually(
+            lambda: worker.last_prices.get("ETHUSDT") == D("3000") or None, what="the feed's tick"
+        )
+        moved_at = time.monotonic()
+        emulator.exchange.prices["ETHUSDT"] = D("3031")  # through the TP at 3030
+        await pipeline.wait_events(lambda _: len(pipeline.closed()) == 1, "the TP close")
+        latency = time.monotonic() - moved_at
+        (closed,) = pipeline.closed()
+        assert closed.close_reason is CloseReason.TAKE_PROFIT and closed.exit_price == D("3031")
+        assert (await worker.checks())["price_feed"] is True
+        print(f"price feed: venue price move to TP close {latency * 1000:.0f} ms (poll every 200 ms)")
+
+
+async def test_the_last_price_survives_a_restart(pipeline: Pipeline) -> None:
+    """A restarted worker knows each symbol's last price at once (NATS KV), so a signal without
+    its own price is decided instead of rejected `no_price`; TP/SL wait for a new tick."""
+    await pipeline.tick("ETHUSDT", "3000")
+    worker = pipeline.worker
+    assert worker is not None
+    await eventually(
+        lambda: (worker._price_store is not None and not worker._background) or None, what="the price stored"
+    )
+    await pipeline.stop_worker()
+    restarted = await pipeline.start_worker()
+    assert restarted.last_prices.get("ETHUSDT") == D("3000")
+    sid = await pipeline.publish("s1", "ETHUSDT", "buy", quantity="0.1", confidence=0.9)  # no price
+    decision = await pipeline.decision(sid)
+    assert decision.outcome is Outcome.ACCEPTED, decision
