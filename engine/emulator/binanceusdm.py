@@ -108,6 +108,7 @@ class Exchange:
     request_count: Counter[str] = field(default_factory=Counter)
     ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1_000_001))
     late: list[asyncio.Task[None]] = field(default_factory=list)  # requests still on their way
+    late_outcomes: Counter[str] = field(default_factory=Counter)  # executed / refused on arrival
 
     # --- trading ------------------------------------------------------------------------
     def place(self, p: dict[str, str]) -> dict[str, Any]:
@@ -381,6 +382,7 @@ class Exchange:
             "duplicate_client_ids": {c: n for c, n in self.client_ids.items() if n > 1},
             "wallet": str(self.wallet),
             "requests": dict(self.request_count),
+            "late_requests": dict(self.late_outcomes),
         }
 
 
@@ -564,7 +566,9 @@ async def faults_middleware(request: web.Request, handler: Any) -> web.StreamRes
 
 async def _arrive_late(request: web.Request, handler: Any, seconds: float) -> None:
     await asyncio.sleep(seconds)
-    await handler(request)  # a refusal (receive window closed) goes to nobody
+    response = await handler(request)  # a refusal (receive window closed) goes to nobody
+    outcome = "executed" if response.status == 200 else "refused"
+    request.app[EXCHANGE_KEY].late_outcomes[outcome] += 1
 
 
 def _drop(request: web.Request) -> web.Response:

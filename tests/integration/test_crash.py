@@ -1,6 +1,7 @@
-"""Crash test (issue #3): a worker trading through ccxt on the emulator (its own process) is
+"""Crash test (issues #3, #14): a worker trading through ccxt on the emulator (its own process) is
 killed with SIGKILL at random points of a 500-signal run with prices moving through TPs and
-SLs, and restarted, again and again. Afterwards: every signal decided exactly once, no order
+SLs, and restarted, again and again; each round one order request reaches the venue late (or,
+past its receive window, never). CRASH_SIGNALS / CRASH_KILLS make the run longer. Afterwards: every signal decided exactly once, no order
 placed twice, the book (folded from EVENTS) equal to the venue's positions, no reconciliation
 finding (nothing of ours went unbooked), and MySQL holding exactly the stored events."""
 
@@ -38,8 +39,8 @@ from tests.integration.processes import interrupt
 
 pytestmark = pytest.mark.integration
 CLI = [sys.executable, "-m", "engine.cli"]
-SIGNALS = 500
-KILLS = 10
+SIGNALS = int(os.environ.get("CRASH_SIGNALS", "500"))
+KILLS = int(os.environ.get("CRASH_KILLS", "10"))
 SEED = int(os.environ.get("CRASH_SEED", "20261125"))
 MARKETS = {"BTCUSDT": ("45000", "0.002"), "ETHUSDT": ("3000", "0.03"), "SOLUSDT": ("150", "0.5")}
 STRATEGIES = ["momentum", "breakout", "meanrev", "scalper"]
@@ -180,6 +181,13 @@ async def test_kill_minus_9_during_a_run_loses_and_doubles_nothing(
                 )
                 if rng.random() < 0.3:
                     await move_prices()
+            # A request that reaches the venue late (or, past its receive window, never): the
+            # kill below may fall while the worker waits for it, or before it arrives.
+            async with http.post(
+                f"{processes.emulator_url}/emulator/fault",
+                json={"kind": "late", "seconds": round(rng.uniform(0.3, 2.5), 2)},
+            ):
+                pass
             # Kill somewhere inside this round's work: after a random share of it is decided.
             target = round_ * chunk + rng.randint(1, chunk)
             await eventually_async(_at_least(decided, target), timeout=60, what=f"{target} decisions")
@@ -216,7 +224,8 @@ async def test_kill_minus_9_during_a_run_loses_and_doubles_nothing(
     await _project_and_compare(nats_server.url, mysql_url, stored)
     print(
         f"crash run: {SIGNALS} signals, {KILLS} kills, {len(stored)} events, {state['orders']} orders, "
-        f"{len(closes)} closes, open keys {len(held)}"
+        f"{len(closes)} closes, open keys {len(held)}, late requests {state.get('late_requests')}, "
+        f"client ids sent twice {len(state['duplicate_client_ids'])}"
     )
 
 
