@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import ssl
 from datetime import timedelta
 from decimal import Decimal
 from enum import StrEnum
@@ -74,6 +76,16 @@ class Settings(BaseSettings):
     max_clock_skew_seconds: Annotated[float, Field(ge=0)] = 60.0
 
     nats_url: str | None = None
+    nats_user: str | None = None
+    nats_password: SecretStr | None = None
+    nats_password_file: str | None = None
+    nats_token: SecretStr | None = None
+    nats_token_file: str | None = None
+    nats_nkey_seed_file: str | None = None
+    nats_creds_file: str | None = None
+    nats_tls_ca: str | None = None
+    nats_tls_cert: str | None = None
+    nats_tls_key: str | None = None
     nats_connect_timeout: Annotated[float, Field(gt=0, le=300)] = 5.0
     mysql_url: str | None = None
     exchange: str = "paper"
@@ -158,8 +170,17 @@ class Settings(BaseSettings):
 
     def secrets(self) -> list[str]:
         """Every secret value this process knows, so logs can redact them wherever they appear."""
-        found = [s.get_secret_value() for s in (self.exchange_api_key, self.exchange_api_secret) if s]
-        for path in (self.exchange_api_key_file, self.exchange_api_secret_file):
+        found = [
+            s.get_secret_value()
+            for s in (self.exchange_api_key, self.exchange_api_secret, self.nats_password, self.nats_token)
+            if s
+        ]
+        for path in (
+            self.exchange_api_key_file,
+            self.exchange_api_secret_file,
+            self.nats_password_file,
+            self.nats_token_file,
+        ):
             if path:
                 with contextlib.suppress(OSError):
                     found.append(_read_mounted(path))
@@ -169,6 +190,40 @@ class Settings(BaseSettings):
                 if password:
                     found.extend({password, unquote(password)})
         return [value for value in found if len(value) >= 4]
+
+    def nats_auth(self) -> dict[str, Any]:
+        """nats-py connect options for the configured authentication and TLS (none: {})."""
+        options: dict[str, Any] = {}
+        password = _secret_or_file(self.nats_password, self.nats_password_file, "NATS_PASSWORD_FILE")
+        token = _secret_or_file(self.nats_token, self.nats_token_file, "NATS_TOKEN_FILE")
+        if self.nats_user or password:
+            if not (self.nats_user and password):
+                raise ConfigError("NATS_USER and NATS_PASSWORD (or NATS_PASSWORD_FILE) go together")
+            options |= {"user": self.nats_user, "password": password}
+        if token:
+            options["token"] = token
+        for name, path, key in (
+            ("NATS_NKEY_SEED_FILE", self.nats_nkey_seed_file, "nkeys_seed"),
+            ("NATS_CREDS_FILE", self.nats_creds_file, "user_credentials"),
+        ):
+            if path:
+                if not os.path.isfile(path):
+                    raise ConfigError(f"{name}: {path} is not a readable file")
+                options[key] = path
+        if self.nats_tls_ca or self.nats_tls_cert or self.nats_tls_key:
+            options["tls"] = self._nats_tls()
+        return options
+
+    def _nats_tls(self) -> ssl.SSLContext:
+        if bool(self.nats_tls_cert) != bool(self.nats_tls_key):
+            raise ConfigError("NATS_TLS_CERT and NATS_TLS_KEY go together (mutual TLS)")
+        try:
+            context = ssl.create_default_context(cafile=self.nats_tls_ca)
+            if self.nats_tls_cert and self.nats_tls_key:
+                context.load_cert_chain(self.nats_tls_cert, self.nats_tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"NATS_TLS_CA / NATS_TLS_CERT / NATS_TLS_KEY: {exc}") from None
+        return context
 
     def credentials(self) -> tuple[str | None, str | None]:
         """(API key, secret): the variables, or the mounted files they name."""
@@ -207,6 +262,17 @@ class Settings(BaseSettings):
             default_notional=self.default_notional,
             max_clock_skew=timedelta(seconds=self.max_clock_skew_seconds),
         )
+
+
+def _secret_or_file(value: SecretStr | None, path: str | None, name: str) -> str | None:
+    if value is not None:
+        return value.get_secret_value()
+    if path is None:
+        return None
+    try:
+        return _read_mounted(path)
+    except OSError as exc:
+        raise ConfigError(f"{name}: cannot read {path} ({exc.strerror})") from None
 
 
 def _read_mounted(path: str) -> str:

@@ -68,7 +68,9 @@ class NatsBus:
         self._acks: AckCollector | None = None
 
     @classmethod
-    async def connect(cls, url: str, name: str, connect_timeout: float = 5.0) -> NatsBus:
+    async def connect(
+        cls, url: str, name: str, connect_timeout: float = 5.0, auth: dict[str, Any] | None = None
+    ) -> NatsBus:
         """Connect, or fail within `connect_timeout` with one line naming the server and the
         last error (a wrong address, a refused login): nats-py itself would retry forever.
         Once connected, a lost connection is retried forever."""
@@ -100,6 +102,7 @@ class NatsBus:
                 disconnected_cb=on_disconnect,
                 reconnected_cb=on_reconnect,
                 error_cb=on_error,
+                **(auth or {}),
             )
         )
         try:

@@ -47,12 +47,17 @@ async def migrate(settings: Settings) -> int:
     return 0
 
 
+async def connect_client(settings: Settings, name: str) -> NatsBus:
+    """The NATS connection of a client command: the configured server, credentials and TLS."""
+    return await NatsBus.connect(
+        client_nats_url(settings), name, settings.nats_connect_timeout, settings.nats_auth()
+    )
+
+
 async def publish(settings: Settings, payload: dict[str, Any], wait: float = 5.0) -> int:
     payload.setdefault("signal_id", str(uuid.uuid4()))
     subject = f"signals.{payload.get('strategy_id')}.{payload.get('symbol')}"
-    bus = await NatsBus.connect(
-        client_nats_url(settings), "tradeengine-publish", settings.nats_connect_timeout
-    )
+    bus = await connect_client(settings, "tradeengine-publish")
     try:
         await bus.ensure_streams()
         verdict: asyncio.Future[SignalDecided | SignalDead] = asyncio.get_running_loop().create_future()
@@ -86,7 +91,7 @@ async def publish(settings: Settings, payload: dict[str, Any], wait: float = 5.0
 
 async def publish_price(settings: Settings, symbol: str, price: str) -> int:
     Decimal(price)  # fail early on a typo
-    bus = await NatsBus.connect(client_nats_url(settings), "tradeengine-price", settings.nats_connect_timeout)
+    bus = await connect_client(settings, "tradeengine-price")
     try:
         await bus.nc.publish(f"prices.{symbol}", json.dumps({"symbol": symbol, "price": price}).encode())
         await bus.nc.flush()
@@ -142,7 +147,7 @@ def describe(event: Event) -> str:
 async def tail(
     settings: Settings, as_json: bool, strategy: str | None, symbol: str | None, from_start: bool
 ) -> int:
-    bus = await NatsBus.connect(client_nats_url(settings), "tradeengine-tail", settings.nats_connect_timeout)
+    bus = await connect_client(settings, "tradeengine-tail")
     queue: asyncio.Queue[Any] = asyncio.Queue()
 
     async def enqueue(msg: Any) -> None:

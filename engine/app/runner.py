@@ -101,7 +101,7 @@ async def run_roles(settings: Settings, roles: frozenset[str]) -> None:
             log.info("nats.embedded_started", url=url, pid=embedded.process.pid if embedded.process else None)
         url = url or DEFAULT_NATS_URL
         running: list[Role] = []
-        bus = await NatsBus.connect(url, "tradeengine", settings.nats_connect_timeout)
+        bus = await NatsBus.connect(url, "tradeengine", settings.nats_connect_timeout, settings.nats_auth())
         cleanups.append(bus.close)
         if "worker" in roles:
             from engine.app.worker import Worker
