@@ -92,6 +92,8 @@ class Settings(BaseSettings):
     paper_taker_fee: Annotated[Decimal, Field(ge=0, lt=1)] = Decimal("0.0005")
     paper_slippage: Annotated[Decimal, Field(ge=0, lt=1)] = Decimal("0")
     paper_balance: Annotated[Decimal, Field(gt=0, le=Decimal(10) ** 12)] = Decimal("100000")
+    paper_funding_rate: Annotated[Decimal, Field(ge=-1, le=1)] = Decimal("0.0001")
+    funding_poll_seconds: Annotated[float, Field(ge=0)] = 60.0
     default_notional: Annotated[Decimal, Field(gt=0, le=Decimal(10) ** 12)] | None = None
 
     exchange_api_key: SecretStr | None = None

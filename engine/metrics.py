@@ -111,3 +111,8 @@ PRICE_FEED_POLLED = Gauge(
     "Unix time the venue last answered the price feed's poll",
     ["source"],
 )
+FUNDING = Gauge(
+    "tradeengine_funding_net",
+    "Funding received (negative: paid) per strategy since this process started",
+    ["strategy_id"],
+)

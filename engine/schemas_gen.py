@@ -16,6 +16,7 @@ from engine.domain.events import (
     OrderSettled,
     OrderSubmitted,
     PositionClosed,
+    PositionFunding,
     PositionOpened,
     PositionReconciled,
     PriceTick,
@@ -35,6 +36,7 @@ MODELS: dict[str, type[Any]] = {
     "order_settled": OrderSettled,
     "order_failed": OrderFailed,
     "position_reconciled": PositionReconciled,
+    "position_funding": PositionFunding,
 }
 SCHEMA_DIR = Path(__file__).resolve().parents[1] / "schemas"
 

@@ -42,6 +42,7 @@ from ccxt.base.errors import (
 
 from engine import metrics
 from engine.adapters.gateway import OrderRejected, OrderUncertain
+from engine.domain.funding import VenueFunding
 from engine.domain.model import (
     ZERO,
     ClientOrderId,
@@ -369,6 +370,43 @@ class CcxtGateway:
                 if name in unified and row.get("price") is not None:
                     found[unified[name]] = _dec(row["price"])
         return {s: p for s, p in found.items() if p > 0}
+
+    async def funding_since(self, symbol: str, since: datetime) -> list[VenueFunding]:
+        """The account's funding payments on `symbol` (Binance: GET /fapi/v1/income, FUNDING_FEE),
+        each with the rate and mark price of its funding time (GET /fapi/v1/fundingRate)."""
+        unified = self._unified.get(symbol)
+        if unified is None:
+            return []
+        since_ms = int(since.timestamp() * 1000)
+        paid = await self._call(lambda: self.exchange.fetch_funding_history(unified, since_ms, 1000))
+        if not paid:
+            return []
+        rates = await self._call(
+            lambda: self.exchange.fetch_funding_rate_history(unified, since_ms - 60_000, 1000)
+        )
+        found = []
+        for row in paid:
+            at = int(row.get("timestamp") or 0)
+            # The payment and the rate of one funding time carry (nearly) the same stamp.
+            nearest = min(rates, key=lambda r: abs(int(r.get("timestamp") or 0) - at), default=None)
+            close_enough = nearest is not None and abs(int(nearest.get("timestamp") or 0) - at) <= 60_000
+            rate = (
+                _dec(nearest["fundingRate"])
+                if close_enough and nearest and nearest.get("fundingRate") is not None
+                else None
+            )
+            mark_raw = ((nearest or {}).get("info") or {}).get("markPrice") if close_enough else None
+            found.append(
+                VenueFunding(
+                    ref=f"{self.name}:{row.get('id') or (row.get('info') or {}).get('tranId')}",
+                    symbol=symbol,
+                    amount=_dec(row.get("amount") or (row.get("info") or {}).get("income") or 0),
+                    funding_time=datetime.fromtimestamp(at / 1000, UTC),
+                    rate=rate,
+                    mark_price=_dec(mark_raw) if mark_raw not in (None, "", "0") else None,
+                )
+            )
+        return found
 
     async def available_balance(self) -> Decimal | None:
         balance = await self._call(self.exchange.fetch_balance)

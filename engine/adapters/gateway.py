@@ -6,6 +6,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Protocol
 
+from engine.domain.funding import VenueFunding
 from engine.domain.model import ClientOrderId, Market, PositionKey
 from engine.domain.orders import Fill, OrderIntent
 from engine.domain.reconcile import VenueOrder, VenuePosition
@@ -49,6 +50,10 @@ class ExchangeGateway(Protocol):
     async def venue_prices(self, symbols: list[str], kind: str) -> dict[str, Decimal]:
         """The venue's `last` or `mark` price of each symbol it knows, in one request (the
         price feed); empty where the venue has no market data of its own."""
+        ...
+
+    async def funding_since(self, symbol: str, since: datetime) -> list[VenueFunding]:
+        """Funding payments on `symbol` booked by the venue from `since` on, oldest first."""
         ...
 
     async def available_balance(self) -> Decimal | None:

@@ -23,6 +23,7 @@ from engine.config import MysqlTarget
 from engine.domain.events import (
     Event,
     PositionClosed,
+    PositionFunding,
     PositionOpened,
     SignalDead,
     SignalDecided,
@@ -507,6 +508,13 @@ def _projection(
         )
     if closed:
         statements += yield from _INSERT_CLOSE.statement_steps(literals, map(_close_row, closed))
+    funded = [e for e, _ in fresh if isinstance(e, PositionFunding)]
+    if funded:
+        statements += yield from _INSERT_FUNDING.statement_steps(literals, map(_funding_row, funded))
+        totals: dict[str, Decimal] = {}
+        for f in funded:
+            totals[f.strategy_id] = totals.get(f.strategy_id, ZERO) + f.amount
+        statements += yield from _ADD_STRATEGY_FUNDING.statement_steps(literals, totals.items())
     positional = [e for e, _ in fresh if isinstance(e, PositionOpened | PositionClosed)]
     if positional:
         statements += yield from _UPSERT_EXCHANGE_POSITION.statement_steps(
@@ -665,6 +673,24 @@ def _fold_strategy_closes(closed: list[PositionClosed]) -> dict[str, _FoldedClos
         c.close_reason = e.close_reason.value
         c.last_at = _utc(e.occurred_at)
     return folded
+
+
+_INSERT_FUNDING = MultiRowInsert.of(
+    "INSERT INTO funding_payments (event_id, strategy_position_id, strategy_id, symbol, position_side,"
+    " exchange_position_id, amount, rate, mark_price, funding_time, venue_ref, recorded_at)"
+    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+)
+_ADD_STRATEGY_FUNDING = MultiRowInsert.of(
+    "INSERT INTO strategy_stats (strategy_id, total_funding) VALUES (%s, %s)"
+    " ON DUPLICATE KEY UPDATE total_funding = total_funding + VALUES(total_funding)"
+)
+
+
+def _funding_row(e: PositionFunding) -> tuple[Any, ...]:
+    return (
+        e.event_id, e.strategy_position_id, e.strategy_id, e.symbol, e.side.value, e.exchange_position_id,
+        e.amount, e.rate, e.mark_price, _utc(e.funding_time), e.venue_ref[:128], _utc(e.occurred_at),
+    )  # fmt: skip
 
 
 _UPSERT_EXCHANGE_POSITION = MultiRowInsert.of(

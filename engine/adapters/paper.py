@@ -8,11 +8,12 @@ Realized PnL is tracked as cash flow per position life (flat to flat), which is 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 from engine.adapters.gateway import OrderRejected
 from engine.domain.book import PositionBook
+from engine.domain.funding import FUNDING_INTERVAL_HOURS, VenueFunding, expected_funding
 from engine.domain.model import (
     ZERO,
     ClientOrderId,
@@ -60,6 +61,7 @@ class PaperExchange:
         slippage: Decimal = ZERO,
         markets: dict[str, Market] | None = None,
         balance: Decimal = DEFAULT_BALANCE,
+        funding_rate: Decimal = ZERO,
     ) -> None:
         self.mode = mode
         self.taker_fee = taker_fee
@@ -72,6 +74,9 @@ class PaperExchange:
         self.fees_paid = ZERO
         self.balance = balance  # the wallet before any trade (PAPER_BALANCE); no leverage
         self.cash_before_start = ZERO  # net cash of the trades a restart replayed
+        self.funding_rate = funding_rate  # per 8 hours (PAPER_FUNDING_RATE); 0: no funding
+        self.funding: dict[str, VenueFunding] = {}
+        self.funding_received = ZERO
 
     def market(self, symbol: str) -> Market | None:
         return self.markets.get(symbol)
@@ -88,10 +93,46 @@ class PaperExchange:
     async def venue_prices(self, symbols: list[str], kind: str) -> dict[str, Decimal]:
         return {}  # its prices are the ticks it is given
 
+    async def funding_since(self, symbol: str, since: datetime) -> list[VenueFunding]:
+        """Funding at `funding_rate` every 8 hours (00:00, 08:00, 16:00 UTC) on what the paper
+        venue holds, at the last price; each payment is made (and enters the wallet) once."""
+        if not self.funding_rate:
+            return []
+        mark = self.last_prices.get(symbol)
+        step = timedelta(hours=FUNDING_INTERVAL_HOURS)
+        boundary = datetime(since.year, since.month, since.day, tzinfo=UTC)
+        while boundary <= since:
+            boundary += step
+        now = datetime.now(UTC)
+        while mark is not None and boundary <= now:
+            for (held, side), pos in self.holdings.items():
+                if held != symbol or not pos.quantity:
+                    continue
+                real_side = side or (PositionSide.LONG if pos.quantity > 0 else PositionSide.SHORT)
+                ref = f"paper:{symbol}:{real_side.value}:{boundary:%Y%m%dT%H}"
+                if ref not in self.funding:
+                    amount = expected_funding(real_side, abs(pos.quantity), mark, self.funding_rate)
+                    self.funding[ref] = VenueFunding(
+                        ref, symbol, amount, boundary, self.funding_rate, mark, real_side
+                    )
+                    self.funding_received += amount
+            boundary += step
+        return sorted(
+            (f for f in self.funding.values() if f.symbol == symbol and f.funding_time >= since),
+            key=lambda f: f.funding_time,
+        )
+
     async def available_balance(self) -> Decimal:
         """The wallet plus realized PnL less fees, less the cost of what is held (no leverage)."""
         held = sum((abs(pos.cash) for pos in self.holdings.values() if pos.quantity), ZERO)
-        return self.balance + self.cash_before_start + self.realized_pnl - self.fees_paid - held
+        return (
+            self.balance
+            + self.cash_before_start
+            + self.realized_pnl
+            - self.fees_paid
+            + self.funding_received
+            - held
+        )
 
     async def find_order(self, client_order_id: ClientOrderId, symbol: str) -> Fill | None:
         return self.orders.get(client_order_id)

@@ -24,6 +24,7 @@ from engine.domain.events import (
     OrderSettled,
     OrderSubmitted,
     PositionClosed,
+    PositionFunding,
     PositionOpened,
     PositionReconciled,
     SignalDead,
@@ -142,6 +143,12 @@ def describe(event: Event) -> str:
             return f"[dim]FILLED[/] {event.client_order_id} {event.filled_quantity} @ {event.average_price}"
         case OrderFailed():
             return f"[yellow]ORDER FAILED[/] {event.client_order_id} {event.reason_code}: {event.reason}"
+        case PositionFunding():
+            colour = "green" if event.amount >= 0 else "red"
+            return (
+                f"[blue]FUNDING[/] {event.strategy_id} {event.symbol} {event.side.value} "
+                f"[{colour}]{event.amount}[/] rate {event.rate} mark {event.mark_price}"
+            )
 
 
 async def tail(

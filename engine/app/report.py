@@ -67,6 +67,18 @@ async def gather(store: MysqlStore, flt: ReportFilter, max_positions: int = 20) 
         f" FROM strategy_trades WHERE {where} GROUP BY strategy_id ORDER BY total_pnl DESC",
         params,
     )
+    funding_where, funding_params = flt.where("funding_time")
+    funding = {
+        row["strategy_id"]: row["funding"]
+        for row in await _rows(
+            store,
+            f"SELECT strategy_id, SUM(amount) AS funding FROM funding_payments WHERE {funding_where}"
+            " GROUP BY strategy_id",
+            funding_params,
+        )
+    }
+    for row in data.performance:
+        row["funding"] = funding.get(row["strategy_id"], Decimal(0))
     closes = await _rows(
         store,
         f"SELECT strategy_id, closed_at, realized_pnl FROM position_closes WHERE {where}"
@@ -113,7 +125,7 @@ def fmt(value: Any, places: int = 4) -> str:
 
 PERFORMANCE_COLUMNS = [
     ("strategy_id", "strategy"), ("trades", "trades"), ("win_rate", "win rate"), ("total_pnl", "PnL"),
-    ("fees", "fees"), ("tp_rate", "TP rate"), ("sl_rate", "SL rate"), ("profit_factor", "profit factor"),
+    ("fees", "fees"), ("funding", "funding"), ("tp_rate", "TP rate"), ("sl_rate", "SL rate"), ("profit_factor", "profit factor"),
     ("avg_duration_seconds", "avg s"),
 ]  # fmt: skip
 

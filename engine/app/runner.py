@@ -37,6 +37,7 @@ def build_gateway(settings: Settings) -> ExchangeGateway:
             settings.paper_taker_fee,
             settings.paper_slippage,
             balance=settings.paper_balance,
+            funding_rate=settings.paper_funding_rate,
         )
     from engine.adapters.ccxt_gateway import (  # ccxt costs ~0.45 s, ~100 MB
         AccountSettings,

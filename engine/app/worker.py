@@ -41,12 +41,14 @@ from engine.domain.events import (
     OrderSubmitted,
     PendingDecision,
     PositionClosed,
+    PositionFunding,
     PositionOpened,
     PositionReconciled,
     SignalDead,
     SignalDecided,
     parse_tick,
 )
+from engine.domain.funding import by_funding_time, split_funding
 from engine.domain.journal import OrderJournal, intent_of
 from engine.domain.ledger import SignalLedger
 from engine.domain.model import Action, ClientOrderId, CloseReason, Outcome, StrategyPositionId, derive_id
@@ -108,6 +110,8 @@ class Worker:
         self._price_seen_at: dict[str, float] = {}  # monotonic time of each symbol's last price
         self._not_found_yet: set[str] = set()  # journaled orders a late request may still place
         self._interest: dict[str, float] = {}  # symbol -> monotonic time of its last signal
+        self._funding_refs: set[str] = set()  # venue funding payments already attributed
+        self._funded_through: dict[str, datetime] = {}  # per symbol: the last funding time booked
         self.price_feed: PriceFeed | None = None
         self._price_store: LastPrices | None = None
         self._background: set[asyncio.Task[Any]] = set()
@@ -191,6 +195,7 @@ class Worker:
         log.info("worker.ready", open_positions=len(self.book.positions), venue=self.gateway.name)
         gauges = asyncio.create_task(self.report_gauges())
         upkeep = asyncio.create_task(self.keep_reconciling())
+        funding = asyncio.create_task(self.keep_funding())
         feed = self._start_price_feed()
         storing: asyncio.Task[None] | None = None
         try:
@@ -240,7 +245,7 @@ class Worker:
             try:
                 await self._flush()
             finally:
-                await asyncio.gather(gauges, upkeep, return_exceptions=True)
+                await asyncio.gather(gauges, upkeep, funding, return_exceptions=True)
                 log.info("worker.stopped")
 
     def stop(self) -> None:
@@ -506,6 +511,49 @@ class Worker:
                 await self.reconcile_all()
             except Exception as exc:  # the venue may be down; try again next round
                 log.warning("reconcile.failed", error=repr(exc))
+
+    async def keep_funding(self) -> None:
+        """Every FUNDING_POLL_SECONDS, book the venue's new funding payments on the symbols held,
+        split over the slices that were open (issue #14)."""
+        every = self.settings.funding_poll_seconds
+        if not every:
+            return
+        while not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), every)
+            if self._stopping.is_set():
+                return
+            try:
+                await self.book_funding()
+            except Exception as exc:  # the venue may be down; the next round asks again
+                log.warning("funding.failed", error=repr(exc)[:300])
+
+    async def book_funding(self) -> None:
+        for symbol in sorted({key.symbol for key in self.book.exchange}):
+            opened = min(
+                (
+                    ep.opened_at
+                    for key, ep in self.book.exchange.items()
+                    if key.symbol == symbol and ep.opened_at
+                ),
+                default=self.clock(),
+            )
+            booked = self._funded_through.get(symbol)
+            since = booked + timedelta(microseconds=1) if booked is not None else opened
+            payments = await self.gateway.funding_since(symbol, since)
+            async with self._symbol_locks[symbol]:
+                for payment in by_funding_time(payments, self._funding_refs):
+                    for event in split_funding(payment, self.book, self.clock()):
+                        log.info(
+                            "position.funding",
+                            strategy_id=event.strategy_id,
+                            symbol=symbol,
+                            amount=str(event.amount),
+                            rate=str(event.rate),
+                        )
+                        self._remember(event)
+                        self._emit(event)
+        await self._flush()
 
     async def reconcile_all(self) -> None:
         """Make the book hold what the venue holds; every difference is a finding (DESIGN §4.2)."""
@@ -1059,6 +1107,15 @@ class Worker:
                     self.journal.apply(event)
             case PositionReconciled():
                 self._attributed_orders.update(event.venue_order_ids)
+            case PositionFunding():
+                self._funding_refs.update(event.venue_ref.split("+"))
+                booked = self._funded_through.get(event.symbol)
+                if booked is None or event.funding_time > booked:
+                    self._funded_through[event.symbol] = event.funding_time
+                if replay:
+                    self._replayed_cash += event.amount
+                else:
+                    metrics.child(metrics.FUNDING, event.strategy_id).inc(float(event.amount))
             case SignalDead():
                 pass
 

@@ -112,6 +112,23 @@ class PositionClosed(_Event):
 
 
 @dataclass(slots=True, kw_only=True)
+class PositionFunding(_Event):
+    """A strategy's share of a funding payment on its open slice (positive = received)."""
+
+    type: Literal["position.funding"] = "position.funding"
+    strategy_position_id: str
+    strategy_id: str
+    symbol: str
+    side: PositionSide
+    amount: Amount
+    rate: Amount | None
+    mark_price: Amount | None
+    funding_time: UtcTime
+    exchange_position_id: str | None
+    venue_ref: str
+
+
+@dataclass(slots=True, kw_only=True)
 class SignalDead(_Event):
     type: Literal["signal.dead"] = "signal.dead"
     subject: str
@@ -262,7 +279,8 @@ Event = Annotated[
     | OrderSubmitted
     | OrderSettled
     | OrderFailed
-    | PositionReconciled,
+    | PositionReconciled
+    | PositionFunding,
     Field(discriminator="type"),
 ]
 EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
@@ -280,6 +298,8 @@ def event_subject(event: Event) -> str:
             return "deadletter.signals"
         case PositionReconciled():
             return f"positions.reconciled.{event.symbol}.{event.side.value}"
+        case PositionFunding():
+            return f"positions.funding.{event.symbol}.{event.side.value}"
         case OrderSubmitted():
             return f"orders.submitted.{event.symbol}"
         case OrderSettled():

@@ -109,6 +109,8 @@ class Exchange:
     ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1_000_001))
     late: list[asyncio.Task[None]] = field(default_factory=list)  # requests still on their way
     late_outcomes: Counter[str] = field(default_factory=Counter)  # executed / refused on arrival
+    income: list[dict[str, Any]] = field(default_factory=list)  # /fapi/v1/income rows (funding)
+    funding_rates: list[dict[str, Any]] = field(default_factory=list)  # /fapi/v1/fundingRate rows
 
     # --- trading ------------------------------------------------------------------------
     def place(self, p: dict[str, str]) -> dict[str, Any]:
@@ -255,6 +257,46 @@ class Exchange:
             raise BinanceError(-4048, "Margin type cannot be changed if there exists position.")
         self.margin_type[market.symbol] = wanted
         return {"code": 200, "msg": "success"}
+
+    def pay_funding(self, symbol: str, rate: Decimal) -> dict[str, Any]:
+        """A funding event at `rate` on `symbol`: every open position pays (or receives) rate x
+        its notional at the mark price, longs paying shorts when the rate is positive; one
+        income row per position, as the account's income history lists them."""
+        market = self._market(symbol)
+        mark, now = self.prices[market.symbol], self.now_ms()
+        self.funding_rates.append(
+            {"symbol": market.symbol, "fundingTime": now, "fundingRate": str(rate), "markPrice": str(mark)}
+        )
+        paid = ZERO
+        for (s, _), pos in sorted(self.positions.items()):
+            if s != market.symbol or not pos.amount:
+                continue
+            income = -pos.amount * mark * rate
+            self.wallet += income
+            paid += income
+            self.income.append(
+                {
+                    "symbol": s, "incomeType": "FUNDING_FEE", "income": str(income), "asset": "USDT",
+                    "time": now, "info": "FUNDING_FEE", "tranId": next(self.ids), "tradeId": "",
+                }
+            )  # fmt: skip
+        return {"symbol": market.symbol, "rate": str(rate), "mark": str(mark), "paid": str(paid)}
+
+    def income_rows(self, p: dict[str, str]) -> list[dict[str, Any]]:
+        rows = [
+            r for r in self.income
+            if r["symbol"] == p.get("symbol", r["symbol"]) and r["incomeType"] == p.get("incomeType", r["incomeType"])
+            and int(p.get("startTime", "0")) <= r["time"] <= int(p.get("endTime", str(2**62)))
+        ]  # fmt: skip
+        return rows[: int(p.get("limit", "100"))]
+
+    def funding_rate_rows(self, p: dict[str, str]) -> list[dict[str, Any]]:
+        rows = [
+            r for r in self.funding_rates
+            if r["symbol"] == p.get("symbol", r["symbol"])
+            and int(p.get("startTime", "0")) <= r["fundingTime"] <= int(p.get("endTime", str(2**62)))
+        ]  # fmt: skip
+        return rows[: int(p.get("limit", "100"))]
 
     def available(self) -> Decimal:
         margin = sum(
@@ -666,6 +708,8 @@ def build_app(exchange: Exchange | None = None) -> web.Application:
         web.get("/fapi/v2/balance", private(lambda p: ex.account()["assets"])),
         web.get("/fapi/v1/leverageBracket", private(lambda p: _brackets(p))),
         web.get("/fapi/v1/commissionRate", private(commission_rate)),
+        web.get("/fapi/v1/income", private(ex.income_rows)),
+        web.get("/fapi/v1/fundingRate", public(ex.funding_rate_rows)),
         # --- control, for tests and rehearsals -------------------------------------------
         web.get("/emulator/state", state),
         web.post(
@@ -673,6 +717,7 @@ def build_app(exchange: Exchange | None = None) -> web.Application:
             control(lambda b: ex.prices.__setitem__(b["symbol"], D(str(b["price"])))),
         ),
         web.post("/emulator/fault", control(lambda b: ex.faults.append(Fault(**b)))),
+        web.post("/emulator/funding", control(lambda b: ex.pay_funding(b["symbol"], D(str(b["rate"]))))),
         web.post(
             "/emulator/liquidate",
             control(lambda b: ex.liquidate(b["symbol"], b["positionSide"])),

@@ -14,7 +14,7 @@ from prometheus_client import REGISTRY
 from engine.adapters.embedded_nats import EmbeddedNats
 from engine.adapters.gateway import ExchangeGateway, OrderUncertain
 from engine.app.worker import Worker
-from engine.domain.events import PositionReconciled
+from engine.domain.events import PositionFunding, PositionReconciled
 from engine.domain.model import ClientOrderId, CloseReason, OrderSide, Outcome, PositionSide
 from engine.domain.orders import Fill, OrderIntent
 from engine.emulator.binanceusdm import Fault
@@ -523,3 +523,47 @@ async def test_the_last_price_survives_a_restart(pipeline: Pipeline) -> None:
     sid = await pipeline.publish("s1", "ETHUSDT", "buy", quantity="0.1", confidence=0.9)  # no price
     decision = await pipeline.decision(sid)
     assert decision.outcome is Outcome.ACCEPTED, decision
+
+
+async def test_funding_is_attributed_to_the_strategies_and_closes_the_books(
+    on_emulator: Pipeline, emulator: Emulator
+) -> None:
+    """The venue pays funding on ETHUSDT: each strategy gets its share (position.funding), MySQL
+    shows it, and flat to flat the strategies' trades plus funding equal the wallet's change."""
+    wallet_before = emulator.exchange.wallet
+    await on_emulator.tick("ETHUSDT", "3000")
+    for strategy, action, qty in (("a", "buy", "0.1"), ("b", "buy", "0.3"), ("c", "sell", "0.2")):
+        await on_emulator.decision(
+            await on_emulator.publish(strategy, "ETHUSDT", action, quantity=qty, confidence=0.9)
+        )
+    worker = on_emulator.worker
+    assert worker is not None
+    emulator.exchange.pay_funding("ETHUSDT", D("0.0001"))
+    await worker.book_funding()
+    await worker.book_funding()  # nothing new: each payment is attributed once
+    funded = [e for e in on_emulator.events if isinstance(e, PositionFunding)]
+    assert {(e.strategy_id, e.amount) for e in funded} == {
+        ("a", D("-0.03")),
+        ("b", D("-0.09")),
+        ("c", D("0.06")),
+    }
+    assert all(e.rate == D("0.0001") and e.mark_price == D("3000") for e in funded)
+    await on_emulator.mysql_caught_up()
+    rows = await on_emulator.query(
+        "SELECT strategy_id, total_funding, net_pnl - total_pnl AS funding_in_net FROM strategy_performance"
+        " ORDER BY strategy_id"
+    )
+    assert [(r["strategy_id"], r["total_funding"], r["funding_in_net"]) for r in rows] == [
+        ("a", D("-0.03"), D("-0.03")),
+        ("b", D("-0.09"), D("-0.09")),
+        ("c", D("0.06"), D("0.06")),
+    ]
+    fees = await on_emulator.query("SELECT strategy_id, funding_fees FROM strategy_fees ORDER BY strategy_id")
+    assert [r["funding_fees"] for r in fees] == [D("0.03"), D("0.09"), D("-0.06")]
+
+    await on_emulator.tick("ETHUSDT", "3050")
+    for strategy in ("a", "b", "c"):
+        await on_emulator.decision(await on_emulator.publish(strategy, "ETHUSDT", "close", confidence=0.9))
+    assert emulator.exchange.state()["positions"] == {}
+    trades = sum((e.realized_pnl for e in on_emulator.closed()), D(0))
+    assert trades + sum((e.amount for e in funded), D(0)) == emulator.exchange.wallet - wallet_before
