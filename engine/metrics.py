@@ -116,3 +116,8 @@ FUNDING = Gauge(
     "Funding received (negative: paid) per strategy since this process started",
     ["strategy_id"],
 )
+STOPS = Counter(
+    "tradeengine_protective_stops_total",
+    "Protective stop orders at the venue: placed, cancelled, refused, triggered",
+    ["event"],
+)

@@ -41,7 +41,7 @@ from ccxt.base.errors import (
 )
 
 from engine import metrics
-from engine.adapters.gateway import OrderRejected, OrderUncertain
+from engine.adapters.gateway import OrderRejected, OrderUncertain, StopRefused
 from engine.domain.funding import VenueFunding
 from engine.domain.model import (
     ZERO,
@@ -51,9 +51,11 @@ from engine.domain.model import (
     PositionKey,
     PositionMode,
     PositionSide,
+    decimal_text,
 )
 from engine.domain.orders import Fill, OrderIntent
 from engine.domain.reconcile import VenueOrder, VenuePosition
+from engine.domain.stops import STOP_CLIENT_ID_PREFIX, StopSpec, VenueStop
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -239,6 +241,7 @@ class CcxtGateway:
         self._taker: dict[str, Decimal] = {}  # ccxt's static rates: a fallback only
         self._venue_taker: dict[str, Decimal] = {}  # the account's own, as the venue states them
         self.settlement_asset = "USDT"  # linear USD-M swaps settle in it
+        self.stop_working_type = "CONTRACT_PRICE"  # or MARK_PRICE (TPSL_PRICE=mark)
 
     def _guard_host(self, allowed: str) -> None:
         """With EXCHANGE_API_URL set, no request may leave for any other host."""
@@ -407,6 +410,92 @@ class CcxtGateway:
                 )
             )
         return found
+
+    # --- protective stops: Binance's Algo Order API, as ccxt 4.5 drives it ---------------
+    # (docs/research/binance-algo-orders.md: conditional orders go to POST /fapi/v1/algoOrder;
+    # fetching or cancelling them needs {"trigger": True}, or ccxt asks /fapi/v1/order.)
+    async def open_stops(self, symbol: str | None) -> list[VenueStop]:
+        unified = self._unified.get(symbol) if symbol else None
+        if symbol and unified is None:
+            return []
+        rows = await self._call(
+            lambda: self.exchange.fetch_open_orders(unified, None, None, {"trigger": True})
+        )
+        return [stop for row in rows if (stop := self._stop_of(row)) is not None]
+
+    async def place_stop(self, stop: StopSpec) -> VenueStop:
+        unified = self._unified[stop.key.symbol]
+        params: dict[str, Any] = {
+            "stopLossPrice": decimal_text(stop.trigger),
+            "clientOrderId": stop.client_id,
+            "workingType": self.stop_working_type,
+        }
+        if self.mode is PositionMode.HEDGE:
+            params["positionSide"] = stop.key.side.value
+        else:
+            params["reduceOnly"] = True
+        side = OrderSide.closing(stop.key.side).value
+        try:
+            row = await self._call(
+                lambda: self.exchange.create_order(
+                    unified, "market", side, float(stop.quantity), None, params
+                )
+            )
+        except Exception as exc:
+            code = venue_code(exc)
+            if code in (-4116, -20132):  # placed before (a retry, a restart): it is open already
+                for known in await self.open_stops(stop.key.symbol):
+                    if known.client_id == stop.client_id:
+                        return known
+            raise StopRefused(venue_message(exc)) from exc
+        placed = self._stop_of(row)
+        if placed is None:
+            raise StopRefused(f"unreadable answer for stop {stop.client_id}")
+        return placed
+
+    async def cancel_stop(self, stop: VenueStop) -> None:
+        unified = self._unified[stop.key.symbol]
+        try:
+            await self._call(lambda: self.exchange.cancel_order(stop.venue_id, unified, {"trigger": True}))
+        except OrderNotFound:
+            return  # triggered or cancelled already
+        except Exception as exc:
+            if venue_code(exc) in (-2011, -2013, -20124):
+                return
+            raise
+
+    async def stops_since(self, symbol: str, since: datetime) -> list[VenueStop]:
+        unified = self._unified.get(symbol)
+        if unified is None:
+            return []
+        # Binance: GET /fapi/v1/allAlgoOrders (symbol required; 7 days at most).
+        since_ms = max(int(since.timestamp() * 1000), int(time.time() * 1000) - 7 * 86_400_000 + 60_000)
+        rows = await self._call(
+            lambda: self.exchange.fetch_orders(unified, since_ms, None, {"trigger": True})
+        )
+        return [stop for row in rows if (stop := self._stop_of(row)) is not None]
+
+    def _stop_of(self, row: dict[str, Any]) -> VenueStop | None:
+        info = row.get("info") or {}
+        client_id = str(info.get("clientAlgoId") or row.get("clientOrderId") or "")
+        symbol = info.get("symbol")
+        if not client_id.startswith(STOP_CLIENT_ID_PREFIX) or symbol not in self._markets:
+            return None
+        order_side = OrderSide(str(info.get("side", row.get("side", ""))).lower())
+        position_side = _position_side(info)
+        side = position_side or (PositionSide.LONG if order_side is OrderSide.SELL else PositionSide.SHORT)
+        status = {"NEW": "open", "TRIGGERING": "open", "TRIGGERED": "triggered", "FINISHED": "triggered"}.get(
+            str(info.get("algoStatus")), str(info.get("algoStatus", "")).lower()
+        )
+        return VenueStop(
+            client_id=client_id,
+            venue_id=str(info.get("algoId") or row.get("id")),
+            key=PositionKey(symbol, side),
+            trigger=_dec(info.get("triggerPrice") or row.get("triggerPrice") or 0),
+            quantity=_dec(info.get("quantity") or row.get("amount") or 0),
+            status=status,
+            fill_order_id=str(info.get("actualOrderId")) if info.get("actualOrderId") else None,
+        )
 
     async def available_balance(self) -> Decimal | None:
         balance = await self._call(self.exchange.fetch_balance)

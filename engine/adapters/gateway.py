@@ -10,6 +10,7 @@ from engine.domain.funding import VenueFunding
 from engine.domain.model import ClientOrderId, Market, PositionKey
 from engine.domain.orders import Fill, OrderIntent
 from engine.domain.reconcile import VenueOrder, VenuePosition
+from engine.domain.stops import StopSpec, VenueStop
 
 
 class OrderRejected(Exception):
@@ -18,6 +19,10 @@ class OrderRejected(Exception):
     def __init__(self, reason_code: str, message: str) -> None:
         super().__init__(message)
         self.reason_code = reason_code
+
+
+class StopRefused(Exception):
+    """The venue would not take the stop (e.g. the price is already beyond it: -2021)."""
 
 
 class OrderUncertain(Exception):
@@ -54,6 +59,23 @@ class ExchangeGateway(Protocol):
 
     async def funding_since(self, symbol: str, since: datetime) -> list[VenueFunding]:
         """Funding payments on `symbol` booked by the venue from `since` on, oldest first."""
+        ...
+
+    async def open_stops(self, symbol: str | None) -> list[VenueStop]:
+        """Our stop orders open at the venue (on `symbol`, or everywhere)."""
+        ...
+
+    async def place_stop(self, stop: StopSpec) -> VenueStop:
+        """Place a reduce-side stop-market order for `stop.key`. Raises StopRefused."""
+        ...
+
+    async def cancel_stop(self, stop: VenueStop) -> None:
+        """Cancel it; one already gone (triggered, canceled) is not an error."""
+        ...
+
+    async def stops_since(self, symbol: str, since: datetime) -> list[VenueStop]:
+        """Our stop orders on `symbol` touched since `since`, open or not: a triggered one
+        names the market order it became (`fill_order_id`)."""
         ...
 
     async def available_balance(self) -> Decimal | None:

@@ -25,6 +25,7 @@ from engine.domain.model import (
 )
 from engine.domain.orders import Fill, OrderIntent
 from engine.domain.reconcile import VenueOrder, VenuePosition
+from engine.domain.stops import StopSpec, VenueStop
 
 D = Decimal
 DEFAULT_TAKER_FEE = D("0.0005")
@@ -76,6 +77,7 @@ class PaperExchange:
         self.cash_before_start = ZERO  # net cash of the trades a restart replayed
         self.funding_rate = funding_rate  # per 8 hours (PAPER_FUNDING_RATE); 0: no funding
         self.funding: dict[str, VenueFunding] = {}
+        self.stops: dict[str, VenueStop] = {}
         self.funding_received = ZERO
 
     def market(self, symbol: str) -> Market | None:
@@ -121,6 +123,22 @@ class PaperExchange:
             (f for f in self.funding.values() if f.symbol == symbol and f.funding_time >= since),
             key=lambda f: f.funding_time,
         )
+
+    async def open_stops(self, symbol: str | None) -> list[VenueStop]:
+        return [s for s in self.stops.values() if symbol in (None, s.key.symbol)]
+
+    async def place_stop(self, stop: StopSpec) -> VenueStop:
+        """Kept, never triggered: the paper venue lives and dies with the worker, whose own
+        stop-losses fire on the same ticks."""
+        placed = VenueStop(stop.client_id, stop.client_id, stop.key, stop.trigger, stop.quantity, "open")
+        self.stops[stop.client_id] = placed
+        return placed
+
+    async def cancel_stop(self, stop: VenueStop) -> None:
+        self.stops.pop(stop.client_id, None)
+
+    async def stops_since(self, symbol: str, since: datetime) -> list[VenueStop]:
+        return [s for s in self.stops.values() if s.key.symbol == symbol]
 
     async def available_balance(self) -> Decimal:
         """The wallet plus realized PnL less fees, less the cost of what is held (no leverage)."""

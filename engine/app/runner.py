@@ -14,7 +14,7 @@ from engine.adapters.embedded_nats import EmbeddedNats
 from engine.adapters.gateway import ExchangeGateway
 from engine.adapters.nats_bus import NatsBus
 from engine.adapters.paper import PaperExchange
-from engine.config import DEFAULT_MYSQL_URL, DEFAULT_NATS_URL, ConfigError, MysqlTarget, Settings
+from engine.config import DEFAULT_MYSQL_URL, DEFAULT_NATS_URL, ConfigError, MysqlTarget, Settings, TpslPrice
 
 log = structlog.get_logger(__name__)
 URL_FILE = "nats.url"
@@ -51,7 +51,7 @@ def build_gateway(settings: Settings) -> ExchangeGateway:
             f"EXCHANGE_API_KEY / EXCHANGE_API_SECRET (or their _FILE forms) are needed for EXCHANGE={settings.exchange}"
         )
     try:
-        return CcxtGateway(
+        gateway = CcxtGateway(
             settings.exchange,
             settings.position_mode,
             api_key,
@@ -75,6 +75,9 @@ def build_gateway(settings: Settings) -> ExchangeGateway:
         )
     except ValueError as exc:
         raise ConfigError(f"EXCHANGE: {exc}; use 'paper' or a ccxt id such as 'binanceusdm'") from None
+    # Protective stops trigger on the price TP/SL use: the contract (last) price, or the mark.
+    gateway.stop_working_type = "MARK_PRICE" if settings.tpsl_price is TpslPrice.MARK else "CONTRACT_PRICE"
+    return gateway
 
 
 def client_nats_url(settings: Settings) -> str:

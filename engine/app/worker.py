@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import dataclasses
 import gc
 import time
 from collections import defaultdict, deque
@@ -30,6 +31,7 @@ from engine.adapters.leases import Holder, Lease, LeaseLost, carry_start_count, 
 from engine.adapters.nats_bus import SIGNALS_STREAM, DurableConsumer, NatsBus, jetstream_sequences
 from engine.adapters.paper import PaperExchange
 from engine.app.price_feed import PriceFeed
+from engine.app.protective_stops import ProtectiveStops
 from engine.config import PriceFeedMode, Settings
 from engine.domain.book import PositionBook
 from engine.domain.dead_letters import dead_letter
@@ -51,7 +53,15 @@ from engine.domain.events import (
 from engine.domain.funding import by_funding_time, split_funding
 from engine.domain.journal import OrderJournal, intent_of
 from engine.domain.ledger import SignalLedger
-from engine.domain.model import Action, ClientOrderId, CloseReason, Outcome, StrategyPositionId, derive_id
+from engine.domain.model import (
+    Action,
+    ClientOrderId,
+    CloseReason,
+    Outcome,
+    PositionKey,
+    StrategyPositionId,
+    derive_id,
+)
 from engine.domain.orders import CloseLeg, Fill, OrderIntent
 from engine.domain.reconcile import EXTERNAL_STRATEGY, reconcile
 from engine.domain.signals import MalformedSignal, Signal, parse_signal
@@ -113,6 +123,7 @@ class Worker:
         self._funding_refs: set[str] = set()  # venue funding payments already attributed
         self._funded_through: dict[str, datetime] = {}  # per symbol: the last funding time booked
         self.price_feed: PriceFeed | None = None
+        self.stops: ProtectiveStops | None = None
         self._price_store: LastPrices | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self.ready = asyncio.Event()
@@ -175,6 +186,7 @@ class Worker:
         self._redelivered_from = await self.bus.ack_floor(SIGNALS_STREAM, self.settings.worker_durable) + 1
         await self._resolve_pending_at_start()
         self._redelivered_from = None
+        await self._start_stops()  # before reconciling: a stop that fired while we were down is ours
         try:
             await self.reconcile_all()
         except Exception as exc:  # the venue may be unreachable now: the periodic round retries
@@ -197,6 +209,7 @@ class Worker:
         upkeep = asyncio.create_task(self.keep_reconciling())
         funding = asyncio.create_task(self.keep_funding())
         feed = self._start_price_feed()
+        keeper = asyncio.create_task(self.stops.keep(self._stopping)) if self.stops else None
         storing: asyncio.Task[None] | None = None
         try:
             while not self._stopping.is_set():
@@ -232,6 +245,8 @@ class Worker:
             # No TP/SL order may start after this point: stop the price feed and its runners.
             if feed is not None:
                 await asyncio.gather(feed, return_exceptions=True)
+            if keeper is not None:
+                await asyncio.gather(keeper, return_exceptions=True)
             if self._price_sub is not None:
                 with contextlib.suppress(Exception):
                     await self._price_sub.unsubscribe()
@@ -585,7 +600,12 @@ class Worker:
         # Venues keep a limited order history (Binance: 7 days); older is out of reach anyway.
         since = max(since - timedelta(seconds=60), now - ORDER_HISTORY_REACH)
         listed = await self.gateway.orders_since(symbol, since)
-        external = [o for o in listed if o.exchange_order_id not in self._attributed_orders]
+        stop_fills = await self.stops.fills(symbol, since) if self.stops is not None else set()
+        external = [
+            dataclasses.replace(o, protective_stop=True) if o.exchange_order_id in stop_fills else o
+            for o in listed
+            if o.exchange_order_id not in self._attributed_orders
+        ]
         findings = reconcile(
             self.book,
             symbol,
@@ -963,6 +983,18 @@ class Worker:
                 self.gateway.on_price(symbol, price)
         log.info("prices.restored", symbols=len(stored))
 
+    async def _start_stops(self) -> None:
+        mode = self.settings.protective_stops
+        if mode is PriceFeedMode.OFF or (mode is PriceFeedMode.AUTO and not self.gateway.quotes):
+            return
+        self.stops = ProtectiveStops(
+            self.gateway, lambda: self.book, self._symbol_locks.__getitem__, self.settings.protective_stop_pct
+        )
+        try:
+            await self.stops.load()
+        except Exception as exc:  # the venue may be away: the keeper retries on its own
+            log.warning("stops.load_failed", error=repr(exc)[:300])
+
     def _feed_symbols(self) -> set[str]:
         """Open positions' symbols and those with a signal in the last PRICE_INTEREST_SECONDS."""
         horizon = time.monotonic() - self.settings.price_interest_seconds
@@ -1051,6 +1083,7 @@ class Worker:
         outcome = await self._place(intent)
         if isinstance(outcome, OrderRejected):
             log.warning("trigger.close_refused", client_order_id=intent.client_order_id, error=str(outcome))
+            self._wake_reconcile.set()  # the venue may have closed it already (a protective stop)
             if len(intent.legs) > 1:
                 for leg in intent.legs:
                     sp = self.book.positions.get(StrategyPositionId(leg.position_id))
@@ -1081,6 +1114,8 @@ class Worker:
                 if event.strategy_id == EXTERNAL_STRATEGY:
                     self._attributed_orders.update(event.exchange_order_id.split(","))
                 if not replay:
+                    if self.stops is not None:
+                        self.stops.touch(PositionKey(event.symbol, event.side))
                     metrics.child(metrics.STRATEGY_POSITIONS_OPENED, event.strategy_id).inc()
                     if event.exchange_position.quantity_before == 0:
                         metrics.child(metrics.EXCHANGE_POSITIONS_OPENED, event.side.value).inc()
@@ -1093,6 +1128,8 @@ class Worker:
                 if event.close_reason in (CloseReason.MANUAL, CloseReason.LIQUIDATION):
                     self._attributed_orders.update(event.exchange_order_id.split(","))
                 if not replay:
+                    if self.stops is not None:
+                        self.stops.touch(PositionKey(event.symbol, event.side))
                     metrics.child(
                         metrics.STRATEGY_POSITIONS_CLOSED, event.strategy_id, event.close_reason.value
                     ).inc()

@@ -229,7 +229,7 @@ class PositionReconciled(_Event):
     for it (the position events that follow carry the attribution)."""
 
     type: Literal["position.reconciled"] = "position.reconciled"
-    kind: Literal["manual_reduction", "liquidation", "external_increase"]
+    kind: Literal["manual_reduction", "liquidation", "external_increase", "protective_stop"]
     symbol: str
     side: PositionSide
     book_quantity: Amount

@@ -46,6 +46,7 @@ class ExternalCloseAttribution(StrEnum):
 class FindingKind(StrEnum):
     MANUAL_REDUCTION = "manual_reduction"
     LIQUIDATION = "liquidation"
+    PROTECTIVE_STOP = "protective_stop"
     EXTERNAL_INCREASE = "external_increase"
 
 
@@ -70,6 +71,7 @@ class VenueOrder:
     fee: Decimal
     liquidation: bool
     at: datetime
+    protective_stop: bool = False  # the market order one of our stops at the venue became
 
     @property
     def ours(self) -> bool:
@@ -127,7 +129,10 @@ def _reduction(
 ) -> Finding:
     orders = [o for o in external if not o.ours and o.moves(key, reducing=True)]
     liquidated = at_venue == 0 and any(o.liquidation for o in orders)
-    reason = CloseReason.LIQUIDATION if liquidated else CloseReason.MANUAL
+    stopped = not liquidated and any(o.protective_stop for o in orders)
+    reason = (
+        CloseReason.LIQUIDATION if liquidated else CloseReason.STOP_LOSS if stopped else CloseReason.MANUAL
+    )
     price, fee, order_id = _priced(
         orders, held - at_venue, fallback_price or book.exchange[key].avg_entry_price
     )
@@ -143,7 +148,13 @@ def _reduction(
         (intent, Fill(intent.client_order_id, order_id, intent.quantity, price, f))
         for intent, f in zip(intents, fees, strict=True)
     )
-    kind = FindingKind.LIQUIDATION if liquidated else FindingKind.MANUAL_REDUCTION
+    kind = (
+        FindingKind.LIQUIDATION
+        if liquidated
+        else FindingKind.PROTECTIVE_STOP
+        if stopped
+        else FindingKind.MANUAL_REDUCTION
+    )
     return Finding(kind, key, held, at_venue, settlements, tuple(o.exchange_order_id for o in orders))
 
 

@@ -14,6 +14,7 @@ import asyncio
 import hashlib
 import hmac
 import itertools
+import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -58,6 +59,12 @@ MARKETS = {
         EmulatedMarket("XRPUSDT", "XRP", D("0.1"), D("0.1"), D("0.0001"), D("5"), D("0.6")),
     )
 }
+
+
+CONDITIONAL_TYPES = frozenset(
+    {"STOP", "STOP_MARKET", "TAKE_PROFIT", "TAKE_PROFIT_MARKET", "TRAILING_STOP_MARKET"}
+)
+_CLIENT_ID = re.compile(r"[\.A-Z\:/a-z0-9_-]{1,36}")
 
 
 class BinanceError(Exception):
@@ -110,6 +117,7 @@ class Exchange:
     late: list[asyncio.Task[None]] = field(default_factory=list)  # requests still on their way
     late_outcomes: Counter[str] = field(default_factory=Counter)  # executed / refused on arrival
     income: list[dict[str, Any]] = field(default_factory=list)  # /fapi/v1/income rows (funding)
+    algo_orders: dict[int, dict[str, Any]] = field(default_factory=dict)  # conditional (stop) orders
     funding_rates: list[dict[str, Any]] = field(default_factory=list)  # /fapi/v1/fundingRate rows
 
     # --- trading ------------------------------------------------------------------------
@@ -118,6 +126,11 @@ class Exchange:
         side = p.get("side", "")
         if side not in ("BUY", "SELL"):
             raise BinanceError(-1117, "Invalid side.")
+        if p.get("type") in CONDITIONAL_TYPES:
+            raise BinanceError(
+                -4120,
+                "Order type not supported for this endpoint. Please use the Algo Order API endpoints instead.",
+            )
         if p.get("type") != "MARKET":
             raise BinanceError(-1116, "Invalid orderType.")
         position_side = p.get("positionSide", "BOTH")
@@ -257,6 +270,127 @@ class Exchange:
             raise BinanceError(-4048, "Margin type cannot be changed if there exists position.")
         self.margin_type[market.symbol] = wanted
         return {"code": 200, "msg": "success"}
+
+    # --- conditional orders: Binance's Algo Order API (POST /fapi/v1/order refuses them) -----
+    def set_price(self, symbol: str, price: Decimal) -> None:
+        """The market moves: open stop orders on the symbol whose trigger it crossed fire."""
+        self.prices[symbol] = price
+        for algo in [
+            a for a in self.algo_orders.values() if a["symbol"] == symbol and a["algoStatus"] == "NEW"
+        ]:
+            trigger = D(algo["triggerPrice"])
+            if (price <= trigger) if algo["side"] == "SELL" else (price >= trigger):
+                self._trigger(algo, price)
+
+    def _trigger(self, algo: dict[str, Any], price: Decimal) -> None:
+        """A triggered STOP_MARKET becomes a MARKET order in the matching engine, with an order
+        id of its own (`actualOrderId`): it reduces the position, never beyond it."""
+        algo["algoStatus"], algo["triggerTime"] = "TRIGGERING", self.now_ms()
+        key = (algo["symbol"], algo["positionSide"])
+        held = abs(self.positions.get(key, Position()).amount)
+        qty = held if algo["closePosition"] else min(D(algo["quantity"]), held)
+        if qty <= 0:
+            algo["algoStatus"] = "EXPIRED"  # nothing left to protect
+            return
+        order = self._fill(
+            self._market(algo["symbol"]), key, algo["side"], algo["positionSide"], qty, price,
+            f"algo-{algo['algoId']}", True, "STOP_MARKET",
+        )  # fmt: skip
+        algo.update(
+            algoStatus="FINISHED", actualOrderId=str(order["orderId"]), actualPrice=str(price),
+            updateTime=self.now_ms(),
+        )  # fmt: skip
+
+    def place_algo(self, p: dict[str, str]) -> dict[str, Any]:
+        market = self._market(p.get("symbol", ""))
+        if p.get("algoType") != "CONDITIONAL":
+            raise BinanceError(
+                -1102, "Mandatory parameter 'algoType' was not sent, was empty/null, or malformed."
+            )
+        kind, side = p.get("type", ""), p.get("side", "")
+        if kind != "STOP_MARKET":
+            raise BinanceError(-1116, "Invalid orderType.")  # the emulator keeps protective stops only
+        if side not in ("BUY", "SELL"):
+            raise BinanceError(-1117, "Invalid side.")
+        position_side = p.get("positionSide", "BOTH")
+        if (position_side == "BOTH") == self.dual_side:
+            raise BinanceError(-4061, "Order's position side does not match user's setting.")
+        if self.dual_side and "reduceOnly" in p:
+            raise BinanceError(-1106, "Parameter 'reduceonly' sent when not required.")
+        close_position = p.get("closePosition") == "true"
+        if close_position and ("quantity" in p or "reduceOnly" in p):
+            raise BinanceError(-4137, "quantity and reduceOnly must not be sent with closePosition.")
+        if "triggerPrice" not in p:
+            raise BinanceError(
+                -1102, "Mandatory parameter 'triggerprice' was not sent, was empty/null, or malformed."
+            )
+        trigger = _decimal(p["triggerPrice"], "triggerPrice")
+        quantity = ZERO if close_position else _decimal(p.get("quantity"), "quantity")
+        client_id = p.get("clientAlgoId") or f"emu-algo-{next(self.ids)}"
+        if not _CLIENT_ID.fullmatch(client_id):
+            raise BinanceError(-4015, "Client order id is not valid.")
+        if any(
+            a["clientAlgoId"] == client_id and a["algoStatus"] == "NEW" for a in self.algo_orders.values()
+        ):
+            raise BinanceError(-4116, "ClientOrderId is duplicated.")
+        price = self.prices[market.symbol]
+        if (price <= trigger) if side == "SELL" else (price >= trigger):
+            raise BinanceError(-2021, "Order would immediately trigger.")
+        algo_id, now = next(self.ids), self.now_ms()
+        algo = {
+            "algoId": algo_id, "clientAlgoId": client_id, "algoType": "CONDITIONAL", "orderType": kind,
+            "symbol": market.symbol, "side": side, "positionSide": position_side, "timeInForce": "GTC",
+            "quantity": str(quantity), "algoStatus": "NEW", "triggerPrice": str(trigger), "price": "0",
+            "workingType": p.get("workingType", "CONTRACT_PRICE"), "priceMatch": "NONE",
+            "closePosition": close_position, "priceProtect": p.get("priceProtect") == "true",
+            "reduceOnly": p.get("reduceOnly") == "true", "createTime": now, "updateTime": now,
+            "triggerTime": 0, "goodTillDate": 0, "actualOrderId": "", "actualPrice": "",
+        }  # fmt: skip
+        self.algo_orders[algo_id] = algo
+        return dict(algo)
+
+    def _find_algo(self, p: dict[str, str]) -> dict[str, Any] | None:
+        if "algoId" in p:
+            return self.algo_orders.get(int(p["algoId"]))
+        if "clientAlgoId" in p:
+            found = [a for a in self.algo_orders.values() if a["clientAlgoId"] == p["clientAlgoId"]]
+            return found[-1] if found else None
+        raise BinanceError(-1102, "Param 'algoId' or 'clientAlgoId' must be sent, but both were empty/null!")
+
+    def query_algo(self, p: dict[str, str]) -> dict[str, Any]:
+        algo = self._find_algo(p)
+        if algo is None:
+            raise BinanceError(-2013, "Order does not exist.")
+        return dict(algo)
+
+    def cancel_algo(self, p: dict[str, str]) -> dict[str, Any]:
+        algo = self._find_algo(p)
+        if algo is None or algo["algoStatus"] != "NEW":
+            raise BinanceError(-2011, "Unknown order sent.")
+        algo["algoStatus"], algo["updateTime"] = "CANCELED", self.now_ms()
+        return {
+            "algoId": algo["algoId"],
+            "clientAlgoId": algo["clientAlgoId"],
+            "code": "200",
+            "msg": "success",
+        }
+
+    def all_algos(self, p: dict[str, str]) -> list[dict[str, Any]]:
+        """History of a symbol's algo orders (Binance: symbol required, 7-day window)."""
+        market = self._market(p.get("symbol", ""))
+        start = int(p.get("startTime", str(self.now_ms() - 7 * 86_400_000)))
+        rows = [
+            dict(a) for a in self.algo_orders.values()
+            if a["symbol"] == market.symbol and a["updateTime"] >= start
+            and a["algoId"] >= int(p.get("algoId", "0"))
+        ]  # fmt: skip
+        return rows[: int(p.get("limit", "500"))]
+
+    def open_algos(self, p: dict[str, str]) -> list[dict[str, Any]]:
+        return [
+            dict(a) for a in self.algo_orders.values()
+            if a["algoStatus"] == "NEW" and a["symbol"] == p.get("symbol", a["symbol"])
+        ]  # fmt: skip
 
     def pay_funding(self, symbol: str, rate: Decimal) -> dict[str, Any]:
         """A funding event at `rate` on `symbol`: every open position pays (or receives) rate x
@@ -523,7 +657,15 @@ def exchange_info(markets: dict[str, EmulatedMarket]) -> dict[str, Any]:
                         "multiplierDecimal": "4",
                     },
                 ],
-                "orderTypes": ["LIMIT", "MARKET"],
+                "orderTypes": [
+                    "LIMIT",
+                    "MARKET",
+                    "STOP",
+                    "STOP_MARKET",
+                    "TAKE_PROFIT",
+                    "TAKE_PROFIT_MARKET",
+                    "TRAILING_STOP_MARKET",
+                ],
                 "timeInForce": ["GTC", "IOC", "FOK", "GTX"],
             }
             for m in markets.values()
@@ -709,12 +851,17 @@ def build_app(exchange: Exchange | None = None) -> web.Application:
         web.get("/fapi/v1/leverageBracket", private(lambda p: _brackets(p))),
         web.get("/fapi/v1/commissionRate", private(commission_rate)),
         web.get("/fapi/v1/income", private(ex.income_rows)),
+        web.post("/fapi/v1/algoOrder", private(ex.place_algo)),
+        web.get("/fapi/v1/algoOrder", private(ex.query_algo)),
+        web.delete("/fapi/v1/algoOrder", private(ex.cancel_algo)),
+        web.get("/fapi/v1/openAlgoOrders", private(ex.open_algos)),
+        web.get("/fapi/v1/allAlgoOrders", private(ex.all_algos)),
         web.get("/fapi/v1/fundingRate", public(ex.funding_rate_rows)),
         # --- control, for tests and rehearsals -------------------------------------------
         web.get("/emulator/state", state),
         web.post(
             "/emulator/price",
-            control(lambda b: ex.prices.__setitem__(b["symbol"], D(str(b["price"])))),
+            control(lambda b: ex.set_price(b["symbol"], D(str(b["price"])))),
         ),
         web.post("/emulator/fault", control(lambda b: ex.faults.append(Fault(**b)))),
         web.post("/emulator/funding", control(lambda b: ex.pay_funding(b["symbol"], D(str(b["rate"]))))),

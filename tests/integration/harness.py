@@ -192,7 +192,7 @@ class Pipeline:
         sent while a subscriber is reconnecting is gone (the next tick repairs that in real life)."""
         assert self.client is not None and self.worker is not None
         if self.emulator is not None:
-            self.emulator.prices[symbol] = Decimal(price)
+            self.emulator.set_price(symbol, Decimal(price))
         worker, body = self.worker, json.dumps({"symbol": symbol, "price": price}).encode()
         deadline = time.monotonic() + timeout
         while worker.last_prices.get(symbol) != Decimal(price):

@@ -567,3 +567,68 @@ async def test_funding_is_attributed_to_the_strategies_and_closes_the_books(
     assert emulator.exchange.state()["positions"] == {}
     trades = sum((e.realized_pnl for e in on_emulator.closed()), D(0))
     assert trades + sum((e.amount for e in funded), D(0)) == emulator.exchange.wallet - wallet_before
+
+
+def open_algos(emulator: Emulator) -> list[dict[str, object]]:
+    return [a for a in emulator.exchange.algo_orders.values() if a["algoStatus"] == "NEW"]
+
+
+async def test_a_protective_stop_follows_the_worst_stop_loss_of_the_key(
+    on_emulator: Pipeline, emulator: Emulator
+) -> None:
+    """One reduce-side STOP_MARKET per exchange position, through the Algo Order API: placed
+    with the first slice, moved (new first, then the old cancelled) when a slice with a wider
+    stop-loss joins, cancelled when the key is flat."""
+    await on_emulator.tick("ETHUSDT", "3000")
+    await on_emulator.decision(
+        await on_emulator.publish("a", "ETHUSDT", "buy", quantity="0.1", confidence=0.9, stop_loss="2900")
+    )
+    await eventually(lambda: len(open_algos(emulator)) == 1 or None, what="the stop placed")
+    (stop,) = open_algos(emulator)
+    assert (stop["side"], stop["positionSide"], stop["type"] if "type" in stop else stop["orderType"]) == (
+        "SELL", "LONG", "STOP_MARKET",
+    )  # fmt: skip
+    assert (stop["triggerPrice"], stop["quantity"]) == ("2900", "0.1")
+    assert str(stop["clientAlgoId"]).startswith("ts") and len(str(stop["clientAlgoId"])) == 34
+
+    await on_emulator.decision(
+        await on_emulator.publish("b", "ETHUSDT", "buy", quantity="0.3", confidence=0.9, stop_loss="2850")
+    )
+    await eventually(
+        lambda: (
+            [(a["triggerPrice"], a["quantity"]) for a in open_algos(emulator)] == [("2850", "0.4")] or None
+        ),
+        what="the stop moved to the worst stop-loss, for the whole position",
+    )
+    for strategy in ("a", "b"):
+        await on_emulator.decision(await on_emulator.publish(strategy, "ETHUSDT", "close", confidence=0.9))
+    await eventually(lambda: not open_algos(emulator) or None, what="the stop cancelled")
+    assert emulator.exchange.request_count["POST /fapi/v1/order"] == 4  # the stops never went there
+
+
+async def test_a_worker_down_while_the_price_runs_through_the_stop_restarts_flat_and_attributed(
+    on_emulator: Pipeline, emulator: Emulator
+) -> None:
+    await on_emulator.tick("ETHUSDT", "3000")
+    for strategy, qty, sl in (("a", "0.1", "2900"), ("b", "0.3", "2850")):
+        await on_emulator.decision(
+            await on_emulator.publish(strategy, "ETHUSDT", "buy", quantity=qty, confidence=0.9, stop_loss=sl)
+        )
+    await eventually(
+        lambda: [a["triggerPrice"] for a in open_algos(emulator)] == ["2850"] or None, what="stop"
+    )
+    await on_emulator.stop_worker()  # nobody watches the ticks now
+    emulator.exchange.set_price("ETHUSDT", D("2840"))  # through every stop-loss and the venue's stop
+    assert emulator.exchange.state()["positions"] == {}  # the venue closed it
+    await on_emulator.start_worker()
+    await on_emulator.wait_events(lambda _: len(on_emulator.closed()) == 2, "the stop's closes booked")
+    closes = {e.strategy_id: e for e in on_emulator.closed()}
+    assert {s: (e.close_reason, e.closed_quantity, e.exit_price) for s, e in closes.items()} == {
+        "a": (CloseReason.STOP_LOSS, D("0.1"), D("2840")),
+        "b": (CloseReason.STOP_LOSS, D("0.3"), D("2840")),
+    }
+    assert sum((e.exit_fee for e in closes.values()), D(0)) == D("0.4") * D("2840") * D("0.0004")
+    findings = [e for e in on_emulator.events if isinstance(e, PositionReconciled)]
+    assert [f.kind for f in findings] == ["protective_stop"]
+    worker = on_emulator.worker
+    assert worker is not None and not worker.book.positions

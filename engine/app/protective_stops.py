@@ -1,0 +1,136 @@
+"""Keeps one protective stop order per exchange position at the venue (issue #14), so a position
+is protected while the worker is down. The venue is the record of which stops are open: they are
+read back at start and after every reconciliation; a stop is placed, moved (new one first, then
+the old one cancelled) and cancelled as the key's slices open and close. A client id derived from
+the position, level and size makes a retried or repeated placement the same order."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from collections.abc import Callable
+from datetime import datetime
+from decimal import Decimal
+
+import structlog
+
+from engine import metrics
+from engine.adapters.gateway import ExchangeGateway, StopRefused
+from engine.domain.book import PositionBook
+from engine.domain.model import PositionKey, decimal_text
+from engine.domain.stops import VenueStop, protective_stop
+
+log = structlog.get_logger(__name__)
+RESYNC_EVERY = 30.0  # seconds: every key is checked against the venue this often anyway
+
+
+class ProtectiveStops:
+    def __init__(
+        self,
+        gateway: ExchangeGateway,
+        book: Callable[[], PositionBook],
+        lock: Callable[[str], asyncio.Lock],
+        fallback_pct: Decimal | None,
+    ) -> None:
+        self.gateway, self.book, self.lock, self.fallback_pct = gateway, book, lock, fallback_pct
+        self.placed: dict[PositionKey, VenueStop] = {}  # our open stop per key, as last known
+        self._dirty: set[PositionKey] = set()
+        self._wake = asyncio.Event()
+        self._refused: defaultdict[PositionKey, str] = defaultdict(str)  # last refusal, logged once
+
+    def touch(self, key: PositionKey) -> None:
+        """The key's slices changed: its stop is looked at soon."""
+        self._dirty.add(key)
+        self._wake.set()
+
+    async def load(self) -> None:
+        """What the venue holds of ours; duplicates for one key (a crash between placing a new
+        stop and cancelling the old) are cancelled but for the newest."""
+        found: dict[PositionKey, list[VenueStop]] = defaultdict(list)
+        for stop in await self.gateway.open_stops(None):
+            found[stop.key].append(stop)
+        self.placed = {}
+        for key, stops in found.items():
+            *older, newest = sorted(stops, key=lambda s: int(s.venue_id) if s.venue_id.isdigit() else 0)
+            self.placed[key] = newest
+            for stale in older:
+                await self.gateway.cancel_stop(stale)
+        for key in set(self.placed) | set(self.book().exchange):
+            self.touch(key)
+        log.info("stops.loaded", open_at_venue=len(self.placed))
+
+    async def keep(self, stopping: asyncio.Event) -> None:
+        stopped = asyncio.ensure_future(stopping.wait())
+        try:
+            while not stopping.is_set():
+                woken = asyncio.ensure_future(self._wake.wait())
+                await asyncio.wait(
+                    {woken, stopped}, timeout=RESYNC_EVERY, return_when=asyncio.FIRST_COMPLETED
+                )
+                woken.cancel()
+                await self._round(stopping)
+        finally:
+            stopped.cancel()
+
+    async def _round(self, stopping: asyncio.Event) -> None:
+        self._wake.clear()
+        if stopping.is_set():
+            return
+        if not self._dirty:
+            self._dirty = set(self.placed) | set(self.book().exchange)
+        dirty, self._dirty = self._dirty, set()
+        for key in sorted(dirty):
+            try:
+                async with self.lock(key.symbol):
+                    await self.sync(key)
+            except Exception as exc:  # the venue may be away: the key is looked at again
+                self._dirty.add(key)
+                log.warning("stops.sync_failed", key=str(key), error=repr(exc)[:300])
+
+    async def sync(self, key: PositionKey) -> None:
+        market = self.gateway.market(key.symbol)
+        wanted = protective_stop(self.book(), key, market, self.fallback_pct) if market else None
+        current = self.placed.get(key)
+        if current is not None and wanted is not None and current.client_id == wanted.client_id:
+            return
+        if wanted is not None:
+            try:
+                placed = await self.gateway.place_stop(wanted)
+            except StopRefused as exc:
+                if self._refused[key] != str(exc):
+                    self._refused[key] = str(exc)
+                    log.warning(
+                        "stops.refused", key=str(key), trigger=decimal_text(wanted.trigger), error=str(exc)
+                    )
+                metrics.STOPS.labels("refused").inc()
+                return  # the worker's own stop-loss still acts on ticks; tried again on change
+            self._refused.pop(key, None)
+            self.placed[key] = placed
+            metrics.STOPS.labels("placed").inc()
+            log.info(
+                "stops.placed",
+                key=str(key),
+                trigger=decimal_text(placed.trigger),
+                quantity=decimal_text(placed.quantity),
+            )
+        else:
+            self.placed.pop(key, None)
+        if current is not None:
+            await self.gateway.cancel_stop(current)
+            metrics.STOPS.labels("cancelled").inc()
+
+    async def fills(self, symbol: str, since: datetime) -> set[str]:
+        """The venue's orders that our stops on `symbol` became when they triggered since
+        `since` (the venue's own history, so a restart knows them too). A triggered stop is
+        forgotten; its key gets a new one if a position is left."""
+        fills: set[str] = set()
+        for state in await self.gateway.stops_since(symbol, since):
+            if state.status != "triggered" or not state.fill_order_id:
+                continue
+            fills.add(state.fill_order_id)
+            if self.placed.get(state.key) is not None and self.placed[state.key].client_id == state.client_id:
+                del self.placed[state.key]
+                metrics.STOPS.labels("triggered").inc()
+                log.warning("stops.triggered", key=str(state.key), order=state.fill_order_id)
+            self.touch(state.key)
+        return fills
