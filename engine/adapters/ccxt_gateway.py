@@ -211,6 +211,7 @@ class CcxtGateway:
         self.account = account or AccountSettings()
         self._configured: set[str] = set()  # symbols whose leverage and margin type are set
         self.unknown_outcome_seconds = self.policy.unknown_outcome_seconds
+        self.send_span_seconds = self.policy.send_span
         self.set_position_mode = set_position_mode
         config: dict[str, Any] = {} if rate_limit_ms is None else {"rateLimit": rate_limit_ms}
         self.exchange: Any = getattr(ccxt_async, exchange_id)(
@@ -502,7 +503,7 @@ class CcxtGateway:
         free = (balance.get("free") or {}).get(self.settlement_asset)
         return _dec(free) if free is not None else None
 
-    async def execute(self, intent: OrderIntent) -> Fill:
+    async def execute(self, intent: OrderIntent, not_after: datetime | None = None) -> Fill:
         market = self._markets.get(intent.symbol)
         if market is None:
             raise OrderRejected("unknown_symbol", f"{self.name} lists no linear swap {intent.symbol}")
@@ -527,11 +528,13 @@ class CcxtGateway:
         delay = self.policy.backoff
         first_sent = time.monotonic()
         for attempt in range(1, self.policy.attempts + 1):
-            if attempt > 1 and time.monotonic() - first_sent > self.policy.send_span:
-                # Sending later would outlive what a restarted process assumes (see send_span).
-                raise OrderUncertain(
-                    f"{intent.client_order_id}: no answer within {self.policy.send_span:g}s of attempts"
-                )
+            late = (not_after is not None and datetime.now(UTC) > not_after) or (
+                attempt > 1 and time.monotonic() - first_sent > self.policy.send_span
+            )
+            if late:
+                # Sending now would outlive what a restarted process assumes (see send_span):
+                # the journal and a lookup decide instead.
+                raise OrderUncertain(f"{intent.client_order_id}: past its send span, not sent again")
             try:
                 order = await self.exchange.create_order(
                     unified, "market", intent.side.value, float(intent.quantity), None, dict(params)
@@ -665,7 +668,7 @@ class CcxtGateway:
         if unified is None:
             return []
         since_ms = int(since.timestamp() * 1000)
-        rows = await self._call(lambda: self.exchange.fetch_orders(unified, since_ms))
+        rows = await self._paged(lambda start: self.exchange.fetch_orders(unified, start, 1000), since_ms)
         trades_by_order: dict[str, list[Any]] = {}
         for trade in await self._trades_since(unified, since_ms):
             trades_by_order.setdefault(
@@ -698,14 +701,19 @@ class CcxtGateway:
             )
         return orders
 
-    async def _trades_since(
-        self, unified: str, since_ms: int, limit: int = 1000, pages: int = 20
-    ) -> list[Any]:
+    async def _trades_since(self, unified: str, since_ms: int) -> list[Any]:
         """The account's trades on a symbol from `since_ms` on, oldest first, page by page."""
+        return await self._paged(lambda start: self.exchange.fetch_my_trades(unified, start, 1000), since_ms)
+
+    async def _paged(
+        self, fetch: Callable[[int], Awaitable[list[Any]]], since_ms: int, limit: int = 1000, pages: int = 20
+    ) -> list[Any]:
+        """Rows from `since_ms` on, oldest first, asking again from just after the last row
+        while pages come back full (Binance answers at most `limit` rows a request)."""
         found: list[Any] = []
         start = since_ms
         for _ in range(pages):
-            page = await self._call(lambda start=start: self.exchange.fetch_my_trades(unified, start, limit))  # type: ignore[misc]
+            page = await self._call(lambda start=start: fetch(start))  # type: ignore[misc]
             found += page
             if len(page) < limit:
                 break

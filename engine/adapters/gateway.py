@@ -35,6 +35,8 @@ class ExchangeGateway(Protocol):
     # How long after an order is journaled a request for it may still reach the venue and
     # execute; until then a lookup that finds nothing proves nothing (0: in-process venues).
     unknown_outcome_seconds: float
+    # No request of one order is sent later than this after it was journaled.
+    send_span_seconds: float
 
     async def start(self) -> None:
         """Load markets and check (or set) the position mode; before the first order."""
@@ -83,9 +85,10 @@ class ExchangeGateway(Protocol):
         for signals sized by `position_size_pct`; None if unknown."""
         ...
 
-    async def execute(self, intent: OrderIntent) -> Fill:
+    async def execute(self, intent: OrderIntent, not_after: datetime | None = None) -> Fill:
         """Place the order and return its fill. Raises OrderRejected (final) or
-        OrderUncertain (look the client order id up later before placing it again)."""
+        OrderUncertain (look the client order id up later before placing it again). No
+        request for it leaves after `not_after` (then: OrderUncertain)."""
         ...
 
     async def find_order(self, client_order_id: ClientOrderId, symbol: str) -> Fill | None:

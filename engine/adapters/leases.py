@@ -21,7 +21,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -48,6 +48,7 @@ class Holder:
     pid: int
     started: str  # the process's start time in clock ticks since boot ("" where unknown)
     since: str
+    renewed: float = 0.0  # Unix time of the write that holds this value (each renewal writes one)
 
     @classmethod
     def this_process(cls) -> Holder:
@@ -60,19 +61,27 @@ class Holder:
         )
 
     def encode(self) -> bytes:
-        return json.dumps(asdict(self)).encode()
+        """As written now: `renewed` is the time of this write."""
+        return json.dumps(asdict(self) | {"renewed": time.time()}).encode()
 
     @classmethod
     def decode(cls, data: bytes | None) -> Holder | None:
         try:
             fields = json.loads(data or b"")
-            return cls(**{k: fields[k] for k in ("instance", "host", "pid", "started", "since")})
+            return cls(
+                **{k: fields[k] for k in ("instance", "host", "pid", "started", "since")},
+                renewed=float(fields.get("renewed", 0.0)),
+            )
         except (ValueError, TypeError, KeyError):
             return None
 
-    def gone(self) -> bool:
-        """True only when this host can see that the holder process no longer runs."""
+    def gone(self, renew_every: float) -> bool:
+        """True only when this host can see that the holder process no longer runs, and the
+        holder has missed a renewal: two containers may share a host name (and each see the
+        other's pid 1 as another process), but a live holder keeps renewing."""
         if self.host != socket.gethostname() or not self.started:
+            return False
+        if time.time() - self.renewed < 1.5 * renew_every:
             return False
         return _start_ticks(self.pid) != self.started
 
@@ -125,6 +134,16 @@ class Lease:
     def held(self) -> bool:
         return self.revision is not None
 
+    @property
+    def renew_every(self) -> float:
+        return self.seconds / 4
+
+    def confirmed(self) -> bool:
+        """Held, and renewed recently enough that nobody else can have taken it over: the
+        entry expires `seconds` after our last renewal, and a standby only takes it then.
+        Past this, the holder must stop acting before it knows more."""
+        return self.revision is not None and time.monotonic() - self._renewed_at < 0.8 * self.seconds
+
     async def acquire(
         self, wait: bool, stopping: asyncio.Event, on_standby: Callable[[Holder | None], None]
     ) -> bool:
@@ -151,47 +170,41 @@ class Lease:
                 )
                 on_standby(other)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stopping.wait(), min(1.0, self.seconds / 4))
+                await asyncio.wait_for(stopping.wait(), min(1.0, self.renew_every))
         return False
 
     async def _try_take(self) -> Holder | None:
         """None once the lease is ours; else its live holder."""
-        assert self._kv is not None
-        try:
-            self.revision = await self._kv.create(self.name, self.holder.encode())
-            self._renewed_at = time.monotonic()
-            return None
-        except KeyWrongLastSequenceError:
-            pass
-        try:
-            entry = await self._kv.get(self.name)
-        except KeyNotFoundError:
-            return await self._try_take_again()
-        other = Holder.decode(entry.value)
-        if other is not None and other.instance == self.holder.instance:
-            self.revision = entry.revision
-            return None
-        if other is None or other.gone():
+        kv = self._kv
+        assert kv is not None
+        for _ in range(3):  # the holder's entry may expire, or be taken, between two requests
+            if await self._write(kv.create(self.name, self.holder.encode())):
+                return None
+            try:
+                entry = await kv.get(self.name)
+            except KeyNotFoundError:
+                continue
+            other = Holder.decode(entry.value)
+            if other is not None and other.instance == self.holder.instance:
+                self.revision = entry.revision
+                return None
+            if other is not None and not other.gone(self.renew_every):
+                return other
             # Its process is dead (seen from this host) or the value is not a lease: take it,
             # revision-checked, so of two processes doing this at once only one wins.
             log.info("lease.taking_over", lease=self.name, from_holder=other.describe() if other else None)
-            try:
-                self.revision = await self._kv.update(self.name, self.holder.encode(), last=entry.revision)
-                self._renewed_at = time.monotonic()
+            if await self._write(kv.update(self.name, self.holder.encode(), last=entry.revision)):
                 return None
-            except KeyWrongLastSequenceError:
-                return other
-        return other
+        return Holder("unknown", "unknown", 0, "", "")  # contended: the next attempt reads it again
 
-    async def _try_take_again(self) -> Holder | None:
-        assert self._kv is not None
+    async def _write(self, request: Awaitable[int]) -> bool:
+        """Whether a revision-checked write of our lease went through."""
         try:
-            self.revision = await self._kv.create(self.name, self.holder.encode())
-            self._renewed_at = time.monotonic()
-            return None
+            self.revision = await request
         except KeyWrongLastSequenceError:
-            entry = await self._kv.get(self.name)
-            return Holder.decode(entry.value)
+            return False
+        self._renewed_at = time.monotonic()
+        return True
 
     async def renew(self) -> None:
         """Raise LeaseLost if someone else holds it now; other errors (NATS away) pass up
@@ -205,14 +218,15 @@ class Lease:
             raise LeaseLost(f"the lease on {self.name!r} was taken over") from None
 
     async def keep(self, stopping: asyncio.Event) -> None:
-        """Renew every third of the lease until stopped; raises LeaseLost."""
+        """Renew every quarter of the lease until stopped; raises LeaseLost when someone else
+        holds it, or when it could not be renewed for long enough that someone could."""
         while not stopping.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stopping.wait(), self.seconds / 3)
+                await asyncio.wait_for(stopping.wait(), self.renew_every)
             if stopping.is_set():
                 return
             try:
-                await self.renew()
+                await asyncio.wait_for(self.renew(), self.renew_every)
             except LeaseLost:
                 raise
             except Exception as exc:
@@ -221,6 +235,12 @@ class Lease:
                     lease=self.name,
                     error=repr(exc),
                     unrenewed_seconds=round(time.monotonic() - self._renewed_at, 1),
+                )
+            if not self.confirmed():
+                self.revision = None
+                raise LeaseLost(
+                    f"the lease on {self.name!r} could not be renewed for "
+                    f"{time.monotonic() - self._renewed_at:.1f}s; another worker may hold it now"
                 )
 
     async def release(self) -> None:

@@ -53,6 +53,7 @@ class PaperPosition:
 class PaperExchange:
     name = "paper"
     unknown_outcome_seconds = 0.0  # in-process: an order exists the moment it is sent, or never
+    send_span_seconds = 0.0
     quotes = False  # no market data of its own: its prices are the ticks it was given
 
     def __init__(
@@ -170,7 +171,7 @@ class PaperExchange:
     async def close(self) -> None:
         return None
 
-    async def execute(self, intent: OrderIntent) -> Fill:
+    async def execute(self, intent: OrderIntent, not_after: datetime | None = None) -> Fill:
         known = self.orders.get(intent.client_order_id)
         if known is not None:
             return known

@@ -27,10 +27,11 @@ log = structlog.get_logger(__name__)
 # MySQL errors that say the server, the connection or the schema is not usable now, whatever
 # the events hold: waited out (retried, readiness fails, an alert fires), never quarantined.
 # Lock waits and deadlocks; too many connections, shutdown, lost or killed connections;
-# privileges; a missing table or column; a full disk or a read-only server.
+# privileges; a missing table or column; a full disk or a read-only server; a node not ready
+# (Galera), an interrupted query, a statement time limit.
 OUTAGE_CODES = frozenset(
     {1205, 1213, 1040, 1053, 1077, 1152, 1153, 1158, 1159, 1160, 1161, 1927, 1044, 1045, 1142, 1143,
-     1227, 1146, 1054, 1021, 1114, 1290, 1836, 4031}
+     1227, 1146, 1054, 1021, 1114, 1290, 1836, 4031, 1047, 1317, 1969, 3024}
 )  # fmt: skip
 
 

@@ -63,8 +63,17 @@ class PriceFeed:
             )
             self._failing_since = None
         stamp = time.time()
-        for symbol, price in prices.items():
-            tick = {"symbol": symbol, "price": decimal_text(price), "timestamp": stamp, "source": self.name}
-            await self.publish(f"prices.{symbol}", json.dumps(tick).encode())
+        try:
+            for symbol, price in prices.items():
+                tick = {
+                    "symbol": symbol,
+                    "price": decimal_text(price),
+                    "timestamp": stamp,
+                    "source": self.name,
+                }
+                await self.publish(f"prices.{symbol}", json.dumps(tick).encode())
+        except Exception as exc:  # NATS away (its buffer full): the next poll publishes again
+            log.warning("price_feed.publish_failed", source=self.name, error=repr(exc)[:300])
+            return
         self.last_success = time.monotonic()
         metrics.child(metrics.PRICE_FEED_POLLED, self.name).set(stamp)

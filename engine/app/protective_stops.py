@@ -37,6 +37,7 @@ class ProtectiveStops:
         self._dirty: set[PositionKey] = set()
         self._wake = asyncio.Event()
         self._refused: defaultdict[PositionKey, str] = defaultdict(str)  # last refusal, logged once
+        self._loaded = False
 
     def touch(self, key: PositionKey) -> None:
         """The key's slices changed: its stop is looked at soon."""
@@ -57,6 +58,7 @@ class ProtectiveStops:
                 await self.gateway.cancel_stop(stale)
         for key in set(self.placed) | set(self.book().exchange):
             self.touch(key)
+        self._loaded = True
         log.info("stops.loaded", open_at_venue=len(self.placed))
 
     async def keep(self, stopping: asyncio.Event) -> None:
@@ -76,26 +78,33 @@ class ProtectiveStops:
         self._wake.clear()
         if stopping.is_set():
             return
+        if not self._loaded:
+            try:
+                await self.load()
+            except Exception as exc:  # the venue may be away: no stop is placed blind meanwhile
+                log.warning("stops.load_failed", error=repr(exc)[:300])
+                return
         if not self._dirty:
             self._dirty = set(self.placed) | set(self.book().exchange)
         dirty, self._dirty = self._dirty, set()
         for key in sorted(dirty):
             try:
-                async with self.lock(key.symbol):
-                    await self.sync(key)
+                await self.sync(key)
             except Exception as exc:  # the venue may be away: the key is looked at again
                 self._dirty.add(key)
                 log.warning("stops.sync_failed", key=str(key), error=repr(exc)[:300])
 
     async def sync(self, key: PositionKey) -> None:
+        """Make the venue hold the stop the key should have, and no other of ours. The book is
+        read under the symbol's lock; the venue is asked outside it, so a slow venue never
+        holds up the symbol's ticks and signals."""
         market = self.gateway.market(key.symbol)
-        wanted = protective_stop(self.book(), key, market, self.fallback_pct) if market else None
+        async with self.lock(key.symbol):
+            wanted = protective_stop(self.book(), key, market, self.fallback_pct) if market else None
         current = self.placed.get(key)
-        if current is not None and wanted is not None and current.client_id == wanted.client_id:
-            return
-        if wanted is not None:
+        if wanted is not None and (current is None or current.client_id != wanted.client_id):
             try:
-                placed = await self.gateway.place_stop(wanted)
+                current = await self.gateway.place_stop(wanted)
             except StopRefused as exc:
                 if self._refused[key] != str(exc):
                     self._refused[key] = str(exc)
@@ -105,19 +114,24 @@ class ProtectiveStops:
                 metrics.STOPS.labels("refused").inc()
                 return  # the worker's own stop-loss still acts on ticks; tried again on change
             self._refused.pop(key, None)
-            self.placed[key] = placed
             metrics.STOPS.labels("placed").inc()
             log.info(
                 "stops.placed",
                 key=str(key),
-                trigger=decimal_text(placed.trigger),
-                quantity=decimal_text(placed.quantity),
+                trigger=decimal_text(current.trigger),
+                quantity=decimal_text(current.quantity),
             )
-        else:
+        if wanted is None:
             self.placed.pop(key, None)
-        if current is not None:
-            await self.gateway.cancel_stop(current)
-            metrics.STOPS.labels("cancelled").inc()
+        elif current is not None:
+            self.placed[key] = current
+        # Whatever else of ours the venue holds for this key goes: a stop left by a crash
+        # between placing a new one and cancelling the old, or one placed by a request whose
+        # answer was lost.
+        for stale in await self.gateway.open_stops(key.symbol):
+            if stale.key == key and (wanted is None or stale.client_id != wanted.client_id):
+                await self.gateway.cancel_stop(stale)
+                metrics.STOPS.labels("cancelled").inc()
 
     async def fills(self, symbol: str, since: datetime) -> set[str]:
         """The venue's orders that our stops on `symbol` became when they triggered since

@@ -87,10 +87,11 @@ def utc_now() -> datetime:
 
 @dataclass(frozen=True, slots=True)
 class Suspects:
-    """Messages in flight when an earlier process died, handled one at a time."""
+    """Messages in flight when an earlier process ended, handled one at a time."""
 
+    floor: int  # the ack floor this start found
     until: int  # the last stream sequence delivered to that process
-    starts: int  # starts in a row that found the consumer at the same ack floor
+    starts: int | None  # starts in a row that handled a message at this floor (None: not counted yet)
     first: bool  # the next message is the first after the ack floor
 
 
@@ -166,17 +167,26 @@ class Worker:
     def _on_standby(self, holder: Holder | None) -> None:
         self.standby = True
 
+    def _check_lease(self) -> None:
+        """Nothing is placed or stored without a lease renewed recently enough that no other
+        worker can hold it (cheap: a clock read)."""
+        if self.lease is not None and not self._fenced and not self.lease.confirmed():
+            self._fence("the lease could not be renewed in time; another worker may hold it now")
+        if self._fenced:
+            raise LeaseLost("this worker lost its lease: nothing more is placed or stored")
+
+    def _fence(self, why: str) -> None:
+        self._fenced = True
+        log.error(
+            "worker.lease_lost", error=why, why="this one stops without placing or storing anything more"
+        )
+        self.stop()
+
     async def _keep_lease(self, lease: Lease) -> None:
         try:
             await lease.keep(self._stopping)
         except LeaseLost as exc:
-            self._fenced = True
-            log.error(
-                "worker.lease_lost",
-                error=str(exc),
-                why="another worker runs this durable now; this one stops without placing or storing anything more",
-            )
-            self.stop()
+            self._fence(str(exc))
 
     async def _run_leased(self) -> None:
         await self.gateway.start()
@@ -201,7 +211,7 @@ class Worker:
         await self._restore_prices()
         self._price_sub = await self.bus.subscribe_prices(self.on_price_message)
         sub = await self.bus.durable_consumer(SIGNALS_STREAM, self.settings.worker_durable, "signals.>")
-        suspects = await self._suspects(sub)
+        suspects = self._suspects(sub)
         self.standby = False
         self.ready.set()
         log.info("worker.ready", open_positions=len(self.book.positions), venue=self.gateway.name)
@@ -218,14 +228,18 @@ class Worker:
                     # comes; and an ack goes out before the consumer is re-created.
                     await storing
                     storing = None
+                carried: list[Msg] = []
                 if suspects is not None:
                     # Messages a process died on: one at a time, each acked before the next.
                     if storing is not None:
                         await storing
                         storing = None
-                    suspects = await self._handle_suspect(sub, suspects)
-                    continue
-                msgs = await sub.next_batch(self.settings.fetch_batch, idle_wait=0.5)
+                    suspects, carried = await self._handle_suspect(sub, suspects)
+                    if not carried:
+                        continue
+                msgs = carried + await sub.next_batch(
+                    self.settings.fetch_batch - len(carried), idle_wait=0.001 if carried else 0.5
+                )
                 if not msgs:
                     continue
                 started = time.perf_counter()
@@ -266,36 +280,44 @@ class Worker:
     def stop(self) -> None:
         self._stopping.set()
 
-    async def _suspects(self, sub: DurableConsumer) -> Suspects | None:
+    def _suspects(self, sub: DurableConsumer) -> Suspects | None:
         """The crash-loop breaker. Messages delivered to a process that ended without acking
-        them are suspects; when starts keep finding the consumer at the same ack floor, they
-        are taken one at a time (so the floor stops right before the one that kills the
-        process), and past MAX_DELIVER such starts the first of them is dead-lettered unread."""
+        them are suspects. A start is counted (per ack floor, in NATS KV) only when it is about
+        to handle the first of them; when starts keep finding the same floor, the suspects are
+        taken one at a time (so the floor stops right before the one that kills the process),
+        and past MAX_DELIVER such starts the first of them is dead-lettered unread."""
         if sub.in_flight_at_start is None:
             return None
         floor, delivered = sub.in_flight_at_start
-        try:
-            starts = await count_start(self.bus.js, self.settings.worker_durable, floor)
-        except Exception as exc:  # the breaker is a safety net: never a reason not to start
-            log.warning("worker.start_count_failed", error=repr(exc))
-            return None
-        if starts < 2:
-            return None
-        log.warning(
-            "worker.careful_start",
-            ack_floor=floor,
-            in_flight_until=delivered,
-            starts_at_this_floor=starts,
-            max_deliver=self.settings.max_deliver,
-        )
-        return Suspects(until=delivered, starts=starts, first=True)
+        return Suspects(floor=floor, until=delivered, starts=None, first=True)
 
-    async def _handle_suspect(self, sub: DurableConsumer, suspects: Suspects) -> Suspects | None:
+    async def _handle_suspect(
+        self, sub: DurableConsumer, suspects: Suspects
+    ) -> tuple[Suspects | None, list[Msg]]:
+        """Handle the next suspect; returns what is left of them and the message to hand to an
+        ordinary batch instead (the first one, when this start is the first at its floor)."""
         msgs = await sub.next_batch(1, idle_wait=0.5)
         if not msgs:
-            return suspects
+            return suspects, []
         (msg,) = msgs
         sequence = jetstream_sequences(msg)[0]
+        if suspects.starts is None:
+            try:
+                starts = await count_start(self.bus.js, self.settings.worker_durable, suspects.floor)
+            except Exception as exc:  # the breaker is a safety net: never a reason to stop
+                log.warning("worker.start_count_failed", error=repr(exc))
+                starts = 1
+            if starts < 2 or sequence > suspects.until:
+                return None, [msg]  # an ordinary start: the batch goes on as usual
+            log.warning(
+                "worker.careful_start",
+                ack_floor=suspects.floor,
+                in_flight_until=suspects.until,
+                starts_at_this_floor=starts,
+                max_deliver=self.settings.max_deliver,
+            )
+            suspects = dataclasses.replace(suspects, starts=starts)
+        assert suspects.starts is not None
         if suspects.first and suspects.starts > self.settings.max_deliver:
             poison = MalformedSignal(
                 "poison",
@@ -309,10 +331,10 @@ class Worker:
         else:
             await self.process_batch([msg])
         if sequence >= suspects.until:
-            return None
+            return None, []
         with contextlib.suppress(Exception):  # a safety net: never a reason to stop
             await carry_start_count(self.bus.js, self.settings.worker_durable, sequence, suspects.starts)
-        return Suspects(suspects.until, suspects.starts, first=False)
+        return dataclasses.replace(suspects, first=False), []
 
     async def checks(self) -> dict[str, bool]:
         checks = {
@@ -369,8 +391,7 @@ class Worker:
         """Send one order and book its fill; None when booked. With a real venue the order is
         journaled (and stored) first, and an order the journal still holds open is looked up
         by client order id instead of being sent again (DESIGN §4.3)."""
-        if self._fenced:
-            raise LeaseLost("this worker lost its lease: no order is placed")
+        self._check_lease()
         if self.journaled:
             journaled = self.journal.pending.get(intent.client_order_id)
             if journaled is not None:
@@ -387,11 +408,17 @@ class Worker:
                     return OrderUncertain(
                         f"{intent.client_order_id}: an earlier request may still reach the venue"
                     )
-            self._emit(self.journal.submit(intent, self.clock(), decision))
+            journaled_at = self.clock()
+            self._emit(self.journal.submit(intent, journaled_at, decision))
             await self._flush()  # stored before it is sent
+            # No request of it may leave later than a restarted worker assumes (the journal
+            # entry's time plus the send span), however long storing it took.
+            not_after: datetime | None = journaled_at + timedelta(seconds=self.gateway.send_span_seconds)
+        else:
+            not_after = None
         started = time.perf_counter()
         try:
-            fill = await self.gateway.execute(intent)
+            fill = await self.gateway.execute(intent, not_after)
         except OrderRejected as exc:
             metrics.ORDER_ERRORS.labels(self.gateway.name, exc.reason_code).inc()
             log.warning("order.rejected", reason_code=exc.reason_code, error=str(exc))
@@ -765,6 +792,7 @@ class Worker:
             now,
             self.rules,
             await self._balance_for(signal),
+            own_price_allowed=not self.gateway.quotes,
         )
         if not isinstance(verdict, Accepted):
             if closed_before is not None:  # nothing left to do: it all happened before a restart
@@ -1040,7 +1068,8 @@ class Worker:
 
     async def _trusted_price(self, symbol: str) -> Decimal | None:
         """The price pre-trade checks use: the last tick while it is fresh, else the venue's
-        own (mark) price, else the last tick however old (a venue without prices of its own)."""
+        own (mark) price; None when the venue gives neither. A venue without prices of its own
+        (paper) has only the ticks it was given, however old."""
         last = self.last_prices.get(symbol)
         if not self.gateway.quotes:
             return last
@@ -1055,9 +1084,9 @@ class Worker:
             quoted = await self.gateway.reference_price(symbol)
         except Exception as exc:
             log.warning("price.reference_failed", symbol=symbol, error=repr(exc)[:300])
-            return last
+            return None  # a stale price must not size an order or pass a limit
         if quoted is None:
-            return last
+            return None
         self.last_prices[symbol] = quoted
         self._price_seen_at[symbol] = time.monotonic()
         return quoted
@@ -1170,8 +1199,7 @@ class Worker:
         unpublished events are not acked, so the next start redelivers them, and the book that
         start replays never saw these events, so nothing is counted twice."""
         async with self._flush_lock:  # one flusher: retries keep stream order, acks wait for storage
-            if self._fenced:
-                raise LeaseLost("this worker lost its lease: nothing more is stored")
+            self._check_lease()
             if self._abandoned_events:
                 # Events were dropped on the way out: nothing after them may count as stored
                 # (no ack, no order sent on the strength of a journal entry).

@@ -83,9 +83,11 @@ def decide(
     now: datetime,
     rules: Rules,
     balance: Decimal | None = None,
+    own_price_allowed: bool = True,
 ) -> Verdict:
     """`balance`: the account's available balance, needed only to size a signal by
-    `position_size_pct`."""
+    `position_size_pct`. `own_price_allowed`: whether an opening signal's own price may stand
+    in when there is no trusted price (the paper venue, which has no prices of its own)."""
     if rules.allowed_strategies and signal.strategy_id not in rules.allowed_strategies:
         return _reject("strategy_not_allowed", f"strategy {signal.strategy_id} is not on the allow-list")
     if rules.allowed_symbols and signal.symbol not in rules.allowed_symbols:
@@ -110,6 +112,8 @@ def decide(
     price = last_price or signal.reference_price
     if signal.action is Action.CLOSE:
         return _decide_close(signal, book, market, price)
+    if last_price is None and not own_price_allowed:
+        return _reject("no_price", "no fresh price from the venue; a signal's own price is not trusted")
     own = signal.reference_price
     if last_price is not None and own is not None and rules.price_band is not None:
         if abs(own - last_price) > last_price * rules.price_band:

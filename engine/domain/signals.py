@@ -26,7 +26,7 @@ from pydantic import (
     model_validator,
 )
 
-from engine.domain.model import Action, PositionSide, SignalId, StrategyId, load_json_exact
+from engine.domain.model import Action, PositionSide, SignalId, StrategyId, decimal_text, load_json_exact
 
 TOKEN_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 _TOKEN = re.compile(TOKEN_PATTERN)
@@ -149,6 +149,8 @@ class Signal(BaseModel):
     @classmethod
     def _strength_as_text(cls, value: Any) -> Any:
         # petrosa sends "weak"/"strong"; others send a number. Both are kept as text.
+        if isinstance(value, Decimal):
+            return decimal_text(value)  # JSON fractions arrive as exact Decimals
         if isinstance(value, int | float) and not isinstance(value, bool):
             return str(value)
         return value

@@ -287,7 +287,9 @@ class Exchange:
         id of its own (`actualOrderId`): it reduces the position, never beyond it."""
         algo["algoStatus"], algo["triggerTime"] = "TRIGGERING", self.now_ms()
         key = (algo["symbol"], algo["positionSide"])
-        held = abs(self.positions.get(key, Position()).amount)
+        amount = self.positions.get(key, Position()).amount
+        # A stop only reduces: a SELL stop needs a long to sell, a BUY stop a short to buy back.
+        held = amount if algo["side"] == "SELL" else -amount
         qty = held if algo["closePosition"] else min(D(algo["quantity"]), held)
         if qty <= 0:
             algo["algoStatus"] = "EXPIRED"  # nothing left to protect
@@ -881,13 +883,19 @@ def build_app(exchange: Exchange | None = None) -> web.Application:
 
 
 def _ticker(ex: Exchange, p: dict[str, str]) -> Any:
-    rows = [{"symbol": s, "price": str(price), "time": _ms()} for s, price in ex.prices.items()]
-    if "symbol" in p:
-        found = [r for r in rows if r["symbol"] == p["symbol"]]
-        if not found:
-            raise BinanceError(-1121, "Invalid symbol.")
-        return found[0]
-    return rows
+    return _one_or_all(
+        [{"symbol": s, "price": str(price), "time": _ms()} for s, price in ex.prices.items()], p
+    )
+
+
+def _one_or_all(rows: list[dict[str, Any]], p: dict[str, str]) -> Any:
+    """Binance's market-data answers: the symbol's row when one is asked for, else all rows."""
+    if "symbol" not in p:
+        return rows
+    found = [r for r in rows if r["symbol"] == p["symbol"]]
+    if not found:
+        raise BinanceError(-1121, "Invalid symbol.")
+    return found[0]
 
 
 def _premium_index(ex: Exchange, p: dict[str, str]) -> Any:
@@ -905,12 +913,7 @@ def _premium_index(ex: Exchange, p: dict[str, str]) -> Any:
         }
         for s, price in ex.prices.items()
     ]
-    if "symbol" in p:
-        found = [r for r in rows if r["symbol"] == p["symbol"]]
-        if not found:
-            raise BinanceError(-1121, "Invalid symbol.")
-        return found[0]
-    return rows
+    return _one_or_all(rows, p)
 
 
 def _brackets(p: dict[str, str]) -> list[dict[str, Any]]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import AsyncIterator
+from datetime import datetime
 from decimal import Decimal
 
 import pytest
@@ -169,9 +170,9 @@ class CrashingGateway:
     def __getattr__(self, name: str) -> object:
         return getattr(self.real, name)
 
-    async def execute(self, intent: OrderIntent) -> Fill:
+    async def execute(self, intent: OrderIntent, not_after: datetime | None = None) -> Fill:
         if self.after_sending:
-            await self.real.execute(intent)
+            await self.real.execute(intent, not_after)
         raise Crash
 
 
@@ -263,8 +264,8 @@ class VenueGoesDark:
     def __getattr__(self, name: str) -> object:
         return getattr(self.real, name)
 
-    async def execute(self, intent: OrderIntent) -> Fill:
-        fill = await self.real.execute(intent)
+    async def execute(self, intent: OrderIntent, not_after: datetime | None = None) -> Fill:
+        fill = await self.real.execute(intent, not_after)
         if self.dark:
             self.lost_answers += 1
             raise OrderUncertain("no answer")
@@ -318,12 +319,12 @@ class CrashOnSecondClose:
     def __getattr__(self, name: str) -> object:
         return getattr(self.real, name)
 
-    async def execute(self, intent: OrderIntent) -> Fill:
+    async def execute(self, intent: OrderIntent, not_after: datetime | None = None) -> Fill:
         if intent.reduce_only:
             self.closes += 1
             if self.closes == 2:
                 raise Crash
-        return await self.real.execute(intent)
+        return await self.real.execute(intent, not_after)
 
 
 async def test_a_close_signal_cut_short_by_a_crash_closes_only_what_is_left(

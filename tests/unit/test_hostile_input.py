@@ -3,7 +3,9 @@ be encoded (issue #13): the pure half of the poison-message guarantees."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import time
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
@@ -186,10 +188,13 @@ def test_outages_are_told_apart_from_errors_of_the_events() -> None:
 
 def test_a_lease_holder_is_gone_only_when_this_host_sees_its_process_end() -> None:
     me = Holder.this_process()
-    assert not me.gone()
-    assert Holder(me.instance, me.host, me.pid, "1", me.since).gone()  # same pid, another start
-    assert not Holder(me.instance, "another-host", 999_999, "1", me.since).gone()
-    assert Holder.decode(me.encode()) == me
+    assert not me.gone(2.5)
+    assert Holder(me.instance, me.host, me.pid, "1", me.since).gone(2.5)  # same pid, another start
+    assert not Holder(me.instance, "another-host", 999_999, "1", me.since).gone(2.5)
+    # Renewed a moment ago: alive, whatever this host sees of its pid (another container's pid 1).
+    assert not Holder(me.instance, me.host, me.pid, "1", me.since, renewed=time.time()).gone(2.5)
+    decoded = Holder.decode(me.encode())
+    assert decoded is not None and dataclasses.replace(decoded, renewed=0.0) == me
     assert Holder.decode(b"not json") is None
 
 
