@@ -50,7 +50,7 @@ from engine.domain.events import (
     SignalDecided,
     parse_tick,
 )
-from engine.domain.funding import by_funding_time, split_funding
+from engine.domain.funding import SliceHistory, by_funding_time, split_funding
 from engine.domain.journal import OrderJournal, intent_of
 from engine.domain.ledger import SignalLedger
 from engine.domain.model import (
@@ -123,6 +123,8 @@ class Worker:
         self._interest: dict[str, float] = {}  # symbol -> monotonic time of its last signal
         self._funding_refs: set[str] = set()  # venue funding payments already attributed
         self._funded_through: dict[str, datetime] = {}  # per symbol: the last funding time booked
+        self._slice_history = SliceHistory()  # which slices were open when: funding splits
+        self._started_at = clock()
         self.price_feed: PriceFeed | None = None
         self.stops: ProtectiveStops | None = None
         self._price_store: LastPrices | None = None
@@ -571,21 +573,19 @@ class Worker:
                 log.warning("funding.failed", error=repr(exc)[:300])
 
     async def book_funding(self) -> None:
-        for symbol in sorted({key.symbol for key in self.book.exchange}):
-            opened = min(
-                (
-                    ep.opened_at
-                    for key, ep in self.book.exchange.items()
-                    if key.symbol == symbol and ep.opened_at
-                ),
-                default=self.clock(),
-            )
+        """Ask the venue for new funding payments on every symbol held now or within the last
+        day, and split each over the slices open at its funding time."""
+        now = self.clock()
+        self._slice_history.prune(now)
+        for symbol in sorted(self._slice_history.symbols(self.book)):
             booked = self._funded_through.get(symbol)
-            since = booked + timedelta(microseconds=1) if booked is not None else opened
+            first = self._slice_history.earliest(self.book, symbol) or now
+            since = booked + timedelta(microseconds=1) if booked is not None else first - timedelta(minutes=1)
             payments = await self.gateway.funding_since(symbol, since)
             async with self._symbol_locks[symbol]:
                 for payment in by_funding_time(payments, self._funding_refs):
-                    for event in split_funding(payment, self.book, self.clock()):
+                    held = self._slice_history.open_at(self.book, symbol, payment.funding_time)
+                    for event in split_funding(payment, held, self.clock()):
                         log.info(
                             "position.funding",
                             strategy_id=event.strategy_id,
@@ -1134,6 +1134,7 @@ class Worker:
             case SignalDecided():
                 self.ledger.apply(event)
             case PositionOpened():
+                self._slice_history.record(event, self._started_at if replay else event.occurred_at)
                 if replay and event.strategy_position_id not in self._replayed_opens:
                     self._replayed_opens.add(event.strategy_position_id)
                     self.book.apply(event)  # a re-stored open of a slice closed since is not reopened
@@ -1149,6 +1150,7 @@ class Worker:
                     if event.exchange_position.quantity_before == 0:
                         metrics.child(metrics.EXCHANGE_POSITIONS_OPENED, event.side.value).inc()
             case PositionClosed():
+                self._slice_history.record(event, self._started_at if replay else event.occurred_at)
                 if replay:
                     self.book.apply(event)
                     self._replayed_cash += event.gross_pnl - event.exit_fee

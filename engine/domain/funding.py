@@ -6,18 +6,93 @@ Pure: a venue's funding payment on a symbol and the book as it stands come in; o
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from datetime import datetime
+from collections import deque
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
 from decimal import Decimal
 
-from engine.domain.book import PositionBook, StrategyPosition
-from engine.domain.events import PositionFunding
-from engine.domain.model import ZERO, PositionKey, PositionSide, derive_id
+from engine.domain.book import PositionBook
+from engine.domain.events import PositionClosed, PositionFunding, PositionOpened
+from engine.domain.model import ZERO, PositionKey, PositionSide, StrategyId, StrategyPositionId, derive_id
 from engine.domain.pnl import split_pro_rata
 from engine.domain.reconcile import EXTERNAL_STRATEGY
 
 FUNDING_INTERVAL_HOURS = 8  # Binance USD-M perpetuals: 00:00, 08:00 and 16:00 UTC
 UNATTRIBUTED = "funding-unattributed"
+
+
+@dataclass(frozen=True, slots=True)
+class SliceAt:
+    """An open slice as it stood at a funding time."""
+
+    strategy_position_id: StrategyPositionId
+    strategy_id: StrategyId
+    side: PositionSide
+    remaining: Decimal
+    exchange_position_id: str
+
+
+class SliceHistory:
+    """What the book looked like at a recent moment: funding is split over the slices open at
+    its funding time, which the venue reports later (within a poll, or after a restart), when
+    the book may have moved on. Keeps only the opens and closes of the last day and undoes
+    them from the book as it stands; nothing for positions that did not change."""
+
+    def __init__(self, keep: timedelta = timedelta(days=1)) -> None:
+        self.keep = keep
+        # symbol -> (time, +1 opened / -1 closed, the slice and the quantity it moved), in order
+        self.changes: dict[str, deque[tuple[datetime, int, SliceAt]]] = {}
+
+    def record(self, event: PositionOpened | PositionClosed, now: datetime) -> None:
+        if event.occurred_at < now - self.keep:
+            return  # a replay of old history: no funding will be split over it any more
+        if isinstance(event, PositionOpened):
+            moved, sign = event.quantity, 1
+        else:
+            moved, sign = event.closed_quantity, -1
+        sliced = SliceAt(
+            StrategyPositionId(event.strategy_position_id),
+            StrategyId(event.strategy_id),
+            event.side,
+            moved,
+            event.exchange_position.exchange_position_id,
+        )
+        self.changes.setdefault(event.symbol, deque()).append((event.occurred_at, sign, sliced))
+
+    def open_at(self, book: PositionBook, symbol: str, when: datetime) -> list[SliceAt]:
+        """The symbol's slices open at `when`: the book now, with later changes undone."""
+        held = {
+            sp.id: SliceAt(sp.id, sp.strategy_id, sp.side, sp.remaining, sp.exchange_position_id)
+            for side in (PositionSide.LONG, PositionSide.SHORT)
+            for sp in book.keyed(PositionKey(symbol, side))
+        }
+        for at, sign, moved in reversed(self.changes.get(symbol, ())):
+            if at <= when:
+                break
+            known = held.get(moved.strategy_position_id)
+            remaining = (known.remaining if known else ZERO) - sign * moved.remaining
+            if remaining > 0:
+                held[moved.strategy_position_id] = replace(known or moved, remaining=remaining)
+            else:
+                held.pop(moved.strategy_position_id, None)
+        return list(held.values())
+
+    def symbols(self, book: PositionBook) -> set[str]:
+        """Symbols held now or changed within the last day."""
+        return {key.symbol for key in book.exchange} | {s for s, changes in self.changes.items() if changes}
+
+    def earliest(self, book: PositionBook, symbol: str) -> datetime | None:
+        """Since when the symbol may have been paid funding that concerns the book."""
+        times = [ep.opened_at for key, ep in book.exchange.items() if key.symbol == symbol and ep.opened_at]
+        changes = self.changes.get(symbol)
+        if changes:
+            times.append(changes[0][0])
+        return min(times, default=None)
+
+    def prune(self, now: datetime) -> None:
+        for changes in self.changes.values():
+            while changes and changes[0][0] < now - self.keep:
+                changes.popleft()
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,36 +139,36 @@ def expected_funding(side: PositionSide, quantity: Decimal, mark_price: Decimal,
     return -side.sign * rate * quantity * mark_price
 
 
-def split_funding(payment: VenueFunding, book: PositionBook, now: datetime) -> list[PositionFunding]:
-    """The payment over the symbol's open slices: between the two sides by what each is expected
-    to pay at the payment's rate (the residual spread by size; by notional when the rate is
-    unknown), within a side pro rata to each slice's quantity. With nothing open, one event
-    for the `external` strategy keeps the books whole."""
-    keys = [
-        PositionKey(payment.symbol, side)
+def split_funding(payment: VenueFunding, slices: list[SliceAt], now: datetime) -> list[PositionFunding]:
+    """The payment over the symbol's slices open at its funding time: between the two sides by
+    what each is expected to pay at the payment's rate (the residual spread by size; by
+    notional when the rate is unknown), within a side pro rata to each slice's quantity. With
+    nothing open, one event for the `external` strategy keeps the books whole."""
+    sides = [
+        side
         for side in (PositionSide.LONG, PositionSide.SHORT)
-        if (payment.side is None or side is payment.side) and book.keyed(PositionKey(payment.symbol, side))
+        if (payment.side is None or side is payment.side) and any(s.side is side for s in slices)
     ]
-    if not keys:
+    if not sides:
         return [_event(payment, None, payment.side or PositionSide.LONG, payment.amount, now)]
-    per_key = _between_sides(payment, book, keys)
+    per_side = _between_sides(payment, slices, sides)
     events: list[PositionFunding] = []
-    for key, amount in zip(keys, per_key, strict=True):
-        slices = list(book.keyed(key))
-        for sp, share in zip(slices, split_pro_rata(amount, [sp.remaining for sp in slices]), strict=True):
-            events.append(_event(payment, sp, key.side, share, now))
+    for side, amount in zip(sides, per_side, strict=True):
+        held = [s for s in slices if s.side is side]
+        for sp, share in zip(held, split_pro_rata(amount, [s.remaining for s in held]), strict=True):
+            events.append(_event(payment, sp, side, share, now))
     return events
 
 
-def _between_sides(payment: VenueFunding, book: PositionBook, keys: list[PositionKey]) -> list[Decimal]:
-    if len(keys) == 1:
+def _between_sides(payment: VenueFunding, slices: list[SliceAt], sides: list[PositionSide]) -> list[Decimal]:
+    if len(sides) == 1:
         return [payment.amount]
-    quantities = [sum((sp.remaining for sp in book.keyed(key)), ZERO) for key in keys]
-    mark = payment.mark_price or book.exchange[keys[0]].avg_entry_price
-    if payment.rate is None or payment.rate == 0:
-        return split_pro_rata(payment.amount, [q * mark for q in quantities])
+    quantities = [sum((s.remaining for s in slices if s.side is side), ZERO) for side in sides]
+    if payment.rate is None or payment.rate == 0 or payment.mark_price is None:
+        return split_pro_rata(payment.amount, quantities)
+    mark = payment.mark_price
     expected = [
-        expected_funding(key.side, q, mark, payment.rate) for key, q in zip(keys, quantities, strict=True)
+        expected_funding(side, q, mark, payment.rate) for side, q in zip(sides, quantities, strict=True)
     ]
     residual = payment.amount - sum(expected, ZERO)
     spread = split_pro_rata(residual, [abs(e) for e in expected])
@@ -101,9 +176,9 @@ def _between_sides(payment: VenueFunding, book: PositionBook, keys: list[Positio
 
 
 def _event(
-    payment: VenueFunding, sp: StrategyPosition | None, side: PositionSide, amount: Decimal, now: datetime
+    payment: VenueFunding, sp: SliceAt | None, side: PositionSide, amount: Decimal, now: datetime
 ) -> PositionFunding:
-    position_id = sp.id if sp is not None else UNATTRIBUTED
+    position_id = sp.strategy_position_id if sp is not None else UNATTRIBUTED
     return PositionFunding(
         event_id=derive_id("position.funding", payment.ref, position_id),
         occurred_at=now,

@@ -540,6 +540,11 @@ async def test_funding_is_attributed_to_the_strategies_and_closes_the_books(
     worker = on_emulator.worker
     assert worker is not None
     emulator.exchange.pay_funding("ETHUSDT", D("0.0001"))
+    # c closes and d opens before the worker polls: the payment is still c's, never d's.
+    await on_emulator.decision(await on_emulator.publish("c", "ETHUSDT", "close", confidence=0.9))
+    await on_emulator.decision(
+        await on_emulator.publish("d", "ETHUSDT", "sell", quantity="0.5", confidence=0.9)
+    )
     await worker.book_funding()
     await worker.book_funding()  # nothing new: each payment is attributed once
     funded = [e for e in on_emulator.events if isinstance(e, PositionFunding)]
@@ -558,12 +563,13 @@ async def test_funding_is_attributed_to_the_strategies_and_closes_the_books(
         ("a", D("-0.03"), D("-0.03")),
         ("b", D("-0.09"), D("-0.09")),
         ("c", D("0.06"), D("0.06")),
+        ("d", D("0"), D("0")),
     ]
     fees = await on_emulator.query("SELECT strategy_id, funding_fees FROM strategy_fees ORDER BY strategy_id")
-    assert [r["funding_fees"] for r in fees] == [D("0.03"), D("0.09"), D("-0.06")]
+    assert [r["funding_fees"] for r in fees] == [D("0.03"), D("0.09"), D("-0.06"), D("0")]
 
     await on_emulator.tick("ETHUSDT", "3050")
-    for strategy in ("a", "b", "c"):
+    for strategy in ("a", "b", "d"):
         await on_emulator.decision(await on_emulator.publish(strategy, "ETHUSDT", "close", confidence=0.9))
     assert emulator.exchange.state()["positions"] == {}
     trades = sum((e.realized_pnl for e in on_emulator.closed()), D(0))
