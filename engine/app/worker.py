@@ -732,7 +732,8 @@ class Worker:
             SIGNAL_CONTEXT.reset(context)
 
     async def on_signal(self, signal: Signal, sequence: int) -> None:
-        self._interest[signal.symbol] = time.monotonic()  # the price feed watches it a while
+        if self.price_feed is not None:
+            self._interest[signal.symbol] = time.monotonic()  # the feed watches it a while
         prior = self.ledger.decided_at(signal.strategy_id, signal.id)
         if prior is not False:
             if prior == sequence:
@@ -788,10 +789,14 @@ class Worker:
             signal,
             self.book,
             self.gateway.market(signal.symbol),
-            await self._trusted_price(signal.symbol) if signal.action is not Action.HOLD else None,
+            (
+                await self._trusted_price(signal.symbol)
+                if self.gateway.quotes and signal.action is not Action.HOLD
+                else self.last_prices.get(signal.symbol)
+            ),
             now,
             self.rules,
-            await self._balance_for(signal),
+            await self._balance_for(signal) if signal.position_size_pct is not None else None,
             own_price_allowed=not self.gateway.quotes,
         )
         if not isinstance(verdict, Accepted):

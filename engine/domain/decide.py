@@ -67,7 +67,7 @@ Verdict = Accepted | Refused
 
 def amount(value: Decimal) -> str:
     """A decimal as people read it in a reason: 50, not 5E+1; 0.1, not 0.10000."""
-    text = decimal_text(value.normalize()) if value == value.to_integral_value() else decimal_text(value)
+    text = decimal_text(value)
     return text.rstrip("0").rstrip(".") if "." in text else text
 
 

@@ -7,7 +7,7 @@ Pure: a venue's funding payment on a symbol and the book as it stands come in; o
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
 
@@ -40,24 +40,23 @@ class SliceHistory:
 
     def __init__(self, keep: timedelta = timedelta(days=1)) -> None:
         self.keep = keep
-        # symbol -> (time, +1 opened / -1 closed, the slice and the quantity it moved), in order
-        self.changes: dict[str, deque[tuple[datetime, int, SliceAt]]] = {}
+        # symbol -> (time, +1 opened / -1 closed, slice id, strategy, side, quantity moved,
+        # exchange position), oldest first
+        self.changes: dict[str, deque[tuple[datetime, int, str, str, PositionSide, Decimal, str]]] = {}
 
     def record(self, event: PositionOpened | PositionClosed, now: datetime) -> None:
         if event.occurred_at < now - self.keep:
             return  # a replay of old history: no funding will be split over it any more
+        # Plain tuples: this runs for every open and close (a frozen dataclass costs 3x).
         if isinstance(event, PositionOpened):
             moved, sign = event.quantity, 1
         else:
             moved, sign = event.closed_quantity, -1
-        sliced = SliceAt(
-            StrategyPositionId(event.strategy_position_id),
-            StrategyId(event.strategy_id),
-            event.side,
-            moved,
-            event.exchange_position.exchange_position_id,
-        )
-        self.changes.setdefault(event.symbol, deque()).append((event.occurred_at, sign, sliced))
+        changes = self.changes.get(event.symbol)
+        if changes is None:
+            changes = self.changes[event.symbol] = deque()
+        changes.append((event.occurred_at, sign, event.strategy_position_id, event.strategy_id, event.side,
+                        moved, event.exchange_position.exchange_position_id))  # fmt: skip
 
     def open_at(self, book: PositionBook, symbol: str, when: datetime) -> list[SliceAt]:
         """The symbol's slices open at `when`: the book now, with later changes undone."""
@@ -66,15 +65,18 @@ class SliceHistory:
             for side in (PositionSide.LONG, PositionSide.SHORT)
             for sp in book.keyed(PositionKey(symbol, side))
         }
-        for at, sign, moved in reversed(self.changes.get(symbol, ())):
+        for at, sign, position_id, strategy_id, side, moved, exchange_position_id in reversed(
+            self.changes.get(symbol, ())
+        ):
             if at <= when:
                 break
-            known = held.get(moved.strategy_position_id)
-            remaining = (known.remaining if known else ZERO) - sign * moved.remaining
+            spid = StrategyPositionId(position_id)
+            known = held.get(spid)
+            remaining = (known.remaining if known else ZERO) - sign * moved
             if remaining > 0:
-                held[moved.strategy_position_id] = replace(known or moved, remaining=remaining)
+                held[spid] = SliceAt(spid, StrategyId(strategy_id), side, remaining, exchange_position_id)
             else:
-                held.pop(moved.strategy_position_id, None)
+                held.pop(spid, None)
         return list(held.values())
 
     def symbols(self, book: PositionBook) -> set[str]:

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Annotated, Any, Self
+from typing import Annotated, Any
 
 from pydantic import (
     BaseModel,
@@ -21,9 +21,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
-    ValidationInfo,
     field_validator,
-    model_validator,
 )
 
 from engine.domain.model import Action, PositionSide, SignalId, StrategyId, decimal_text, load_json_exact
@@ -41,36 +39,37 @@ MAX_JSON_DEPTH = 16
 MAX_TEXT_LENGTH = 64  # free-text fields: strategy, source, strength
 MAX_METADATA_STRING = 4096
 # Every amount stays below 10^9, so a quantity times a price stays below 10^18 and fits the
-# DECIMAL(36,18) columns of the projection; no amount has more than 18 decimal places.
+# DECIMAL(36,18) columns of the projection.
 MAX_AMOUNT = Decimal(10) ** 9
-MAX_DECIMAL_PLACES = 18
 _EPOCH_MS_THRESHOLD = 100_000_000_000  # epochs above this are milliseconds (year 5138 in s)
 
 
 def _no_bool_or_nan(value: Any) -> Any:
-    """JSON `true` is not a number, and NaN/Infinity are never prices."""
+    """JSON `true` is not a number, NaN/Infinity are never prices, and every amount must fit
+    the projection: below 10^9 in size. Checked here, in the one Python call each amount gets
+    anyway (pydantic's own constraints cost several times as much). Places beyond the 18 the
+    projection keeps are rounded there; quantities and prices are rounded to the market's
+    step and tick before they are used."""
     if isinstance(value, bool):
         raise ValueError("must be a number, not a boolean")
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ValueError("must be a finite number")
     if isinstance(value, float):
-        return repr(value)  # Decimal from the shortest repr: 0.1 stays 0.1
+        if not math.isfinite(value):
+            raise ValueError("must be a finite number")
+        value = Decimal(repr(value))  # Decimal from the shortest repr: 0.1 stays 0.1
+    elif isinstance(value, str):
+        try:
+            value = Decimal(value.strip())
+        except ArithmeticError:
+            return value  # not a number: pydantic says so in its own words
+    if isinstance(value, Decimal | int) and not -MAX_AMOUNT < value < MAX_AMOUNT:
+        if not (isinstance(value, Decimal) and value.is_nan()):
+            raise ValueError(f"must be below {MAX_AMOUNT:,} in size")
     return value
 
 
-Number = Annotated[
-    Decimal, BeforeValidator(_no_bool_or_nan), Field(allow_inf_nan=False, decimal_places=MAX_DECIMAL_PLACES)
-]
-PositiveNumber = Annotated[
-    Decimal,
-    BeforeValidator(_no_bool_or_nan),
-    Field(gt=0, lt=MAX_AMOUNT, allow_inf_nan=False, decimal_places=MAX_DECIMAL_PLACES),
-]
-Fraction = Annotated[
-    Decimal,
-    BeforeValidator(_no_bool_or_nan),
-    Field(gt=0, lt=1, allow_inf_nan=False, decimal_places=MAX_DECIMAL_PLACES),
-]
+Number = Annotated[Decimal, BeforeValidator(_no_bool_or_nan), Field(allow_inf_nan=False)]
+PositiveNumber = Annotated[Decimal, BeforeValidator(_no_bool_or_nan), Field(gt=0, allow_inf_nan=False)]
+Fraction = Annotated[Decimal, BeforeValidator(_no_bool_or_nan), Field(gt=0, lt=1, allow_inf_nan=False)]
 Text = Annotated[str, Field(max_length=MAX_TEXT_LENGTH)]
 
 
@@ -155,15 +154,11 @@ class Signal(BaseModel):
             return str(value)
         return value
 
-    @model_validator(mode="after")
-    def _sized_when_opening(self, info: ValidationInfo) -> Self:
-        if self.action in (Action.BUY, Action.SELL) and not (info.context or {}).get("sized_by_default"):
-            if self.quantity is None and self.quote_quantity is None and self.position_size_pct is None:
-                raise ValueError(
-                    f"{self.action.value} needs quantity, quote_quantity or position_size_pct"
-                    " (or DEFAULT_NOTIONAL set on the worker)"
-                )
-        return self
+    @property
+    def sized(self) -> bool:
+        return (
+            self.quantity is not None or self.quote_quantity is not None or self.position_size_pct is not None
+        )
 
     @property
     def key_strategy(self) -> StrategyId:
@@ -303,7 +298,7 @@ def parse_signal(
             return MalformedSignal("bad_text", (problem,))
     raw_id = payload.get("signal_id")
     try:
-        signal = Signal.model_validate(payload, context={"sized_by_default": sized_by_default})
+        signal = Signal.model_validate(payload)
     except ValidationError as exc:
         return MalformedSignal(
             "invalid_field",
@@ -315,6 +310,17 @@ def parse_signal(
     except Exception as exc:  # a validator tripped over a value no rule foresaw
         return MalformedSignal(
             "invalid_field", (f"payload: {type(exc).__name__}: {safe_text(str(exc), 300)}",)
+        )
+    if signal.opening_side is not None and not signal.sized and not sized_by_default:
+        return MalformedSignal(
+            "invalid_field",
+            (
+                f"payload: {signal.action.value} needs quantity, quote_quantity or position_size_pct"
+                " (or DEFAULT_NOTIONAL set on the worker)",
+            ),
+            strategy_id=signal.strategy_id,
+            symbol=signal.symbol,
+            signal_id=signal.signal_id,
         )
     for field_name, in_payload, in_subject in (
         ("strategy_id", signal.strategy_id, tokens[0]),
