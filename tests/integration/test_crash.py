@@ -34,6 +34,7 @@ from engine.config import MysqlTarget, load_settings
 from engine.domain.book import PositionBook
 from engine.domain.events import Event, PositionClosed, PositionOpened, SignalDecided, decode_event
 from engine.domain.model import CloseReason
+from engine.emulator.binanceusdm import STARTING_WALLET
 from tests.integration.harness import eventually_async
 from tests.integration.processes import interrupt
 
@@ -220,12 +221,20 @@ async def test_kill_minus_9_during_a_run_loses_and_doubles_nothing(
     ]
     closes = [e for e in stored if isinstance(e, PositionClosed)]
     assert {e.close_reason for e in closes} >= {CloseReason.TAKE_PROFIT, CloseReason.STOP_LOSS}
+    # Flat to flat, the strategies' net PnL is the venue's: its wallet moved by that, to the
+    # venue's own precision (the emulator averages entry prices in 28 digits, as a venue rounds).
+    opens_fees = sum((e.fee for e in stored if isinstance(e, PositionOpened)), Decimal(0))
+    net = sum((e.gross_pnl - e.exit_fee for e in closes), Decimal(0)) - opens_fees
+    wallet_moved = Decimal(state["wallet"]) - STARTING_WALLET
+    if not held:
+        assert abs(net - wallet_moved) < Decimal("1e-9"), (net, wallet_moved)
 
     await _project_and_compare(nats_server.url, mysql_url, stored)
     print(
         f"crash run: {SIGNALS} signals, {KILLS} kills, {len(stored)} events, {state['orders']} orders, "
         f"{len(closes)} closes, open keys {len(held)}, late requests {state.get('late_requests')}, "
-        f"client ids sent twice {len(state['duplicate_client_ids'])}"
+        f"client ids sent twice {len(state['duplicate_client_ids'])}, strategies' net PnL {net} vs the venue's "
+        f"wallet {wallet_moved} (difference {net - wallet_moved:.2E})"
     )
 
 
