@@ -217,9 +217,8 @@ def _priced(
     total = sum((o.quantity for o in orders), ZERO)
     if total <= 0:
         return fallback, ZERO, "reconciliation"
-    price = (sum((o.average_price * o.quantity for o in orders), ZERO) / total).quantize(
-        PRICE_DISPLAY_QUANTUM
-    )
+    # Not rounded: the closes booked at this price must add up to what the venue paid out.
+    price = sum((o.average_price * o.quantity for o in orders), ZERO) / total
     fee = sum((o.fee for o in orders), ZERO) * min(quantity, total) / total
     ids = ",".join(o.exchange_order_id for o in orders)[:64]
     return price, fee, ids
