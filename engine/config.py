@@ -34,6 +34,7 @@ class PriceFeedMode(StrEnum):
     AUTO = "auto"
     OFF = "off"
     POLL = "poll"
+    STREAM = "stream"
     ON = "on"
 
 
@@ -107,6 +108,7 @@ class Settings(BaseSettings):
     exchange_api_secret_file: str | None = None
     exchange_sandbox: bool = False
     exchange_api_url: str | None = None
+    exchange_ws_url: str | None = None
     set_position_mode: bool = False
     external_close_attribution: ExternalCloseAttribution = ExternalCloseAttribution.PRO_RATA
     reconcile_interval_seconds: Annotated[float, Field(ge=0)] = 30.0

@@ -177,6 +177,17 @@ def venue_message(exc: Exception) -> str:
     return f"venue: {text[:300]}"
 
 
+def _rewrite_ws(urls: Any, base: str) -> Any:
+    """Every websocket URL moved to `base`'s scheme and host, paths kept (EXCHANGE_WS_URL)."""
+    target = urlsplit(base)
+    if isinstance(urls, dict):
+        return {name: _rewrite_ws(value, base) for name, value in urls.items()}
+    if isinstance(urls, str) and urls.startswith(("ws://", "wss://")):
+        parts = urlsplit(urls)
+        return urlunsplit((target.scheme, target.netloc, parts.path, parts.query, parts.fragment))
+    return urls
+
+
 def rewrite_urls(urls: Any, base: str) -> Any:
     """Every REST endpoint moved to `base`'s scheme and host, paths kept (EXCHANGE_API_URL)."""
     target = urlsplit(base)
@@ -202,6 +213,7 @@ class CcxtGateway:
         policy: RetryPolicy | None = None,
         rate_limit_ms: float | None = None,  # ccxt's client-side throttle; by default the venue's
         account: AccountSettings | None = None,
+        ws_url: str | None = None,
     ) -> None:
         if not hasattr(ccxt_async, exchange_id):
             raise ValueError(f"ccxt has no exchange {exchange_id!r}")
@@ -239,6 +251,8 @@ class CcxtGateway:
             self._guard_host(urlsplit(api_url).netloc)
         self._markets: dict[str, Market] = {}
         self._unified: dict[str, str] = {}
+        self._ws_url = ws_url
+        self._streams: Any = None
         self._taker: dict[str, Decimal] = {}  # ccxt's static rates: a fallback only
         self._venue_taker: dict[str, Decimal] = {}  # the account's own, as the venue states them
         self.settlement_asset = "USDT"  # linear USD-M swaps settle in it
@@ -755,6 +769,43 @@ class CcxtGateway:
 
     async def close(self) -> None:
         await self.exchange.close()
+        if self._streams is not None:
+            await self._streams.close()
+
+    async def watch_prices(self, symbols: list[str], kind: str) -> dict[str, Decimal]:
+        """The next prices the venue's market streams push for `symbols` (Binance:
+        `<symbol>@ticker`, or `<symbol>@markPrice@1s`), through ccxt.pro; waits for an update."""
+        unified = {self._unified[s]: s for s in symbols if s in self._unified}
+        if not unified:
+            return {}
+        streams = self._market_streams()
+        if kind == "mark":
+            tickers = await streams.watch_mark_prices(list(unified))
+        else:
+            tickers = await streams.watch_tickers(list(unified))
+        found: dict[str, Decimal] = {}
+        for name, ticker in tickers.items():
+            raw = (
+                (ticker.get("markPrice") or (ticker.get("info") or {}).get("p"))
+                if kind == "mark"
+                else ticker.get("last")
+            )
+            if name in unified and raw is not None and _dec(raw) > 0:
+                found[unified[name]] = _dec(raw)
+        return found
+
+    def _market_streams(self) -> Any:
+        """A ccxt.pro client for the public market streams, sharing the REST client's markets;
+        with EXCHANGE_WS_URL every websocket URL moves there (paths kept)."""
+        if self._streams is None:
+            import ccxt.pro as ccxt_pro
+
+            streams = getattr(ccxt_pro, self.name)({"options": {"defaultType": "swap"}})
+            if self._ws_url is not None:
+                streams.urls["api"]["ws"] = _rewrite_ws(streams.urls["api"]["ws"], self._ws_url)
+            streams.set_markets(self.exchange.markets)
+            self._streams = streams
+        return self._streams
 
     async def _call(self, call: Callable[[], Awaitable[T]]) -> T:
         """Reads are safe to repeat: retry throttling and network errors, bounded."""

@@ -80,6 +80,11 @@ class ExchangeGateway(Protocol):
         names the market order it became (`fill_order_id`)."""
         ...
 
+    async def watch_prices(self, symbols: list[str], kind: str) -> dict[str, Decimal]:
+        """The next prices the venue's market streams push for `symbols` (websockets): returns
+        when there is an update."""
+        ...
+
     async def available_balance(self) -> Decimal | None:
         """What the account can still put into new positions, in the quote currency (USDT),
         for signals sized by `position_size_pct`; None if unknown."""

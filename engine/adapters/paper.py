@@ -96,6 +96,9 @@ class PaperExchange:
     async def venue_prices(self, symbols: list[str], kind: str) -> dict[str, Decimal]:
         return {}  # its prices are the ticks it is given
 
+    async def watch_prices(self, symbols: list[str], kind: str) -> dict[str, Decimal]:
+        raise NotImplementedError("the paper venue has no market streams")
+
     async def funding_since(self, symbol: str, since: datetime) -> list[VenueFunding]:
         """Funding at `funding_rate` every 8 hours (00:00, 08:00, 16:00 UTC) on what the paper
         venue holds, at the last price; each payment is made (and enters the wallet) once."""

@@ -19,6 +19,7 @@ from engine.domain.model import decimal_text
 
 log = structlog.get_logger(__name__)
 
+STREAM_WAIT = 10.0  # seconds without an update from a stream before it counts as failing
 PriceSource = Callable[[list[str]], Awaitable[dict[str, Decimal]]]
 Publish = Callable[[str, bytes], Awaitable[None]]
 
@@ -36,6 +37,8 @@ class PriceFeed:
         return self.last_success is not None and now - self.last_success <= max(5 * self.every, 10.0)
 
     async def run(self, stopping: asyncio.Event) -> None:
+        """Poll every `every` seconds; with `every` 0 the source is a stream, which answers
+        when the venue pushes an update."""
         while not stopping.is_set():
             started = time.monotonic()
             wanted = self.symbols()
@@ -43,17 +46,21 @@ class PriceFeed:
                 await self.poll(sorted(wanted))
             else:
                 self.last_success = started  # nothing to watch is not a stale feed
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stopping.wait(), max(self.every - (time.monotonic() - started), 0.0))
+            pause = self.every - (time.monotonic() - started) if self.every else (0.0 if wanted else 1.0)
+            if pause > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stopping.wait(), pause)
 
     async def poll(self, symbols: list[str]) -> None:
         try:
-            prices = await self.source(symbols)
+            prices = await asyncio.wait_for(self.source(symbols), None if self.every else STREAM_WAIT)
         except Exception as exc:
             now = time.monotonic()
             if self._failing_since is None:
                 self._failing_since = now
                 log.warning("price_feed.failed", source=self.name, error=repr(exc)[:300])
+            if not self.every:
+                await asyncio.sleep(1.0)  # a stream that fails is opened again, not in a tight loop
             return
         if self._failing_since is not None:
             log.info(

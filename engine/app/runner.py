@@ -14,7 +14,15 @@ from engine.adapters.embedded_nats import EmbeddedNats
 from engine.adapters.gateway import ExchangeGateway
 from engine.adapters.nats_bus import NatsBus
 from engine.adapters.paper import PaperExchange
-from engine.config import DEFAULT_MYSQL_URL, DEFAULT_NATS_URL, ConfigError, MysqlTarget, Settings, TpslPrice
+from engine.config import (
+    DEFAULT_MYSQL_URL,
+    DEFAULT_NATS_URL,
+    ConfigError,
+    MysqlTarget,
+    PriceFeedMode,
+    Settings,
+    TpslPrice,
+)
 
 log = structlog.get_logger(__name__)
 URL_FILE = "nats.url"
@@ -45,6 +53,15 @@ def build_gateway(settings: Settings) -> ExchangeGateway:
         RetryPolicy,
     )
 
+    if (
+        settings.price_feed is PriceFeedMode.STREAM
+        and settings.exchange_api_url
+        and not settings.exchange_ws_url
+    ):
+        raise ConfigError(
+            "EXCHANGE_WS_URL: PRICE_FEED=stream with EXCHANGE_API_URL set needs the websocket address too"
+            " (the streams would otherwise go to the venue's own host)"
+        )
     api_key, secret = settings.credentials()
     if not api_key or not secret:
         raise ConfigError(
@@ -72,6 +89,7 @@ def build_gateway(settings: Settings) -> ExchangeGateway:
                 leverage_by_symbol=settings.leverage_by_symbol,
                 margin_type_by_symbol={k: v.value for k, v in settings.margin_type_by_symbol.items()},
             ),
+            ws_url=settings.exchange_ws_url,
         )
     except ValueError as exc:
         raise ConfigError(f"EXCHANGE: {exc}; use 'paper' or a ccxt id such as 'binanceusdm'") from None

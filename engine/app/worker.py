@@ -1039,22 +1039,25 @@ class Worker:
         mode = self.settings.price_feed
         if mode is PriceFeedMode.OFF or (mode is PriceFeedMode.AUTO and not self.gateway.quotes):
             return None
+        if not self.gateway.quotes:
+            log.warning(
+                "price_feed.unavailable", venue=self.gateway.name, why="the venue has no prices of its own"
+            )
+            return None
         kind = self.settings.tpsl_price.value
+        streaming = mode is PriceFeedMode.STREAM
 
         async def source(symbols: list[str]) -> dict[str, Decimal]:
+            if streaming:
+                return await self.gateway.watch_prices(symbols, kind)
             return await self.gateway.venue_prices(symbols, kind)
 
         async def publish(subject: str, payload: bytes) -> None:
             await self.bus.nc.publish(subject, payload)
 
-        self.price_feed = PriceFeed(
-            source,
-            publish,
-            self._feed_symbols,
-            self.settings.price_poll_seconds,
-            f"{self.gateway.name}:{kind}",
-        )
-        log.info("price_feed.started", source=self.price_feed.name, every=self.settings.price_poll_seconds)
+        every = 0.0 if streaming else self.settings.price_poll_seconds
+        self.price_feed = PriceFeed(source, publish, self._feed_symbols, every, f"{self.gateway.name}:{kind}")
+        log.info("price_feed.started", source=self.price_feed.name, mode=mode.value, every=every)
         return asyncio.create_task(self.price_feed.run(self._stopping))
 
     async def _balance_for(self, signal: Signal) -> Decimal | None:

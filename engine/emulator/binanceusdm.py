@@ -118,6 +118,9 @@ class Exchange:
     late_outcomes: Counter[str] = field(default_factory=Counter)  # executed / refused on arrival
     income: list[dict[str, Any]] = field(default_factory=list)  # /fapi/v1/income rows (funding)
     algo_orders: dict[int, dict[str, Any]] = field(default_factory=dict)  # conditional (stop) orders
+    # Market streams (wss://fstream.binance.com/ws): each connection's subscribed streams and
+    # the queue its sender reads.
+    streams: list[tuple[set[str], asyncio.Queue[dict[str, Any]]]] = field(default_factory=list)
     funding_rates: list[dict[str, Any]] = field(default_factory=list)  # /fapi/v1/fundingRate rows
 
     # --- trading ------------------------------------------------------------------------
@@ -273,14 +276,41 @@ class Exchange:
 
     # --- conditional orders: Binance's Algo Order API (POST /fapi/v1/order refuses them) -----
     def set_price(self, symbol: str, price: Decimal) -> None:
-        """The market moves: open stop orders on the symbol whose trigger it crossed fire."""
+        """The market moves: subscribers of its streams hear of it, and open stop orders on the
+        symbol whose trigger it crossed fire."""
         self.prices[symbol] = price
+        self._stream_price(symbol, price)
         for algo in [
             a for a in self.algo_orders.values() if a["symbol"] == symbol and a["algoStatus"] == "NEW"
         ]:
             trigger = D(algo["triggerPrice"])
             if (price <= trigger) if algo["side"] == "SELL" else (price >= trigger):
                 self._trigger(algo, price)
+
+    def _stream_price(
+        self, symbol: str, price: Decimal, only: tuple[set[str], asyncio.Queue[dict[str, Any]]] | None = None
+    ) -> None:
+        now, lower = self.now_ms(), symbol.lower()
+        ticker = {
+            "e": "24hrTicker", "E": now, "s": symbol, "p": "0", "P": "0", "w": str(price), "c": str(price),
+            "Q": "0", "o": str(price), "h": str(price), "l": str(price), "v": "0", "q": "0",
+            "O": now - 86_400_000, "C": now, "F": 0, "L": 0, "n": 0,
+        }  # fmt: skip
+        mark = {
+            "e": "markPriceUpdate", "E": now, "s": symbol, "p": str(price), "i": str(price),
+            "P": str(price), "r": "0.00010000", "T": (now // 28_800_000 + 1) * 28_800_000,
+        }  # fmt: skip
+        mini = {
+            "e": "24hrMiniTicker", "E": now, "s": symbol, "c": str(price), "o": str(price), "h": str(price),
+            "l": str(price), "v": "0", "q": "0",
+        }  # fmt: skip
+        for subscribed, queue in [only] if only is not None else self.streams:
+            if f"{lower}@ticker" in subscribed:
+                queue.put_nowait(ticker)
+            if f"{lower}@miniticker" in subscribed:
+                queue.put_nowait(mini)
+            if f"{lower}@markprice" in subscribed or f"{lower}@markprice@1s" in subscribed:
+                queue.put_nowait(mark)
 
     def _trigger(self, algo: dict[str, Any], price: Decimal) -> None:
         """A triggered STOP_MARKET becomes a MARKET order in the matching engine, with an order
@@ -795,6 +825,53 @@ def build_app(exchange: Exchange | None = None) -> web.Application:
     async def state(request: web.Request) -> web.Response:
         return web.json_response(ex.state())
 
+    async def market_stream(request: web.Request) -> web.WebSocketResponse:
+        """Binance's raw market stream endpoint: SUBSCRIBE / UNSUBSCRIBE to `<symbol>@ticker`,
+        `<symbol>@miniTicker` and `<symbol>@markPrice[@1s]`, then an event per price change and
+        each second (and the current price at once)."""
+        ws = web.WebSocketResponse(heartbeat=30)
+        await ws.prepare(request)
+        subscribed: set[str] = set()
+        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        entry = (subscribed, queue)
+        ex.streams.append(entry)
+
+        async def send() -> None:
+            while True:
+                await ws.send_json(await queue.get())
+
+        async def every_second() -> None:  # Binance pushes ticker and mark streams each second
+            while True:
+                await asyncio.sleep(1.0)
+                for name in list(subscribed):
+                    symbol = name.split("@")[0].upper()
+                    if symbol in ex.prices:
+                        ex._stream_price(symbol, ex.prices[symbol], only=entry)
+
+        sender = asyncio.create_task(send())
+        pulse = asyncio.create_task(every_second())
+        try:
+            async for message in ws:
+                if message.type != web.WSMsgType.TEXT:
+                    continue
+                request_body = message.json()
+                names = [str(n).lower() for n in request_body.get("params", [])]
+                if request_body.get("method") == "SUBSCRIBE":
+                    subscribed.update(names)
+                    await ws.send_json({"result": None, "id": request_body.get("id")})
+                    for name in names:
+                        symbol = name.split("@")[0].upper()
+                        if symbol in ex.prices:
+                            ex._stream_price(symbol, ex.prices[symbol])
+                elif request_body.get("method") == "UNSUBSCRIBE":
+                    subscribed.difference_update(names)
+                    await ws.send_json({"result": None, "id": request_body.get("id")})
+        finally:
+            sender.cancel()
+            pulse.cancel()
+            ex.streams.remove(entry)
+        return ws
+
     def set_dual(p: dict[str, str]) -> dict[str, Any]:
         wanted = p.get("dualSidePosition") == "true"
         if wanted == ex.dual_side:
@@ -861,6 +938,12 @@ def build_app(exchange: Exchange | None = None) -> web.Application:
         web.get("/fapi/v1/fundingRate", public(ex.funding_rate_rows)),
         # --- control, for tests and rehearsals -------------------------------------------
         web.get("/emulator/state", state),
+        # Binance's stream routes: the raw one and the split public / market ones ccxt.pro uses.
+        *(
+            web.get(f"{prefix}/ws{tail}", market_stream)
+            for prefix in ("", "/market", "/public")
+            for tail in ("", "/{stream}")
+        ),
         web.post(
             "/emulator/price",
             control(lambda b: ex.set_price(b["symbol"], D(str(b["price"])))),

@@ -639,3 +639,31 @@ async def test_a_worker_down_while_the_price_runs_through_the_stop_restarts_flat
     assert [f.kind for f in findings] == ["protective_stop"]
     worker = on_emulator.worker
     assert worker is not None and not worker.book.positions
+
+
+async def test_the_venues_market_streams_fire_tp_through_websockets(
+    nats_server: EmbeddedNats, mysql_url: str, emulator: Emulator
+) -> None:
+    """PRICE_FEED=stream: the worker subscribes to the venue's market streams (ccxt.pro; the
+    emulator serves Binance's raw stream endpoint, moved by EXCHANGE_WS_URL) and publishes what
+    they push as ticks."""
+    ws_url = emulator.url.replace("http://", "ws://") + "/ws"
+    settings = emulator.venue_settings() | {"PRICE_FEED": "stream", "EXCHANGE_WS_URL": ws_url}
+    async with Pipeline(nats_server.url, mysql_url, emulator.exchange, **settings) as pipeline:
+        emulator.exchange.set_price("ETHUSDT", D("3000"))
+        sid = await pipeline.publish(
+            "s1", "ETHUSDT", "buy", quantity="0.1", confidence=0.9, price="3000", take_profit_pct="0.01"
+        )
+        assert (await pipeline.decision(sid)).outcome is Outcome.ACCEPTED
+        worker = pipeline.worker
+        assert worker is not None
+        await eventually(lambda: emulator.exchange.streams or None, what="the worker subscribed")
+        moved_at = time.monotonic()
+        emulator.exchange.set_price("ETHUSDT", D("3031"))  # through the TP at 3030
+        await pipeline.wait_events(lambda _: len(pipeline.closed()) == 1, "the TP close")
+        latency = time.monotonic() - moved_at
+        (closed,) = pipeline.closed()
+        assert closed.close_reason is CloseReason.TAKE_PROFIT and closed.exit_price == D("3031")
+        assert (await worker.checks())["price_feed"] is True
+        assert emulator.exchange.request_count.get("GET /fapi/v2/ticker/price", 0) == 0  # no polling
+        print(f"stream feed: venue price move to TP close {latency * 1000:.0f} ms")

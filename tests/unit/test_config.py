@@ -49,3 +49,13 @@ def test_mysql_target_hides_the_password() -> None:
         "db.local", 3307, "trader", "s3cret", "pnl",
     )  # fmt: skip
     assert "s3cret" not in repr(target)
+
+
+def test_every_setting_is_documented() -> None:
+    """docs/configuration.md names every variable the engine reads."""
+    from pathlib import Path
+
+    from engine.config import Settings
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "configuration.md").read_text()
+    assert [name.upper() for name in Settings.model_fields if f"`{name.upper()}" not in doc] == []
