@@ -15,6 +15,7 @@ import json
 import re
 import time
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -88,6 +89,14 @@ VENUE_REASONS = {
     -4164: "below_min_notional",
 }
 _CODE = re.compile(r'"code"\s*:\s*(-?\d+)')
+
+
+# The moment after which an order's request must not leave (see `_guard_requests`).
+SEND_DEADLINE: ContextVar[datetime | None] = ContextVar("SEND_DEADLINE", default=None)
+
+
+class PastSendDeadline(Exception):
+    """An order request reached the wire after its send deadline and was not sent."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,7 +257,7 @@ class CcxtGateway:
             self.exchange.set_sandbox_mode(True)
         if api_url:
             self.exchange.urls["api"] = rewrite_urls(self.exchange.urls["api"], api_url)
-            self._guard_host(urlsplit(api_url).netloc)
+        self._guard_requests(urlsplit(api_url).netloc if api_url else None)
         self._markets: dict[str, Market] = {}
         self._unified: dict[str, str] = {}
         self._ws_url = ws_url
@@ -258,15 +267,21 @@ class CcxtGateway:
         self.settlement_asset = "USDT"  # linear USD-M swaps settle in it
         self.stop_working_type = "CONTRACT_PRICE"  # or MARK_PRICE (TPSL_PRICE=mark)
 
-    def _guard_host(self, allowed: str) -> None:
-        """With EXCHANGE_API_URL set, no request may leave for any other host."""
+    def _guard_requests(self, allowed: str | None) -> None:
+        """Checks on every request as it leaves, after ccxt's throttle and signature: with
+        EXCHANGE_API_URL set, no request may go to any other host; and an order request past
+        its send deadline (SEND_DEADLINE, set around an order's attempts) is not sent at all,
+        however long it queued behind other requests in the throttle."""
         original = self.exchange.fetch
 
         async def fetch(url: str, method: str = "GET", headers: Any = None, body: Any = None) -> Any:
-            if urlsplit(url).netloc != allowed:
+            if allowed is not None and urlsplit(url).netloc != allowed:
                 raise PermissionError(
                     f"refusing a request to {urlsplit(url).netloc}: only {allowed} is allowed"
                 )
+            deadline = SEND_DEADLINE.get()
+            if deadline is not None and method == "POST" and datetime.now(UTC) > deadline:
+                raise PastSendDeadline(f"not sent: past its send deadline {deadline.isoformat()}")
             return await original(url, method, headers, body)
 
         self.exchange.fetch = fetch
@@ -549,10 +564,13 @@ class CcxtGateway:
                 # Sending now would outlive what a restarted process assumes (see send_span):
                 # the journal and a lookup decide instead.
                 raise OrderUncertain(f"{intent.client_order_id}: past its send span, not sent again")
+            deadline = SEND_DEADLINE.set(not_after)
             try:
                 order = await self.exchange.create_order(
                     unified, "market", intent.side.value, float(intent.quantity), None, dict(params)
                 )
+            except PastSendDeadline as exc:
+                raise OrderUncertain(f"{intent.client_order_id}: {exc}") from exc
             except Exception as exc:
                 kind = classify(exc)
                 metrics.ORDER_ERRORS.labels(self.name, type(exc).__name__).inc()
@@ -580,6 +598,8 @@ class CcxtGateway:
                     await asyncio.sleep(delay)
                 delay = min(delay * 2, self.policy.max_backoff)
                 continue
+            finally:
+                SEND_DEADLINE.reset(deadline)
             try:
                 return await self._fill_of(str(order["id"]), unified, intent.symbol)
             except OrderRejected:

@@ -49,6 +49,10 @@ class Holder:
     started: str  # the process's start time in clock ticks since boot ("" where unknown)
     since: str
     renewed: float = 0.0  # Unix time of the write that holds this value (each renewal writes one)
+    # The kernel boot and pid namespace the pid is read in: only where both are ours can this
+    # host tell from /proc whether the holder still runs (two containers may share a host
+    # name, and each may run the worker as pid 1).
+    machine: str = ""
 
     @classmethod
     def this_process(cls) -> Holder:
@@ -58,6 +62,7 @@ class Holder:
             pid=os.getpid(),
             started=_start_ticks(os.getpid()),
             since=datetime.now(UTC).isoformat(timespec="seconds"),
+            machine=_machine(),
         )
 
     def encode(self) -> bytes:
@@ -71,22 +76,29 @@ class Holder:
             return cls(
                 **{k: fields[k] for k in ("instance", "host", "pid", "started", "since")},
                 renewed=float(fields.get("renewed", 0.0)),
+                machine=str(fields.get("machine", "")),
             )
         except (ValueError, TypeError, KeyError):
             return None
 
-    def gone(self, renew_every: float) -> bool:
-        """True only when this host can see that the holder process no longer runs, and the
-        holder has missed a renewal: two containers may share a host name (and each see the
-        other's pid 1 as another process), but a live holder keeps renewing."""
-        if self.host != socket.gethostname() or not self.started:
-            return False
-        if time.time() - self.renewed < 1.5 * renew_every:
+    def gone(self) -> bool:
+        """True only when this process can see that the holder process no longer runs: same
+        kernel boot and pid namespace, and its pid is not the same process any more."""
+        if not self.machine or self.machine != _machine() or not self.started:
             return False
         return _start_ticks(self.pid) != self.started
 
     def describe(self) -> str:
         return f"instance {self.instance} (pid {self.pid} on {self.host}, since {self.since})"
+
+
+def _machine() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+        return f"{boot}:{os.readlink('/proc/self/ns/pid')}"
+    except OSError:
+        return ""
 
 
 def _start_ticks(pid: int) -> str:
@@ -149,8 +161,16 @@ class Lease:
     ) -> bool:
         """Take the lease; while someone else holds it, wait as a standby (or raise
         LeaseTaken). False if `stopping` was set before the lease came free."""
-        # A holder that stopped renewing is gone from the bucket after `seconds` (its TTL).
+        # A holder that stopped renewing is gone from the bucket after its TTL, which whoever
+        # created the bucket chose: renew (and trust the lease) by the shorter of the two.
         self._kv = await open_bucket(self.js, LEASE_BUCKET, self.seconds)
+        with contextlib.suppress(Exception):
+            ttl = (await self._kv.status()).ttl
+            if ttl and ttl < self.seconds:
+                log.warning(
+                    "lease.bucket_ttl_shorter", lease=self.name, configured=self.seconds, bucket_ttl=ttl
+                )
+                self.seconds = ttl
         told: str | None = None
         while not stopping.is_set():
             other = await self._try_take()
@@ -188,7 +208,7 @@ class Lease:
             if other is not None and other.instance == self.holder.instance:
                 self.revision = entry.revision
                 return None
-            if other is not None and not other.gone(self.renew_every):
+            if other is not None and not other.gone():
                 return other
             # Its process is dead (seen from this host) or the value is not a lease: take it,
             # revision-checked, so of two processes doing this at once only one wins.
@@ -199,23 +219,31 @@ class Lease:
 
     async def _write(self, request: Awaitable[int]) -> bool:
         """Whether a revision-checked write of our lease went through."""
+        sent_at = time.monotonic()
         try:
             self.revision = await request
         except KeyWrongLastSequenceError:
             return False
-        self._renewed_at = time.monotonic()
+        self._renewed_at = sent_at
         return True
 
     async def renew(self) -> None:
         """Raise LeaseLost if someone else holds it now; other errors (NATS away) pass up
         and the next renewal tries again."""
         assert self._kv is not None and self.revision is not None
+        sent_at = time.monotonic()  # the entry lives `seconds` from this write, at the latest
         try:
             self.revision = await self._kv.update(self.name, self.holder.encode(), last=self.revision)
-            self._renewed_at = time.monotonic()
         except KeyWrongLastSequenceError:
-            self.revision = None
-            raise LeaseLost(f"the lease on {self.name!r} was taken over") from None
+            # Our own earlier write may have gone through after its answer was given up on.
+            entry = await self._kv.get(self.name)
+            holder = Holder.decode(entry.value)
+            if holder is None or holder.instance != self.holder.instance:
+                self.revision = None
+                raise LeaseLost(f"the lease on {self.name!r} was taken over") from None
+            self.revision = entry.revision
+            return
+        self._renewed_at = sent_at
 
     async def keep(self, stopping: asyncio.Event) -> None:
         """Renew every quarter of the lease until stopped; raises LeaseLost when someone else

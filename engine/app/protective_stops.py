@@ -101,7 +101,12 @@ class ProtectiveStops:
         market = self.gateway.market(key.symbol)
         async with self.lock(key.symbol):
             wanted = protective_stop(self.book(), key, market, self.fallback_pct) if market else None
+        at_venue = [stop for stop in await self.gateway.open_stops(key.symbol) if stop.key == key]
         current = self.placed.get(key)
+        if current is not None and all(stop.client_id != current.client_id for stop in at_venue):
+            current = None  # gone at the venue without a fill we know of (cancelled, expired)
+        if wanted is not None:  # already there (an answer lost, a restart): adopted, not placed again
+            current = next((stop for stop in at_venue if stop.client_id == wanted.client_id), current)
         if wanted is not None and (current is None or current.client_id != wanted.client_id):
             try:
                 current = await self.gateway.place_stop(wanted)
@@ -128,8 +133,8 @@ class ProtectiveStops:
         # Whatever else of ours the venue holds for this key goes: a stop left by a crash
         # between placing a new one and cancelling the old, or one placed by a request whose
         # answer was lost.
-        for stale in await self.gateway.open_stops(key.symbol):
-            if stale.key == key and (wanted is None or stale.client_id != wanted.client_id):
+        for stale in at_venue:
+            if wanted is None or stale.client_id != wanted.client_id:
                 await self.gateway.cancel_stop(stale)
                 metrics.STOPS.labels("cancelled").inc()
 

@@ -179,6 +179,7 @@ class Worker:
 
     def _fence(self, why: str) -> None:
         self._fenced = True
+        self._outbox.clear()  # never stored now: the next holder decides these signals again
         log.error(
             "worker.lease_lost", error=why, why="this one stops without placing or storing anything more"
         )
@@ -330,12 +331,13 @@ class Worker:
             )
             self._emit(self._dead_letter(msg, poison, sequence))
             await self.store_and_ack([msg], time.perf_counter())
+            suspects = dataclasses.replace(suspects, starts=1)  # the next suspect starts its own count
         else:
             await self.process_batch([msg])
         if sequence >= suspects.until:
             return None, []
         with contextlib.suppress(Exception):  # a safety net: never a reason to stop
-            await carry_start_count(self.bus.js, self.settings.worker_durable, sequence, suspects.starts)
+            await carry_start_count(self.bus.js, self.settings.worker_durable, sequence, suspects.starts or 1)
         return dataclasses.replace(suspects, first=False), []
 
     async def checks(self) -> dict[str, bool]:
@@ -418,6 +420,7 @@ class Worker:
             not_after: datetime | None = journaled_at + timedelta(seconds=self.gateway.send_span_seconds)
         else:
             not_after = None
+        self._check_lease()  # storing the journal entry may have taken long enough to lose it
         started = time.perf_counter()
         try:
             fill = await self.gateway.execute(intent, not_after)
@@ -1219,13 +1222,19 @@ class Worker:
     async def _flush_locked(self) -> None:
         delay, give_up_at = 0.05, None
         while self._outbox:
+            self._check_lease()  # every attempt: a retry may outlast the lease
             pending, self._outbox = self._outbox, []
             try:
                 await self.bus.publish_events(pending)
             except BaseException as exc:
                 self._outbox[:0] = pending  # kept, in order; a later flush sends them (ids deduplicate)
-                if not isinstance(exc, nats.errors.Error | TimeoutError | RuntimeError):
-                    raise  # a cancellation, or a bug: not retried here
+                if not isinstance(exc, nats.errors.Error | TimeoutError | RuntimeError) or isinstance(
+                    exc, nats.errors.MaxPayloadError
+                ):
+                    # A cancellation, a bug, or an event NATS will never take: not retried here.
+                    # The worker stops; the crash-loop breaker sets aside a message that keeps
+                    # producing such an event.
+                    raise
                 metrics.PUBLISH_RETRIES.inc()
                 log.warning("events.publish_failed", error=repr(exc), pending=len(self._outbox))
                 if self._stopping.is_set():

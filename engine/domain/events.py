@@ -266,8 +266,8 @@ def parse_tick(subject: str, data: bytes) -> tuple[str, Decimal] | str:
         price = Decimal(raw)
     except InvalidOperation:
         return f"price {raw!r} is not a decimal"
-    if not price.is_finite() or price <= 0 or price >= MAX_PRICE:
-        return f"price {raw!r} must be positive, finite and below {MAX_PRICE}"
+    if not price.is_finite() or price <= 0 or price >= MAX_PRICE or price.adjusted() < -18:
+        return f"price {str(raw)[:40]!r} must be positive, finite, below {MAX_PRICE} and at least 1E-18"
     return symbol, price
 
 

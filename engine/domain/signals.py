@@ -41,15 +41,22 @@ MAX_METADATA_STRING = 4096
 # Every amount stays below 10^9, so a quantity times a price stays below 10^18 and fits the
 # DECIMAL(36,18) columns of the projection.
 MAX_AMOUNT = Decimal(10) ** 9
+MIN_PLACES = 18
+# Numbers anywhere in a payload (metadata included) stay within this many powers of ten: an
+# event writes decimals out in full, and 1E+999999 is a megabyte of digits.
+MAX_EXPONENT = 30
+_LONG_EXPONENT = re.compile(rb"[eE][+-]?0*[1-9]\d")  # an exponent of two digits or more
 _EPOCH_MS_THRESHOLD = 100_000_000_000  # epochs above this are milliseconds (year 5138 in s)
+
+
+_DECIMAL_TEXT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 
 
 def _no_bool_or_nan(value: Any) -> Any:
     """JSON `true` is not a number, NaN/Infinity are never prices, and every amount must fit
-    the projection: below 10^9 in size. Checked here, in the one Python call each amount gets
-    anyway (pydantic's own constraints cost several times as much). Places beyond the 18 the
-    projection keeps are rounded there; quantities and prices are rounded to the market's
-    step and tick before they are used."""
+    the projection: below 10^9 in size and, if not 0, at least 10^-18 (1E-999999 would be
+    written out digit by digit in every event). Checked here, in the one Python call each
+    amount gets anyway (pydantic's own constraints cost several times as much)."""
     if isinstance(value, bool):
         raise ValueError("must be a number, not a boolean")
     if isinstance(value, float):
@@ -57,13 +64,19 @@ def _no_bool_or_nan(value: Any) -> Any:
             raise ValueError("must be a finite number")
         value = Decimal(repr(value))  # Decimal from the shortest repr: 0.1 stays 0.1
     elif isinstance(value, str):
-        try:
-            value = Decimal(value.strip())
-        except ArithmeticError:
-            return value  # not a number: pydantic says so in its own words
-    if isinstance(value, Decimal | int) and not -MAX_AMOUNT < value < MAX_AMOUNT:
-        if not (isinstance(value, Decimal) and value.is_nan()):
+        text = value.strip()
+        if not _DECIMAL_TEXT.fullmatch(text):
+            raise ValueError("must be a decimal number")
+        value = Decimal(text)
+    if isinstance(value, Decimal):
+        if not value.is_finite():
+            raise ValueError("must be a finite number")
+        if not -MAX_AMOUNT < value < MAX_AMOUNT:
             raise ValueError(f"must be below {MAX_AMOUNT:,} in size")
+        if value and value.adjusted() < -MIN_PLACES:
+            raise ValueError(f"must be 0 or at least 1E-{MIN_PLACES} in size")
+    elif isinstance(value, int) and not -MAX_AMOUNT < value < MAX_AMOUNT:
+        raise ValueError(f"must be below {MAX_AMOUNT:,} in size")
     return value
 
 
@@ -264,6 +277,25 @@ def text_problem(value: Any, where: str = "payload") -> str | None:
     return None
 
 
+def number_problem(value: Any, where: str = "payload") -> str | None:
+    """'where: what' for the first number beyond 10^±MAX_EXPONENT anywhere in the payload."""
+    if isinstance(value, Decimal):
+        if value and not -MAX_EXPONENT <= value.adjusted() <= MAX_EXPONENT:
+            return f"{where}: a number beyond 1E±{MAX_EXPONENT}"
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            problem = number_problem(item, f"{where}.{safe_text(str(key), 40)}")
+            if problem:
+                return problem
+    elif isinstance(value, list):
+        for n, item in enumerate(value):
+            problem = number_problem(item, f"{where}[{n}]")
+            if problem:
+                return problem
+    return None
+
+
 def safe_text(value: str, limit: int) -> str:
     """`value` cut to `limit` characters, with anything UTF-8 cannot hold replaced: for text
     from outside copied into our own events (dead letters, log fields)."""
@@ -296,6 +328,10 @@ def parse_signal(
         problem = text_problem(payload)
         if problem:
             return MalformedSignal("bad_text", (problem,))
+    if _LONG_EXPONENT.search(data):
+        problem = number_problem(payload)
+        if problem:
+            return MalformedSignal("bad_json", (problem,))
     raw_id = payload.get("signal_id")
     try:
         signal = Signal.model_validate(payload)
