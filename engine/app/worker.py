@@ -122,6 +122,7 @@ class Worker:
         self._not_found_yet: set[str] = set()  # journaled orders a late request may still place
         self._interest: dict[str, float] = {}  # symbol -> monotonic time of its last signal
         self._funding_refs: set[str] = set()  # venue funding payments already attributed
+        self._funding_parts: dict[str, set[str]] = {}  # payments partly stored: the parts stored
         self._funded_through: dict[str, datetime] = {}  # per symbol: the last funding time booked
         self._slice_history = SliceHistory()  # which slices were open when: funding splits
         self._started_at = clock()
@@ -588,7 +589,10 @@ class Worker:
             async with self._symbol_locks[symbol]:
                 for payment in by_funding_time(payments, self._funding_refs):
                     held = self._slice_history.open_at(self.book, symbol, payment.funding_time)
+                    stored = self._funding_parts.get(payment.ref, set())
                     for event in split_funding(payment, held, self.clock()):
+                        if event.event_id in stored:
+                            continue  # this part was stored before a crash
                         log.info(
                             "position.funding",
                             strategy_id=event.strategy_id,
@@ -1187,10 +1191,16 @@ class Worker:
             case PositionReconciled():
                 self._attributed_orders.update(event.venue_order_ids)
             case PositionFunding():
-                self._funding_refs.update(event.venue_ref.split("+"))
-                booked = self._funded_through.get(event.symbol)
-                if booked is None or event.funding_time > booked:
-                    self._funded_through[event.symbol] = event.funding_time
+                # A payment counts as booked once all its parts are stored: a crash in the middle
+                # of storing them leaves it to the next round, which books the missing parts.
+                seen = self._funding_parts.setdefault(event.venue_ref, set())
+                seen.add(event.event_id)
+                if len(seen) >= event.parts:
+                    del self._funding_parts[event.venue_ref]
+                    self._funding_refs.update(event.venue_ref.split("+"))
+                    booked = self._funded_through.get(event.symbol)
+                    if booked is None or event.funding_time > booked:
+                        self._funded_through[event.symbol] = event.funding_time
                 if replay:
                     self._replayed_cash += event.amount
                 else:

@@ -126,6 +126,7 @@ class PositionFunding(_Event):
     funding_time: UtcTime
     exchange_position_id: str | None
     venue_ref: str
+    parts: int = 1  # how many events the payment was split into: a payment is booked once all are
 
 
 @dataclass(slots=True, kw_only=True)

@@ -159,6 +159,8 @@ def split_funding(payment: VenueFunding, slices: list[SliceAt], now: datetime) -
         held = [s for s in slices if s.side is side]
         for sp, share in zip(held, split_pro_rata(amount, [s.remaining for s in held]), strict=True):
             events.append(_event(payment, sp, side, share, now))
+    for event in events:
+        event.parts = len(events)
     return events
 
 
