@@ -186,23 +186,13 @@ def venue_message(exc: Exception) -> str:
     return f"venue: {text[:300]}"
 
 
-def _rewrite_ws(urls: Any, base: str) -> Any:
-    """Every websocket URL moved to `base`'s scheme and host, paths kept (EXCHANGE_WS_URL)."""
+def rewrite_urls(urls: Any, base: str, schemes: tuple[str, ...] = ("http://", "https://")) -> Any:
+    """Every endpoint of these schemes moved to `base`'s scheme and host, paths kept
+    (EXCHANGE_API_URL for REST, EXCHANGE_WS_URL for websockets)."""
     target = urlsplit(base)
     if isinstance(urls, dict):
-        return {name: _rewrite_ws(value, base) for name, value in urls.items()}
-    if isinstance(urls, str) and urls.startswith(("ws://", "wss://")):
-        parts = urlsplit(urls)
-        return urlunsplit((target.scheme, target.netloc, parts.path, parts.query, parts.fragment))
-    return urls
-
-
-def rewrite_urls(urls: Any, base: str) -> Any:
-    """Every REST endpoint moved to `base`'s scheme and host, paths kept (EXCHANGE_API_URL)."""
-    target = urlsplit(base)
-    if isinstance(urls, dict):
-        return {name: rewrite_urls(value, base) for name, value in urls.items()}
-    if isinstance(urls, str) and urls.startswith(("http://", "https://")):
+        return {name: rewrite_urls(value, base, schemes) for name, value in urls.items()}
+    if isinstance(urls, str) and urls.startswith(schemes):
         parts = urlsplit(urls)
         return urlunsplit((target.scheme, target.netloc, parts.path, parts.query, parts.fragment))
     return urls
@@ -822,7 +812,9 @@ class CcxtGateway:
 
             streams = getattr(ccxt_pro, self.name)({"options": {"defaultType": "swap"}})
             if self._ws_url is not None:
-                streams.urls["api"]["ws"] = _rewrite_ws(streams.urls["api"]["ws"], self._ws_url)
+                streams.urls["api"]["ws"] = rewrite_urls(
+                    streams.urls["api"]["ws"], self._ws_url, ("ws://", "wss://")
+                )
             streams.set_markets(self.exchange.markets)
             self._streams = streams
         return self._streams

@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -251,49 +252,53 @@ def json_too_deep(data: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
     return False
 
 
+def _first_problem(value: Any, where: str, check: Callable[[Any, str], str | None]) -> str | None:
+    """`check` on every key and value of a parsed payload, depth first; the first problem."""
+    problem = check(value, where)
+    if problem:
+        return problem
+    if isinstance(value, dict):
+        for key, item in value.items():
+            problem = check(key, where) or _first_problem(item, f"{where}.{safe_text(str(key), 40)}", check)
+            if problem:
+                return problem
+    elif isinstance(value, list):
+        for n, item in enumerate(value):
+            problem = _first_problem(item, f"{where}[{n}]", check)
+            if problem:
+                return problem
+    return None
+
+
+def _text_check(value: Any, where: str) -> str | None:
+    if not isinstance(value, str):
+        return None
+    if "\x00" in value:
+        return f"{where}: contains NUL (\\u0000)"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return f"{where}: contains a lone surrogate, which is not Unicode text"
+    return None
+
+
+def _number_check(value: Any, where: str) -> str | None:
+    if isinstance(value, Decimal) and value and not -MAX_EXPONENT <= value.adjusted() <= MAX_EXPONENT:
+        return f"{where}: a number beyond 1E±{MAX_EXPONENT}"
+    return None
+
+
 def text_problem(value: Any, where: str = "payload") -> str | None:
     """'where: what' for the first string (key or value) that is not plain Unicode text: a
     lone surrogate ("\\ud800") cannot be written as UTF-8 by anything downstream, and NUL ends
     strings in C libraries. Raw bytes cannot hold either (the UTF-8 decode and the JSON
     decoder refuse them); only \\u escapes can."""
-    if isinstance(value, str):
-        if "\x00" in value:
-            return f"{where}: contains NUL (\\u0000)"
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return f"{where}: contains a lone surrogate, which is not Unicode text"
-        return None
-    if isinstance(value, dict):
-        for key, item in value.items():
-            problem = text_problem(key, where) or text_problem(item, f"{where}.{safe_text(str(key), 40)}")
-            if problem:
-                return problem
-    elif isinstance(value, list):
-        for n, item in enumerate(value):
-            problem = text_problem(item, f"{where}[{n}]")
-            if problem:
-                return problem
-    return None
+    return _first_problem(value, where, _text_check)
 
 
 def number_problem(value: Any, where: str = "payload") -> str | None:
     """'where: what' for the first number beyond 10^±MAX_EXPONENT anywhere in the payload."""
-    if isinstance(value, Decimal):
-        if value and not -MAX_EXPONENT <= value.adjusted() <= MAX_EXPONENT:
-            return f"{where}: a number beyond 1E±{MAX_EXPONENT}"
-        return None
-    if isinstance(value, dict):
-        for key, item in value.items():
-            problem = number_problem(item, f"{where}.{safe_text(str(key), 40)}")
-            if problem:
-                return problem
-    elif isinstance(value, list):
-        for n, item in enumerate(value):
-            problem = number_problem(item, f"{where}[{n}]")
-            if problem:
-                return problem
-    return None
+    return _first_problem(value, where, _number_check)
 
 
 def safe_text(value: str, limit: int) -> str:
