@@ -101,3 +101,44 @@ async def test_funding_is_split_over_the_slices_open_at_its_time_not_now() -> No
     assert [(s.strategy_id, s.remaining) for s in history.open_at(h.book, "ETHUSDT", h.now)] == [
         ("b", D("0.3"))
     ]
+
+
+class MemoryBus:
+    """Keeps what the worker publishes."""
+
+    def __init__(self) -> None:
+        self.events: list[object] = []
+        self.on_reconnect: list[object] = []
+
+    async def publish_events(self, events: list[object]) -> None:
+        self.events.extend(events)
+
+
+async def test_a_payment_stored_only_in_part_before_a_crash_is_completed_not_doubled() -> None:
+    from engine.app.worker import Worker
+    from engine.config import load_settings
+    from engine.domain.events import PositionFunding
+
+    at = datetime.now(UTC) - timedelta(minutes=30)
+    h = Harness()
+    h.now = at - timedelta(hours=1)
+    await h.tick("ETHUSDT", "3000")
+    await h.signal("a", "ETHUSDT", "buy", quantity="0.1", confidence="0.9")
+    await h.signal("b", "ETHUSDT", "buy", quantity="0.3", confidence="0.9")
+    payment = VenueFunding("v:7", "ETHUSDT", D("-0.12"), at, D("0.0001"), D("3000"))
+
+    class Venue(PaperExchange):
+        async def funding_since(self, symbol: str, since: datetime) -> list[VenueFunding]:
+            return [payment] if symbol == "ETHUSDT" and since <= at else []
+
+    bus = MemoryBus()
+    worker = Worker(load_settings(), bus, Venue())  # type: ignore[arg-type]
+    parts = split_funding(payment, SliceHistory().open_at(h.book, "ETHUSDT", at), at)
+    assert [p.parts for p in parts] == [2, 2]
+    for event in [*h.events, parts[0]]:  # the crash stored a's part only
+        worker._remember(event, replay=True)  # type: ignore[arg-type]
+    await worker.book_funding()
+    booked = [e for e in bus.events if isinstance(e, PositionFunding)]
+    assert [(e.strategy_id, e.amount, e.event_id) for e in booked] == [("b", D("-0.09"), parts[1].event_id)]
+    await worker.book_funding()  # complete now: nothing more
+    assert len([e for e in bus.events if isinstance(e, PositionFunding)]) == 1
