@@ -170,6 +170,14 @@ class Settings(BaseSettings):
                 raise ValueError(f"{symbol}: leverage {leverage} is not between 1 and 125")
         return value
 
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        levels = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+        if value.upper() not in levels:
+            raise ValueError(f"must be one of {', '.join(levels)}")
+        return value.upper()
+
     @field_validator("mysql_url")
     @classmethod
     def _mysql_url_shape(cls, value: str | None) -> str | None:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import uuid
 from datetime import UTC, datetime
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from engine.domain.events import (
     SignalDead,
     SignalDecided,
     decode_event,
+    parse_tick,
 )
 
 console = Console(highlight=False)
@@ -91,10 +92,15 @@ async def publish(settings: Settings, payload: dict[str, Any], wait: float = 5.0
 
 
 async def publish_price(settings: Settings, symbol: str, price: str) -> int:
-    Decimal(price)  # fail early on a typo
+    # The worker's own rules for a tick, checked before anything is sent.
+    body = json.dumps({"symbol": symbol, "price": price}).encode()
+    problem = parse_tick(f"prices.{symbol}", body)
+    if isinstance(problem, str):
+        print(f"tradeengine: price: {problem}", file=sys.stderr)
+        return 2
     bus = await connect_client(settings, "tradeengine-price")
     try:
-        await bus.nc.publish(f"prices.{symbol}", json.dumps({"symbol": symbol, "price": price}).encode())
+        await bus.nc.publish(f"prices.{symbol}", body)
         await bus.nc.flush()
     finally:
         await bus.close()

@@ -62,6 +62,12 @@ def build_gateway(settings: Settings) -> ExchangeGateway:
             "EXCHANGE_WS_URL: PRICE_FEED=stream with EXCHANGE_API_URL set needs the websocket address too"
             " (the streams would otherwise go to the venue's own host)"
         )
+    import ccxt.async_support as ccxt_async
+
+    if not hasattr(ccxt_async, settings.exchange):
+        raise ConfigError(
+            f"EXCHANGE: ccxt has no exchange {settings.exchange!r}; use 'paper' or a ccxt id such as 'binanceusdm'"
+        )
     api_key, secret = settings.credentials()
     if not api_key or not secret:
         raise ConfigError(
@@ -123,13 +129,16 @@ async def run_roles(settings: Settings, roles: frozenset[str]) -> None:
             log.info("nats.embedded_started", url=url, pid=embedded.process.pid if embedded.process else None)
         url = url or DEFAULT_NATS_URL
         running: list[Role] = []
+        # The venue's settings are checked before anything connects: a typo is a configuration
+        # error (exit 2), not a connection failure.
+        gateway = build_gateway(settings) if "worker" in roles else None
+        if gateway is not None:
+            cleanups.append(gateway.close)
         bus = await NatsBus.connect(url, "tradeengine", settings.nats_connect_timeout, settings.nats_auth())
         cleanups.append(bus.close)
-        if "worker" in roles:
+        if gateway is not None:
             from engine.app.worker import Worker
 
-            gateway = build_gateway(settings)
-            cleanups.append(gateway.close)
             running.append(Worker(settings, bus, gateway))
         if "attribution" in roles:
             from engine.adapters.mysql_store import MysqlStore  # the worker never loads asyncmy

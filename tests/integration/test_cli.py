@@ -123,3 +123,26 @@ def test_migrate_is_idempotent(tmp_path: Path, mysql_url: str) -> None:
 def test_schema_files_are_json(tmp_path: Path) -> None:
     for path in (Path(__file__).parents[2] / "schemas").glob("*.json"):
         assert json.loads(path.read_text())["$schema"].startswith("https://json-schema.org/")
+
+
+@pytest.mark.parametrize(
+    ("extra", "args", "says"),
+    [
+        ({"LOG_LEVEL": "loud"}, ["price", "BTCUSDT", "1"], "LOG_LEVEL: Value error, must be one of DEBUG"),
+        ({}, ["price", "BTCUSDT", "abc"], "price 'abc' is not a decimal"),
+        ({}, ["price", "BTCUSDT", "-5"], "price '-5' must be positive"),
+        (
+            {"EXCHANGE": "nonsense", "NATS_URL": "nats://127.0.0.1:1"},
+            ["worker"],
+            "ccxt has no exchange 'nonsense'",
+        ),
+    ],
+)
+def test_careless_input_gets_one_line_and_exit_code_2(
+    tmp_path: Path, mysql_url: str, extra: dict[str, str], args: list[str], says: str
+) -> None:
+    env = cli_env(tmp_path, mysql_url, NATS_CONNECT_TIMEOUT="2", **extra)
+    result = subprocess.run([*CLI, *args], env=env, capture_output=True, timeout=60)
+    err = result.stderr.decode()
+    assert result.returncode == 2, (result.returncode, err)
+    assert says in err and "Traceback" not in err, err
