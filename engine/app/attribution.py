@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import time
 from collections import Counter
+from typing import Any
 
 import asyncmy.errors
 import structlog
@@ -68,6 +69,9 @@ class AttributionConsumer:
 
     def stop(self) -> None:
         self._stopping.set()
+
+    def details(self) -> dict[str, Any]:
+        return {"attribution_stalled_seconds": round(self.stalled_seconds(), 1)}
 
     def stalled_seconds(self) -> float:
         """How long the batch being written has waited for MySQL (0 when none is): a projection

@@ -143,7 +143,12 @@ class ProtectiveStops:
         `since` (the venue's own history, so a restart knows them too). A triggered stop is
         forgotten; its key gets a new one if a position is left."""
         fills: set[str] = set()
-        for state in await self.gateway.stops_since(symbol, since):
+        try:
+            history = await self.gateway.stops_since(symbol, since)
+        except Exception as exc:  # a venue without (or refusing) the history: manual, as before
+            log.warning("stops.history_failed", symbol=symbol, error=repr(exc)[:300])
+            return fills
+        for state in history:
             if state.status != "triggered" or not state.fill_order_id:
                 continue
             fills.add(state.fill_order_id)

@@ -6,7 +6,7 @@ import asyncio
 import signal
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import structlog
 
@@ -36,6 +36,8 @@ class Role(Protocol):
     def stop(self) -> None: ...
 
     async def checks(self) -> dict[str, bool]: ...
+
+    def details(self) -> dict[str, Any]: ...
 
 
 def build_gateway(settings: Settings) -> ExchangeGateway:
@@ -160,7 +162,13 @@ async def run_roles(settings: Settings, roles: frozenset[str]) -> None:
                     checks |= await role.checks()
                 return checks
 
-            runner = await start_http(settings.http_port, readiness)
+            def details() -> dict[str, Any]:
+                found: dict[str, Any] = {}
+                for role in running:
+                    found |= role.details()
+                return found
+
+            runner = await start_http(settings.http_port, readiness, details)
             cleanups.append(runner.cleanup)
         await _run_until_signalled(running)
     finally:

@@ -69,6 +69,7 @@ from engine.logs import SIGNAL_CONTEXT
 
 log = structlog.get_logger(__name__)
 ORDER_HISTORY_REACH = timedelta(days=6, hours=20)
+STALE_PRICE_LIMIT = 600.0  # seconds: a tick this old still stands in when the venue gives no price
 LATE_LOOKUP_EVERY = 1.0  # seconds between lookups of an order whose request may still arrive
 LOOKUP_COOLDOWN = 5.0  # seconds between lookups on a symbol whose venue did not answer
 TICK_BACKLOG_LIMIT = 10_000  # per symbol, while its lock is held by a slow venue call
@@ -342,13 +343,13 @@ class Worker:
         return dataclasses.replace(suspects, first=False), []
 
     async def checks(self) -> dict[str, bool]:
-        checks = {
-            "worker_consumer": self.ready.is_set(),
-            "worker_lease": not self.standby and not self._fenced,
-        }
-        if self.price_feed is not None:
-            checks["price_feed"] = self.price_feed.fresh(time.monotonic())
-        return checks
+        return {"worker_consumer": self.ready.is_set(), "worker_lease": not self.standby and not self._fenced}
+
+    def details(self) -> dict[str, Any]:
+        """Shown in /readyz, deciding nothing: whether the venue answers the price feed."""
+        if self.price_feed is None:
+            return {}
+        return {"price_feed_fresh": self.price_feed.fresh(time.monotonic())}
 
     async def report_gauges(self, every: float = 5.0) -> None:
         """Consumer backlog and per-key exposure, refreshed off the hot path."""
@@ -1099,9 +1100,12 @@ class Worker:
             quoted = await self.gateway.reference_price(symbol)
         except Exception as exc:
             log.warning("price.reference_failed", symbol=symbol, error=repr(exc)[:300])
-            return None  # a stale price must not size an order or pass a limit
+            quoted = None
         if quoted is None:
-            return None
+            # The venue gives none: a tick of the last few minutes still stands in; an older
+            # one (a price restored from days ago) must not size an order or pass a limit.
+            recent = seen is not None and time.monotonic() - seen <= STALE_PRICE_LIMIT
+            return last if recent else None
         self.last_prices[symbol] = quoted
         self._price_seen_at[symbol] = time.monotonic()
         return quoted

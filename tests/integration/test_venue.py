@@ -505,7 +505,7 @@ async def test_the_venues_own_prices_fire_tp_without_anyone_publishing_ticks(
         latency = time.monotonic() - moved_at
         (closed,) = pipeline.closed()
         assert closed.close_reason is CloseReason.TAKE_PROFIT and closed.exit_price == D("3031")
-        assert (await worker.checks())["price_feed"] is True
+        assert worker.details()["price_feed_fresh"] is True
         print(f"price feed: venue price move to TP close {latency * 1000:.0f} ms (poll every 200 ms)")
 
 
@@ -664,6 +664,6 @@ async def test_the_venues_market_streams_fire_tp_through_websockets(
         latency = time.monotonic() - moved_at
         (closed,) = pipeline.closed()
         assert closed.close_reason is CloseReason.TAKE_PROFIT and closed.exit_price == D("3031")
-        assert (await worker.checks())["price_feed"] is True
+        assert worker.details()["price_feed_fresh"] is True
         assert emulator.exchange.request_count.get("GET /fapi/v2/ticker/price", 0) == 0  # no polling
         print(f"stream feed: venue price move to TP close {latency * 1000:.0f} ms")
