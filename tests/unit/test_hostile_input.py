@@ -9,7 +9,8 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import asyncmy.errors
-from hypothesis import given, settings
+import orjson
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from engine.adapters.leases import Holder
@@ -18,7 +19,7 @@ from engine.app.attribution import is_outage
 from engine.domain.book import PositionBook
 from engine.domain.dead_letters import dead_letter
 from engine.domain.decide import Refused, Rules, amount, decide
-from engine.domain.events import encode_event, parse_tick
+from engine.domain.events import _encode_default, encode_event, parse_tick
 from engine.domain.signals import MalformedSignal, Signal, json_too_deep, parse_signal, text_problem
 from tests.helpers import make_signal
 
@@ -36,7 +37,10 @@ signal_like = st.fixed_dictionaries(
     {"strategy_id": st.just("s1"), "symbol": st.just("BTCUSDT")},
     optional={
         "action": st.sampled_from(["buy", "sell", "close", "hold", "BUY", " buy", "x"]) | json_values,
-        "quantity": json_values | st.decimals(allow_nan=False, allow_infinity=False).map(str),
+        "quantity": json_values
+        | st.decimals(allow_nan=False, allow_infinity=False).map(str)
+        | st.builds(lambda m, e: f"{m}E{e}", st.integers(-9, 9), st.integers(-999_999_999, 999_999_999)),
+        "take_profit": st.builds(lambda m, e: f"{m}e{e}", st.integers(1, 9), st.integers(-(10**9), 10**9)),
         "confidence": json_values,
         "signal_id": st.text(max_size=140),
         "timestamp": json_values | st.text(max_size=40),
@@ -53,7 +57,8 @@ def store_of(data: bytes, headers: dict[str, str] | None = None) -> bytes:
     if isinstance(parsed, MalformedSignal):
         return encode_event(dead_letter(SUBJECT, data, headers, parsed, 7, NOW))
     assert isinstance(parsed, Signal)
-    return json.dumps(parsed.model_dump(mode="json")).encode()
+    # As events write it: every decimal in full (decimal_text), metadata included.
+    return orjson.dumps(parsed.model_dump(), default=_encode_default)
 
 
 @settings(max_examples=400, deadline=None)
@@ -194,3 +199,24 @@ def test_a_lease_holder_is_gone_only_when_this_host_sees_its_process_end() -> No
     decoded = Holder.decode(me.encode())
     assert decoded is not None and dataclasses.replace(decoded, renewed=0.0) == me
     assert Holder.decode(b"not json") is None
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.integers(-(10**9), 10**9),
+    st.sampled_from(["quantity", "price", "stop_loss", "metadata"]),
+    st.booleans(),
+)
+@example(-999_999_999, "stop_loss", False)
+@example(-999_999_999, "quantity", True)
+@example(999_999, "metadata", True)
+def test_no_exponent_makes_a_stored_event_large(exponent: int, field: str, bare: bool) -> None:
+    """An amount is written out in full in every event: whatever the exponent, as a JSON
+    number or as a string, what the worker stores stays small."""
+    value = f"1E{exponent}"
+    body: dict[str, object] = {"strategy_id": "s1", "symbol": "BTCUSDT", "action": "buy", "quantity": "0.01"}
+    body[field] = {"x": value} if field == "metadata" else value
+    data = json.dumps(body)
+    if bare:
+        data = data.replace(f'"{value}"', value)  # a JSON number, not a string
+    assert len(store_of(data.encode())) < 10_000
