@@ -255,6 +255,13 @@ def _decide_open(
             "below_min_notional",
             f"notional {amount(qty * price)} below minimum {amount(market.min_notional)}",
         )
+    if market.max_quantity is not None and qty > market.max_quantity:
+        # The venue's own limit on one market order (Binance: MARKET_LOT_SIZE maxQty): refused
+        # here with the reason, not sent to be refused (-4005).
+        return _reject(
+            "above_max_quantity",
+            f"quantity {amount(qty)} above the venue's {amount(market.max_quantity)} per market order",
+        )
     if rules.max_order_notional is not None and qty * price > rules.max_order_notional:
         return _reject(
             "order_too_large",

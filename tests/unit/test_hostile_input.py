@@ -220,3 +220,11 @@ def test_no_exponent_makes_a_stored_event_large(exponent: int, field: str, bare:
     if bare:
         data = data.replace(f'"{value}"', value)  # a JSON number, not a string
     assert len(store_of(data.encode())) < 10_000
+
+
+def test_an_open_above_the_venues_market_order_limit_is_refused_before_sending() -> None:
+    market = dataclasses.replace(BUILTIN_MARKETS["BTCUSDT"], max_quantity=Decimal("2"))
+    signal = make_signal("s1", "BTCUSDT", "buy", quantity="3", confidence="0.9")
+    refused = decide(signal, PositionBook(), market, Decimal("100"), NOW, Rules())
+    assert isinstance(refused, Refused) and refused.reason_code == "above_max_quantity"
+    assert refused.reason == "quantity 3 above the venue's 2 per market order"
