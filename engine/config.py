@@ -29,13 +29,20 @@ class LogFormat(StrEnum):
 
 
 class PriceFeedMode(StrEnum):
-    """PRICE_FEED and PROTECTIVE_STOPS: `auto` is on for a ccxt venue, off for the paper one."""
+    """`auto`: poll on a ccxt venue, off on the paper one."""
 
     AUTO = "auto"
     OFF = "off"
     POLL = "poll"
     STREAM = "stream"
+
+
+class Switch(StrEnum):
+    """`auto`: on for a ccxt venue, off for the paper one."""
+
+    AUTO = "auto"
     ON = "on"
+    OFF = "off"
 
 
 class TpslPrice(StrEnum):
@@ -77,7 +84,7 @@ class Settings(BaseSettings):
     price_poll_seconds: Annotated[float, Field(ge=0.1, le=3600)] = 1.0
     tpsl_price: TpslPrice = TpslPrice.LAST
     price_interest_seconds: Annotated[float, Field(gt=0)] = 600.0
-    protective_stops: PriceFeedMode = PriceFeedMode.AUTO  # auto: on for ccxt venues; on/off
+    protective_stops: Switch = Switch.AUTO
     protective_stop_pct: Annotated[Decimal, Field(gt=0, lt=1)] | None = None
     max_clock_skew_seconds: Annotated[float, Field(ge=0)] = 60.0
 

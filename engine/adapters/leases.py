@@ -36,6 +36,7 @@ log = structlog.get_logger(__name__)
 
 LEASE_BUCKET = "tradeengine_leases"
 STARTS_BUCKET = "tradeengine_starts"
+STARTS_KEEP = 7 * 86_400.0  # seconds a start record is kept
 
 
 @dataclass(frozen=True, slots=True)
@@ -288,21 +289,24 @@ class StartCount:
 async def count_start(js: JetStreamContext, durable: str, floor: int) -> int:
     """How many starts in a row found `durable` at this ack floor with messages in flight
     (this one included)."""
-    kv = await open_bucket(js, STARTS_BUCKET, 7 * 86_400.0)
+    kv = await open_bucket(js, STARTS_BUCKET, STARTS_KEEP)
     starts = 1
     with contextlib.suppress(KeyNotFoundError):
-        entry = await kv.get(durable)
-        last = _decode_start(entry.value)
+        last = _decode_start((await kv.get(durable)).value)
         if last is not None and last.floor == floor:
             starts = last.starts + 1
-    await kv.put(durable, json.dumps(asdict(StartCount(floor, starts))).encode())
+    await _write_start(kv, durable, floor, starts)
     return starts
 
 
 async def carry_start_count(js: JetStreamContext, durable: str, floor: int, starts: int) -> None:
-    """A careful start moved the ack floor past a message that did not kill it: the count
-    moves with it, so the next start that dies on the next message adds to it."""
-    kv = await open_bucket(js, STARTS_BUCKET, 7 * 86_400.0)
+    """Record `starts` at `floor`. A careful start moves the count along with the ack floor
+    past a message that did not kill it, so the next start that dies on the next message adds
+    to it."""
+    await _write_start(await open_bucket(js, STARTS_BUCKET, STARTS_KEEP), durable, floor, starts)
+
+
+async def _write_start(kv: KeyValue, durable: str, floor: int, starts: int) -> None:
     await kv.put(durable, json.dumps(asdict(StartCount(floor, starts))).encode())
 
 

@@ -32,7 +32,7 @@ from engine.adapters.nats_bus import SIGNALS_STREAM, DurableConsumer, NatsBus, j
 from engine.adapters.paper import PaperExchange
 from engine.app.price_feed import PriceFeed
 from engine.app.protective_stops import ProtectiveStops
-from engine.config import PriceFeedMode, Settings
+from engine.config import PriceFeedMode, Settings, Switch
 from engine.domain.book import PositionBook
 from engine.domain.dead_letters import dead_letter
 from engine.domain.decide import Accepted, close_intent, closes_by_key, decide, strategy_position_id_for
@@ -804,7 +804,7 @@ class Worker:
             ),
             now,
             self.rules,
-            await self._balance_for(signal) if signal.position_size_pct is not None else None,
+            await self._available_balance() if signal.sized_by_balance else None,
             own_price_allowed=not self.gateway.quotes,
         )
         if not isinstance(verdict, Accepted):
@@ -1026,7 +1026,7 @@ class Worker:
 
     async def _start_stops(self) -> None:
         mode = self.settings.protective_stops
-        if mode is PriceFeedMode.OFF or (mode is PriceFeedMode.AUTO and not self.gateway.quotes):
+        if mode is Switch.OFF or (mode is Switch.AUTO and not self.gateway.quotes):
             return
         self.stops = ProtectiveStops(
             self.gateway, lambda: self.book, self._symbol_locks.__getitem__, self.settings.protective_stop_pct
@@ -1068,14 +1068,8 @@ class Worker:
         log.info("price_feed.started", source=self.price_feed.name, mode=mode.value, every=every)
         return asyncio.create_task(self.price_feed.run(self._stopping))
 
-    async def _balance_for(self, signal: Signal) -> Decimal | None:
+    async def _available_balance(self) -> Decimal | None:
         """The account's available balance, asked only for a signal sized by it."""
-        if (
-            signal.position_size_pct is None
-            or signal.quantity is not None
-            or signal.quote_quantity is not None
-        ):
-            return None
         try:
             return await self.gateway.available_balance()
         except Exception as exc:
@@ -1083,12 +1077,10 @@ class Worker:
             return None
 
     async def _trusted_price(self, symbol: str) -> Decimal | None:
-        """The price pre-trade checks use: the last tick while it is fresh, else the venue's
-        own (mark) price; None when the venue gives neither. A venue without prices of its own
-        (paper) has only the ticks it was given, however old."""
+        """On a venue that quotes, the price pre-trade checks use: the last tick while it is
+        fresh, else the venue's own (mark) price; None when the venue gives neither. (A venue
+        without prices of its own, paper, has only the ticks it was given, however old.)"""
         last = self.last_prices.get(symbol)
-        if not self.gateway.quotes:
-            return last
         seen = self._price_seen_at.get(symbol)
         if (
             last is not None

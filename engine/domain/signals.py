@@ -175,6 +175,11 @@ class Signal(BaseModel):
         )
 
     @property
+    def sized_by_balance(self) -> bool:
+        """Sized as a share of the account's balance (nothing more explicit given)."""
+        return self.position_size_pct is not None and self.quantity is None and self.quote_quantity is None
+
+    @property
     def key_strategy(self) -> StrategyId:
         return StrategyId(self.strategy_id)
 
