@@ -60,6 +60,20 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--until", type=_utc_time, help="ISO-8601, UTC if naive")
     rep.add_argument("--html", metavar="FILE", help="also write a self-contained HTML report with charts")
 
+    for name, text in (
+        ("halt", "stop new positions: everything, a strategy, a symbol (TP/SL and closes go on)"),
+        ("resume", "lift halts within the scope"),
+        ("flatten", "halt the scope and close its positions at market (reason manual)"),
+    ):
+        ctl = sub.add_parser(name, help=text)
+        ctl.add_argument("--strategy", help="a strategy id; none: every strategy")
+        ctl.add_argument("--symbol", help="a symbol; none: every symbol")
+        ctl.add_argument("--reason", help="recorded with the command")
+        ctl.add_argument(
+            "--wait", type=float, default=15.0, help="seconds to wait for the worker (default 15)"
+        )
+    sub.add_parser("status", help="what is halted")
+
     emu = sub.add_parser("emulator", help="serve the Binance USD-M emulator on 127.0.0.1 (tests, rehearsals)")
     emu.add_argument("--port", type=int, default=8099)
     emu.add_argument("--hedge", action="store_true", help="start in hedge mode (dual side position)")
@@ -116,6 +130,12 @@ async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         return await commands.publish_price(settings, args.symbol, args.price)
     if args.command == "tail":
         return await commands.tail(settings, args.json, args.strategy, args.symbol, args.all)
+    if args.command in ("halt", "resume", "flatten"):
+        return await commands.control(
+            settings, args.command, args.strategy, args.symbol, args.reason, args.wait
+        )
+    if args.command == "status":
+        return await commands.status(settings)
     if args.command == "report":
         from engine.app.report import ReportFilter
 

@@ -18,6 +18,8 @@ from engine.domain.conflicts import ConflictPolicy
 from engine.domain.decide import Rules
 from engine.domain.model import PositionMode, SameDirectionPolicy
 from engine.domain.reconcile import ExternalCloseAttribution
+from engine.domain.risk import StrategyLimits
+from engine.risk_file import Risk, RiskFileError, load_risk
 
 DEFAULT_MYSQL_URL = "mysql://root@127.0.0.1:3306/tradeengine"
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
@@ -87,6 +89,13 @@ class Settings(BaseSettings):
     protective_stops: Switch = Switch.AUTO
     protective_stop_pct: Annotated[Decimal, Field(gt=0, lt=1)] | None = None
     max_clock_skew_seconds: Annotated[float, Field(ge=0)] = 60.0
+    max_notional_per_strategy: Annotated[Decimal, Field(gt=0)] | None = None
+    max_positions_per_strategy: Annotated[int, Field(ge=1)] | None = None
+    max_orders_per_minute: Annotated[int, Field(ge=1, le=100_000)] | None = None
+    daily_loss_limit: Annotated[Decimal, Field(gt=0)] | None = None
+    account_daily_loss_limit: Annotated[Decimal, Field(gt=0)] | None = None
+    max_leverage: Annotated[int, Field(ge=1, le=125)] | None = None
+    risk_file: str | None = None
 
     nats_url: str | None = None
     nats_user: str | None = None
@@ -266,6 +275,37 @@ class Settings(BaseSettings):
             read(self.exchange_api_key, self.exchange_api_key_file, "EXCHANGE_API_KEY_FILE"),
             read(self.exchange_api_secret, self.exchange_api_secret_file, "EXCHANGE_API_SECRET_FILE"),
         )
+
+    def risk(self) -> Risk:
+        """Rules and limits, the file's over the environment's; checks the account's leverage
+        settings against the maximum."""
+        try:
+            risk = load_risk(
+                self.rules(),
+                StrategyLimits(
+                    max_notional=self.max_notional_per_strategy,
+                    max_positions=self.max_positions_per_strategy,
+                    orders_per_minute=self.max_orders_per_minute,
+                    daily_loss=self.daily_loss_limit,
+                ),
+                self.account_daily_loss_limit,
+                self.max_leverage,
+                self.risk_file,
+            )
+        except RiskFileError as exc:
+            raise ConfigError(str(exc)) from None
+        if risk.max_leverage is not None:
+            for name, symbol, leverage in (
+                ("LEVERAGE", None, self.leverage),
+                *(("LEVERAGE_BY_SYMBOL", s, n) for s, n in self.leverage_by_symbol.items()),
+            ):
+                if leverage is not None and leverage > risk.max_leverage:
+                    where = f" for {symbol}" if symbol else ""
+                    raise ConfigError(
+                        f"{name}: {leverage}{where} is above the maximum leverage {risk.max_leverage}"
+                        " (MAX_LEVERAGE or RISK_FILE account.max_leverage)"
+                    )
+        return risk
 
     def rules(self) -> Rules:
         return Rules(

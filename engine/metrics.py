@@ -121,3 +121,12 @@ STOPS = Counter(
     "Protective stop orders at the venue: placed, cancelled, refused, triggered",
     ["event"],
 )
+CONTROL_COMMANDS = Counter(
+    "tradeengine_control_commands_total",
+    "Halt, resume and flatten commands, by outcome",
+    ["command", "outcome"],
+)
+HALTS = Gauge("tradeengine_halts", "Halts in force (operator and day's-loss)")
+EVENTS_DISTRUSTED = Counter(
+    "tradeengine_events_distrusted_total", "Events without a valid worker signature, ignored", ["role"]
+)

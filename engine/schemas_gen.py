@@ -12,6 +12,7 @@ from typing import Any
 from pydantic import TypeAdapter
 
 from engine.domain.events import (
+    ControlApplied,
     OrderFailed,
     OrderSettled,
     OrderSubmitted,
@@ -37,6 +38,7 @@ MODELS: dict[str, type[Any]] = {
     "order_failed": OrderFailed,
     "position_reconciled": PositionReconciled,
     "position_funding": PositionFunding,
+    "control_applied": ControlApplied,
 }
 SCHEMA_DIR = Path(__file__).resolve().parents[1] / "schemas"
 

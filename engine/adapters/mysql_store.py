@@ -21,6 +21,7 @@ from asyncmy.converters import escape_bytes_prefixed, escape_item, escape_string
 
 from engine.config import MysqlTarget
 from engine.domain.events import (
+    ControlApplied,
     Event,
     PositionClosed,
     PositionFunding,
@@ -498,6 +499,9 @@ def _projection(
         statements += yield from _INSERT_DECISION.statement_steps(literals, map(_decision_row, decided))
     if dead:
         statements += yield from _INSERT_DEAD.statement_steps(literals, map(_dead_row, dead))
+    controls = [e for e, _ in fresh if isinstance(e, ControlApplied)]
+    if controls:
+        statements += yield from _INSERT_CONTROL.statement_steps(literals, map(_control_row, controls))
     if opened or closed:
         rows = _strategy_position_rows(opened, closed)
         yield
@@ -530,8 +534,8 @@ _CLAIM_PROCESSED = MultiRowInsert.of(
 )
 _INSERT_DECISION = MultiRowInsert.of(
     "INSERT INTO signal_decisions (event_id, signal_id, strategy_id, symbol, action, outcome,"
-    " reason_code, reason, confidence, strategy_position_ids, decided_at)"
-    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+    " reason_code, reason, confidence, strategy_position_ids, decided_at, risk_limit, risk_figure)"
+    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
 )
 
 
@@ -539,6 +543,22 @@ def _decision_row(e: SignalDecided) -> tuple[Any, ...]:
     return (
         e.event_id, e.signal_id, e.strategy_id, e.symbol, e.action.value, e.outcome.value, e.reason_code,
         e.reason[:1024], e.confidence, json.dumps(e.strategy_position_ids), _utc(e.occurred_at),
+        e.limit, e.figure,
+    )  # fmt: skip
+
+
+_INSERT_CONTROL = MultiRowInsert.of(
+    "INSERT INTO control_actions (event_id, command_id, command, strategy_id, symbol, outcome, cause,"
+    " reason, closed_positions, halted, applied_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+)
+
+
+def _control_row(e: ControlApplied) -> tuple[Any, ...]:
+    halted = [{"strategy_id": h.strategy_id, "symbol": h.symbol, "cause": h.cause,
+               "until": h.until.isoformat() if h.until else None} for h in e.halted]  # fmt: skip
+    return (
+        e.event_id, e.command_id, e.command, e.strategy_id, e.symbol, e.outcome, e.cause, e.reason[:1024],
+        json.dumps(e.closed_positions), json.dumps(halted), _utc(e.occurred_at),
     )  # fmt: skip
 
 

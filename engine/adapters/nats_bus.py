@@ -27,9 +27,11 @@ from engine.domain.events import Event, decode_event, encode_event, event_subjec
 log = structlog.get_logger(__name__)
 
 SIGNALS_STREAM = "SIGNALS"
+CONTROL_STREAM = "CONTROL"
 EVENTS_STREAM = "EVENTS"
 SIGNAL_SUBJECTS = ["signals.>"]
-EVENT_SUBJECTS = ["decisions.>", "positions.>", "deadletter.>", "orders.>"]
+EVENT_SUBJECTS = ["decisions.>", "positions.>", "deadletter.>", "orders.>", "risk.>"]
+CONTROL_SUBJECTS = ["control.>"]
 PRICE_SUBJECT = "prices.>"
 MSG_ID = "Nats-Msg-Id"
 STORED_IN_EVENTS = b'"stream":"EVENTS"'
@@ -126,7 +128,7 @@ class NatsBus:
             await self.nc.close()
 
     async def ensure_streams(self) -> None:
-        """Create or update both streams; safe to call from every process on every start."""
+        """Create or update the streams; safe to call from every process on every start."""
         for config in (
             StreamConfig(
                 name=SIGNALS_STREAM,
@@ -140,6 +142,14 @@ class NatsBus:
                 subjects=EVENT_SUBJECTS,
                 storage=StorageType.FILE,
                 duplicate_window=900.0,
+            ),
+            # Halt, resume and flatten wait here for the worker, even while none runs.
+            StreamConfig(
+                name=CONTROL_STREAM,
+                subjects=CONTROL_SUBJECTS,
+                storage=StorageType.FILE,
+                duplicate_window=300.0,
+                max_age=7 * DAY,
             ),
         ):
             try:

@@ -1,24 +1,30 @@
-"""Ops commands: migrate, publish, price, tail, report."""
+"""Ops commands: migrate, publish, price, tail, report, halt, resume, flatten, status."""
 
 from __future__ import annotations
 
 import asyncio
+import getpass
 import json
+import socket
 import sys
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import nats.errors
 from nats.js.api import DeliverPolicy
+from nats.js.errors import NotFoundError
 from rich.console import Console
 
 from engine.adapters.mysql_store import MysqlStore
-from engine.adapters.nats_bus import EVENT_SUBJECTS, NatsBus, signal_msg_id
+from engine.adapters.nats_bus import EVENT_SUBJECTS, EVENTS_STREAM, MSG_ID, NatsBus, signal_msg_id
 from engine.app.report import ReportFilter, gather, render_html, render_terminal
 from engine.app.runner import client_nats_url, mysql_target
 from engine.config import Settings
+from engine.domain.control import COMMANDS, BadCommand, parse_command
 from engine.domain.events import (
+    ControlApplied,
     Event,
     OrderFailed,
     OrderSettled,
@@ -32,6 +38,7 @@ from engine.domain.events import (
     decode_event,
     parse_tick,
 )
+from engine.domain.risk import Scope
 
 console = Console(highlight=False)
 
@@ -108,6 +115,96 @@ async def publish_price(settings: Settings, symbol: str, price: str) -> int:
     return 0
 
 
+async def control(
+    settings: Settings,
+    command: str,
+    strategy: str | None,
+    symbol: str | None,
+    reason: str | None,
+    wait: float,
+) -> int:
+    """Send a halt, resume or flatten and print what the worker changed."""
+    payload: dict[str, Any] = {
+        "command_id": str(uuid.uuid4()),
+        "requested_by": f"{getpass.getuser()}@{socket.gethostname()}"[:200],
+    }
+    payload |= {k: v for k, v in (("strategy_id", strategy), ("symbol", symbol), ("reason", reason)) if v}
+    body = json.dumps(payload).encode()
+    problem = parse_command(f"control.{command}", body, 0)
+    if isinstance(problem, BadCommand):
+        print(f"tradeengine: {command}: {problem.error}", file=sys.stderr)
+        return 2
+    bus = await connect_client(settings, f"tradeengine-{command}")
+    try:
+        answer: asyncio.Future[ControlApplied] = asyncio.get_running_loop().create_future()
+
+        async def on_event(msg: Any) -> None:
+            event = decode_event(msg.data)
+            if isinstance(event, ControlApplied) and event.command_id == payload["command_id"]:
+                if not answer.done():
+                    answer.set_result(event)
+
+        sub = await bus.nc.subscribe(f"risk.{command}", cb=on_event)
+        try:
+            await bus.js.publish(f"control.{command}", body, headers={MSG_ID: payload["command_id"]})
+        except nats.errors.NoRespondersError:
+            print("tradeengine: no CONTROL stream yet: a worker creates it when it starts", file=sys.stderr)
+            return 1
+        console.print(f"sent {command} for {problem.scope} ({payload['command_id']})")
+        try:
+            event = await asyncio.wait_for(answer, timeout=wait)
+        except TimeoutError:
+            console.print(
+                f"no worker confirmed within {wait:.0f}s; the command waits in the CONTROL stream and "
+                "applies when a worker holds the lease"
+            )
+            return 1
+        finally:
+            await sub.unsubscribe()
+        console.print(describe(event))
+        _print_halts(event, datetime.now(UTC))
+        return 1 if event.outcome == "rejected" else 0
+    finally:
+        await bus.close()
+
+
+async def status(settings: Settings) -> int:
+    """What is halted, from the last control event the worker stored."""
+    bus = await connect_client(settings, "tradeengine-status")
+    try:
+        latest: tuple[int, ControlApplied] | None = None
+        for name in COMMANDS:
+            try:
+                msg = await bus.js.get_last_msg(EVENTS_STREAM, f"risk.{name}")
+            except NotFoundError:
+                continue
+            event = decode_event(msg.data or b"{}")
+            seq = msg.seq or 0
+            if isinstance(event, ControlApplied) and event.outcome != "rejected":
+                if latest is None or seq > latest[0]:
+                    latest = (seq, event)
+    finally:
+        await bus.close()
+    if latest is None:
+        console.print("nothing is halted (no control command has been applied)")
+        return 0
+    _print_halts(latest[1], datetime.now(UTC))
+    return 0
+
+
+def _print_halts(event: ControlApplied, now: datetime) -> None:
+    halts = [h for h in event.halted if h.until is None or h.until > now]
+    if not halts:
+        console.print("nothing is halted")
+        return
+    for h in halts:
+        scope = str(Scope(h.strategy_id, h.symbol))
+        until = f" until {h.until.isoformat()}" if h.until else ""
+        console.print(
+            f"[bold red]HALTED[/] {scope} ({h.cause}) since {h.since.isoformat()}{until}: {h.reason}"
+        )
+
+
 def describe(event: Event) -> str:
     """One readable line per event."""
     match event:
@@ -155,6 +252,8 @@ def describe(event: Event) -> str:
                 f"[blue]FUNDING[/] {event.strategy_id} {event.symbol} {event.side.value} "
                 f"[{colour}]{event.amount}[/] rate {event.rate} mark {event.mark_price}"
             )
+        case ControlApplied():
+            return f"[bold red]CONTROL[/] {event.command} {event.outcome}: {event.reason}"
 
 
 async def tail(

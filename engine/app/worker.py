@@ -14,7 +14,7 @@ import dataclasses
 import gc
 import time
 from collections import defaultdict, deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -30,13 +30,16 @@ from engine.adapters.last_prices import LastPrices
 from engine.adapters.leases import Holder, Lease, LeaseLost, carry_start_count, count_start
 from engine.adapters.nats_bus import SIGNALS_STREAM, DurableConsumer, NatsBus, jetstream_sequences
 from engine.adapters.paper import PaperExchange
+from engine.app.kill_switch import KillSwitch
 from engine.app.price_feed import PriceFeed
 from engine.app.protective_stops import ProtectiveStops
 from engine.config import PriceFeedMode, Settings, Switch
 from engine.domain.book import PositionBook
+from engine.domain.control import control_event, daily_loss_command_id, restore_halts
 from engine.domain.dead_letters import dead_letter
 from engine.domain.decide import Accepted, close_intent, closes_by_key, decide, strategy_position_id_for
 from engine.domain.events import (
+    ControlApplied,
     Event,
     OrderFailed,
     OrderSettled,
@@ -64,6 +67,7 @@ from engine.domain.model import (
 )
 from engine.domain.orders import CloseLeg, Fill, OrderIntent
 from engine.domain.reconcile import EXTERNAL_STRATEGY, reconcile
+from engine.domain.risk import RiskBook, Scope
 from engine.domain.signals import MalformedSignal, Signal, parse_signal
 from engine.logs import SIGNAL_CONTEXT
 
@@ -108,7 +112,12 @@ class Worker:
         self.bus = bus
         self.gateway = gateway
         self.clock = clock
-        self.rules = settings.rules()
+        risk = settings.risk()
+        self.rules = risk.rules
+        self.risk = RiskBook(risk.limits)
+        self.kill_switch = KillSwitch(
+            bus, f"{settings.worker_durable}-control", self.risk, clock, self._emit, self._flush, self.flatten
+        )
         self.book = PositionBook()
         self.ledger = SignalLedger()
         self.journal = OrderJournal()
@@ -225,6 +234,7 @@ class Worker:
         funding = asyncio.create_task(self.keep_funding())
         feed = self._start_price_feed()
         keeper = asyncio.create_task(self.stops.keep(self._stopping)) if self.stops else None
+        control = asyncio.create_task(self.kill_switch.keep(self._stopping))
         storing: asyncio.Task[None] | None = None
         try:
             while not self._stopping.is_set():
@@ -266,6 +276,7 @@ class Worker:
                 await asyncio.gather(feed, return_exceptions=True)
             if keeper is not None:
                 await asyncio.gather(keeper, return_exceptions=True)
+            await asyncio.gather(control, return_exceptions=True)
             if self._price_sub is not None:
                 with contextlib.suppress(Exception):
                     await self._price_sub.unsubscribe()
@@ -346,10 +357,12 @@ class Worker:
         return {"worker_consumer": self.ready.is_set(), "worker_lease": not self.standby and not self._fenced}
 
     def details(self) -> dict[str, Any]:
-        """Shown in /readyz, deciding nothing: whether the venue answers the price feed."""
-        if self.price_feed is None:
-            return {}
-        return {"price_feed_fresh": self.price_feed.fresh(time.monotonic())}
+        """Shown in /readyz, deciding nothing: what is halted, whether the venue answers the
+        price feed."""
+        found = self.kill_switch.details()
+        if self.price_feed is not None:
+            found["price_feed_fresh"] = self.price_feed.fresh(time.monotonic())
+        return found
 
     async def report_gauges(self, every: float = 5.0) -> None:
         """Consumer backlog and per-key exposure, refreshed off the hot path."""
@@ -380,6 +393,8 @@ class Worker:
             self._remember(event, replay=True)
             count += 1
         self._replayed_opens = set()
+        self._halt_on_losses(self.risk.today.by_strategy)  # a crash may have come between a loss and its halt
+        self.kill_switch.report()
         if isinstance(self.gateway, PaperExchange):
             self.gateway.restore(self.book, self._replayed_cash)
         metrics.OPEN_STRATEGY_POSITIONS.set_function(lambda: len(self.book.positions))  # read when scraped
@@ -806,6 +821,7 @@ class Worker:
             self.rules,
             await self._available_balance() if signal.sized_by_balance else None,
             own_price_allowed=not self.gateway.quotes,
+            risk=self.risk,
         )
         if not isinstance(verdict, Accepted):
             if closed_before is not None:  # nothing left to do: it all happened before a restart
@@ -818,8 +834,19 @@ class Worker:
                     (),
                 )
                 return
-            self._decide(signal, sequence, verdict.outcome, verdict.reason_code, verdict.reason, ())
+            self._decide(
+                signal,
+                sequence,
+                verdict.outcome,
+                verdict.reason_code,
+                verdict.reason,
+                (),
+                limit=verdict.limit,
+                figure=verdict.figure,
+            )
             return
+        if signal.opening_side is not None:
+            self.risk.charge(signal.strategy_id, now)
         refused, done = await self._execute(signal, sequence, verdict)
         if refused is None:
             self._decide(
@@ -885,9 +912,17 @@ class Worker:
             outcome, code, reason = Outcome.REJECTED, "not_placed", "the venue never placed the order"
             ids = pending.closed_before
         self._record_decision(
-            pending.strategy_id, pending.signal_id, pending.symbol, pending.action, pending.confidence,
-            pending.signal_sequence, outcome, code, reason, tuple(ids),
-        )  # fmt: skip
+            pending.strategy_id,
+            pending.signal_id,
+            pending.symbol,
+            pending.action,
+            pending.confidence,
+            pending.signal_sequence,
+            outcome,
+            code,
+            reason,
+            tuple(ids),
+        )
 
     def _decide(
         self,
@@ -898,11 +933,24 @@ class Worker:
         reason: str,
         position_ids: tuple[str, ...],
         event_id: str | None = None,
+        limit: Decimal | None = None,
+        figure: Decimal | None = None,
     ) -> None:
         self._record_decision(
-            signal.strategy_id, signal.id, signal.symbol, signal.action, signal.confidence, sequence,
-            outcome, reason_code, reason, position_ids, event_id,
-        )  # fmt: skip
+            signal.strategy_id,
+            signal.id,
+            signal.symbol,
+            signal.action,
+            signal.confidence,
+            sequence,
+            outcome,
+            reason_code,
+            reason,
+            position_ids,
+            event_id,
+            limit,
+            figure,
+        )
 
     def _record_decision(
         self,
@@ -917,6 +965,8 @@ class Worker:
         reason: str,
         position_ids: tuple[str, ...],
         event_id: str | None = None,
+        limit: Decimal | None = None,
+        figure: Decimal | None = None,
     ) -> None:
         decided = SignalDecided(
             event_id=event_id or derive_id("signal.decided", strategy_id, signal_id),
@@ -931,6 +981,8 @@ class Worker:
             strategy_position_ids=list(position_ids),
             confidence=confidence,
             signal_sequence=sequence,
+            limit=limit,
+            figure=figure,
         )
         metrics.child(metrics.SIGNALS, outcome.value, reason_code).inc()
         log.info("signal.decided", outcome=outcome.value, reason_code=reason_code, reason=reason)
@@ -1150,11 +1202,13 @@ class Worker:
                     self._replayed_opens.add(event.strategy_position_id)
                     self.book.apply(event)  # a re-stored open of a slice closed since is not reopened
                     self._replayed_cash -= event.fee
+                    self.risk.book(event.strategy_id, event.occurred_at, -event.fee)
                 self.ledger.apply(event)
                 self.journal.apply(event)
                 if event.strategy_id == EXTERNAL_STRATEGY:
                     self._attributed_orders.update(event.exchange_order_id.split(","))
                 if not replay:
+                    self.risk.book(event.strategy_id, event.occurred_at, -event.fee)
                     if self.stops is not None:
                         self.stops.touch(PositionKey(event.symbol, event.side))
                     metrics.child(metrics.STRATEGY_POSITIONS_OPENED, event.strategy_id).inc()
@@ -1162,6 +1216,7 @@ class Worker:
                         metrics.child(metrics.EXCHANGE_POSITIONS_OPENED, event.side.value).inc()
             case PositionClosed():
                 self._slice_history.record(event, self._started_at if replay else event.occurred_at)
+                self.risk.book(event.strategy_id, event.occurred_at, event.gross_pnl - event.exit_fee)
                 if replay:
                     self.book.apply(event)
                     self._replayed_cash += event.gross_pnl - event.exit_fee
@@ -1181,6 +1236,7 @@ class Worker:
                         metrics.child(metrics.REALIZED_LOSS, event.strategy_id).inc(
                             float(-event.realized_pnl)
                         )
+                        self._halt_on_losses((event.strategy_id,))
             case OrderSubmitted() | OrderSettled() | OrderFailed():
                 if replay:
                     self.journal.apply(event)
@@ -1197,12 +1253,69 @@ class Worker:
                     booked = self._funded_through.get(event.symbol)
                     if booked is None or event.funding_time > booked:
                         self._funded_through[event.symbol] = event.funding_time
+                self.risk.book(event.strategy_id, event.occurred_at, event.amount)
                 if replay:
                     self._replayed_cash += event.amount
                 else:
                     metrics.child(metrics.FUNDING, event.strategy_id).inc(float(event.amount))
+                    if event.amount < 0:
+                        self._halt_on_losses((event.strategy_id,))
+            case ControlApplied():
+                if replay:
+                    restore_halts(self.risk, event)
             case SignalDead():
                 pass
+
+    def _halt_on_losses(self, strategies: Iterable[str]) -> None:
+        """Halt a strategy (or the account) whose loss of the day reached its limit; recorded
+        as an event, so `tradeengine status` shows it and a restart keeps it."""
+        if not self.risk.limits.watches_daily_loss:
+            return
+        now = self.clock()
+        for halt in self.risk.losses_past_limit(strategies, now):
+            self.risk.halt(halt)
+            log.error("risk.daily_loss_halt", scope=str(halt.scope), reason=halt.reason)
+            self._emit(
+                control_event(
+                    self.risk,
+                    daily_loss_command_id(halt),
+                    "halt",
+                    halt.scope,
+                    "applied",
+                    halt.reason,
+                    now,
+                    cause=halt.cause,
+                    until=halt.until,
+                )
+            )
+            self.kill_switch.report()
+
+    async def flatten(self, scope: Scope) -> list[str]:
+        """Close every open slice in the scope at market, reason `manual`: one order per key
+        (split at the venue's size limit), under each symbol's lock. Returns the slices closed."""
+        symbols = sorted(
+            {sp.symbol for sp in self.book.positions.values() if scope.covers(sp.strategy_id, sp.symbol)}
+        )
+        closed: list[str] = []
+        for symbol in symbols:
+            async with self._symbol_locks[symbol]:
+                closing = [
+                    (sp, sp.remaining, CloseReason.MANUAL)
+                    for sp in list(self.book.positions.values())
+                    if sp.symbol == symbol
+                    and scope.covers(sp.strategy_id, symbol)
+                    and sp.id not in self.journal.closing
+                ]
+                if not closing:
+                    continue
+                price = (
+                    await self._trusted_price(symbol) if self.gateway.quotes else self.last_prices.get(symbol)
+                ) or closing[0][0].entry_price  # the paper venue before any tick: no better price
+                market = self.gateway.market(symbol)
+                for intent in closes_by_key(closing, price, None, market.max_quantity if market else None):
+                    await self._close_fired(intent, price)
+                closed += [sp.id for sp, _, _ in closing if sp.id not in self.book.positions]
+        return closed
 
     def _emit(self, event: Event) -> None:
         self._outbox.append(event)

@@ -101,6 +101,9 @@ class PositionBook:
     # Insertion-ordered: iteration is FIFO by opening time.
     by_key: dict[PositionKey, dict[StrategyPositionId, StrategyPosition]] = field(default_factory=dict)
     triggers: TriggerIndex = field(default_factory=TriggerIndex)
+    # Per strategy, for its risk limits: open notional at entry prices, and open slices.
+    strategy_cost: dict[str, Decimal] = field(default_factory=dict)
+    strategy_open: dict[str, int] = field(default_factory=dict)
 
     # --- queries -------------------------------------------------------------------------
     def keyed(self, key: PositionKey) -> Collection[StrategyPosition]:
@@ -296,6 +299,10 @@ class PositionBook:
             opened_at=e.occurred_at,
         )
         self.by_key.setdefault(key, {})[pid] = sp
+        self.strategy_cost[sp.strategy_id] = self.strategy_cost.get(sp.strategy_id, ZERO) + (
+            sp.entry_price * quantity
+        )
+        self.strategy_open[sp.strategy_id] = self.strategy_open.get(sp.strategy_id, 0) + 1
         self.triggers.arm(key.symbol, e.side, pid, take_profit, stop_loss)
 
     def _apply_closed(self, e: PositionClosed, trusted: bool = False) -> None:
@@ -310,7 +317,9 @@ class PositionBook:
         ep = self.exchange[sp.key]
         ep.quantity -= e.closed_quantity
         ep.cost -= sp.entry_price * e.closed_quantity
+        self.strategy_cost[sp.strategy_id] -= sp.entry_price * e.closed_quantity
         if sp.remaining <= 0:
+            self.strategy_open[sp.strategy_id] -= 1
             del self.positions[pid]
             keyed = self.by_key[sp.key]
             del keyed[pid]

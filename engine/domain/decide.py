@@ -23,11 +23,12 @@ from engine.domain.model import (
     PositionMode,
     SignalId,
     StrategyPositionId,
-    decimal_text,
+    amount,
     derive_client_order_id,
     derive_id,
 )
 from engine.domain.orders import CloseLeg, Leg, OpenLeg, OrderIntent
+from engine.domain.risk import Breach, RiskBook
 from engine.domain.signals import Signal
 from engine.domain.tpsl import LevelSpec
 
@@ -60,15 +61,11 @@ class Refused:
     outcome: Outcome
     reason_code: str
     reason: str
+    limit: Decimal | None = None  # a risk limit's value, and the figure the signal would reach
+    figure: Decimal | None = None
 
 
 Verdict = Accepted | Refused
-
-
-def amount(value: Decimal) -> str:
-    """A decimal as people read it in a reason: 50, not 5E+1; 0.1, not 0.10000."""
-    text = decimal_text(value)
-    return text.rstrip("0").rstrip(".") if "." in text else text
 
 
 def strategy_position_id_for(signal: Signal) -> StrategyPositionId:
@@ -84,14 +81,20 @@ def decide(
     rules: Rules,
     balance: Decimal | None = None,
     own_price_allowed: bool = True,
+    risk: RiskBook | None = None,
 ) -> Verdict:
     """`balance`: the account's available balance, needed only to size a signal by
     `position_size_pct`. `own_price_allowed`: whether an opening signal's own price may stand
-    in when there is no trusted price (the paper venue, which has no prices of its own)."""
+    in when there is no trusted price (the paper venue, which has no prices of its own).
+    `risk`: halts, the day's losses and the per-strategy limits (openings only)."""
     if rules.allowed_strategies and signal.strategy_id not in rules.allowed_strategies:
         return _reject("strategy_not_allowed", f"strategy {signal.strategy_id} is not on the allow-list")
     if rules.allowed_symbols and signal.symbol not in rules.allowed_symbols:
         return _reject("symbol_not_allowed", f"symbol {signal.symbol} is not on the allow-list")
+    if risk is not None and signal.opening_side is not None:
+        breach = risk.refuse_opening(signal.strategy_id, signal.symbol, now)
+        if breach is not None:
+            return _breach(breach)
     if market is None:
         return _reject("unknown_symbol", f"the venue has no market {signal.symbol}")
     if signal.timestamp is not None and signal.timestamp - now > rules.max_clock_skew:
@@ -122,11 +125,15 @@ def decide(
                 f"signal price {amount(own)} is more than {amount(rules.price_band * 100)}% from the "
                 f"last trusted price {amount(last_price)}",
             )
-    return _decide_open(signal, book, market, price, rules, balance)
+    return _decide_open(signal, book, market, price, rules, balance, risk, now)
 
 
 def _reject(code: str, reason: str) -> Refused:
     return Refused(Outcome.REJECTED, code, reason)
+
+
+def _breach(breach: Breach) -> Refused:
+    return Refused(Outcome.REJECTED, breach.reason_code, breach.reason, breach.limit, breach.figure)
 
 
 def _decide_close(signal: Signal, book: PositionBook, market: Market, price: Decimal | None) -> Verdict:
@@ -219,6 +226,8 @@ def _decide_open(
     price: Decimal | None,
     rules: Rules,
     balance: Decimal | None,
+    risk: RiskBook | None,
+    now: datetime,
 ) -> Verdict:
     side = signal.opening_side
     assert side is not None
@@ -278,7 +287,23 @@ def _decide_open(
     # else the signal would meet. The total limit waits for the conflicts: a reversal frees
     # the notional of the positions it closes.
     if rules.max_notional_per_key is not None and book.key_cost(key) + added > rules.max_notional_per_key:
-        return _reject("risk_limit_key", f"{key} notional would exceed {amount(rules.max_notional_per_key)}")
+        return Refused(
+            Outcome.REJECTED,
+            "risk_limit_key",
+            f"{key} notional would exceed {amount(rules.max_notional_per_key)}",
+            rules.max_notional_per_key,
+            book.key_cost(key) + added,
+        )
+    if risk is not None:
+        breach = risk.refuse_size(
+            signal.strategy_id,
+            added,
+            book.strategy_cost.get(signal.strategy_id, ZERO),
+            book.strategy_open.get(signal.strategy_id, 0),
+            now,
+        )
+        if breach is not None:
+            return _breach(breach)
     verdict = resolve_conflicts(
         signal.confidence,
         book.keyed(key),
@@ -289,11 +314,16 @@ def _decide_open(
         return _reject(verdict.reason_code, verdict.reason)
 
     released = sum((sp.entry_price * sp.remaining for sp in verdict.reverse), ZERO)
-    if (
-        rules.max_total_notional is not None
-        and book.total_cost() - released + added > rules.max_total_notional
-    ):
-        return _reject("risk_limit_total", f"total notional would exceed {amount(rules.max_total_notional)}")
+    if rules.max_total_notional is not None:
+        total = book.total_cost() - released + added
+        if total > rules.max_total_notional:
+            return Refused(
+                Outcome.REJECTED,
+                "risk_limit_total",
+                f"total notional would exceed {amount(rules.max_total_notional)}",
+                rules.max_total_notional,
+                total,
+            )
 
     open_leg = OpenLeg(
         position_id=strategy_position_id_for(signal),

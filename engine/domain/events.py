@@ -64,6 +64,9 @@ class SignalDecided(_Event):
     strategy_position_ids: list[str] = field(default_factory=list)
     confidence: Amount | None = None
     signal_sequence: int | None = None
+    # A risk limit the signal would have crossed, and the figure it would have reached.
+    limit: Amount | None = None
+    figure: Amount | None = None
 
 
 @dataclass(slots=True, kw_only=True)
@@ -142,6 +145,35 @@ class SignalDead(_Event):
     strategy_id: str | None = None
     symbol: str | None = None
     signal_id: str | None = None
+
+
+@dataclass(slots=True, kw_only=True)
+class HaltEntry:
+    strategy_id: str | None
+    symbol: str | None
+    cause: str
+    reason: str
+    since: UtcTime
+    until: UtcTime | None = None
+
+
+@dataclass(slots=True, kw_only=True)
+class ControlApplied(_Event):
+    """What a control command (or a day's loss crossing its limit) changed: halts in force
+    after it, and the positions a flatten closed. Halts survive restarts as these events."""
+
+    type: Literal["control.applied"] = "control.applied"
+    command_id: str
+    command: Literal["halt", "resume", "flatten"]
+    strategy_id: str | None = None
+    symbol: str | None = None
+    outcome: Literal["applied", "unchanged", "rejected"]
+    reason: str
+    cause: str = "operator"
+    until: UtcTime | None = None
+    halted: list[HaltEntry] = field(default_factory=list)
+    closed_positions: list[str] = field(default_factory=list)
+    control_sequence: int | None = None
 
 
 @dataclass(slots=True, kw_only=True)
@@ -281,7 +313,8 @@ Event = Annotated[
     | OrderSettled
     | OrderFailed
     | PositionReconciled
-    | PositionFunding,
+    | PositionFunding
+    | ControlApplied,
     Field(discriminator="type"),
 ]
 EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
@@ -307,6 +340,8 @@ def event_subject(event: Event) -> str:
             return f"orders.settled.{event.symbol}"
         case OrderFailed():
             return f"orders.failed.{event.symbol}"
+        case ControlApplied():
+            return f"risk.{event.command}"
 
 
 def _encode_default(value: Any) -> str:

@@ -33,7 +33,7 @@ _VARIANT_DIGIT = {digit: "89ab"[int(digit, 16) & 3] for digit in "0123456789abcd
 def derive_id(*parts: str) -> str:
     """uuid.uuid5(ID_NAMESPACE, "\x1f".join(parts)) as a string, without building UUID objects
     (this runs several times per signal on the hot path)."""
-    h = hashlib.sha1(_NAMESPACE_BYTES + "\x1f".join(parts).encode()).hexdigest()
+    h = hashlib.sha1(_NAMESPACE_BYTES + "\x1f".join(parts).encode(), usedforsecurity=False).hexdigest()
     return f"{h[:8]}-{h[8:12]}-5{h[13:16]}-{_VARIANT_DIGIT[h[16]]}{h[17:20]}-{h[20:32]}"
 
 
@@ -60,6 +60,12 @@ def decimal_text(value: Decimal) -> str:
 
 _DECIMALS: dict[Decimal, Decimal] = {}
 _DECIMAL_CACHE_LIMIT = 1 << 16
+
+
+def amount(value: Decimal) -> str:
+    """A decimal as people read it in a reason: 50, not 5E+1; 0.1, not 0.10000."""
+    text = decimal_text(value)
+    return text.rstrip("0").rstrip(".") if "." in text else text
 
 
 def intern_decimal(value: Decimal) -> Decimal:

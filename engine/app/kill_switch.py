@@ -1,0 +1,131 @@
+"""Takes control commands from the CONTROL stream, one at a time, in order, while this worker
+holds the lease: each is applied, its `ControlApplied` event stored, then it is acked. A flatten
+redelivered after a crash closes what is still open and nothing twice: its close orders have
+client ids derived from the slices and their close counts, and the journal holds any whose
+outcome is unknown."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from typing import Any, Literal
+
+import structlog
+from nats.aio.msg import Msg
+
+from engine import metrics
+from engine.adapters.nats_bus import CONTROL_STREAM, NatsBus, jetstream_sequences
+from engine.domain.control import BadCommand, apply_command, control_event, parse_command
+from engine.domain.events import Event
+from engine.domain.risk import RiskBook, Scope
+
+log = structlog.get_logger(__name__)
+
+
+class KillSwitch:
+    def __init__(
+        self,
+        bus: NatsBus,
+        durable: str,
+        risk: RiskBook,
+        clock: Callable[[], datetime],
+        emit: Callable[[Event], None],
+        flush: Callable[[], Awaitable[None]],
+        flatten: Callable[[Scope], Awaitable[list[str]]],
+    ) -> None:
+        self.bus, self.durable, self.risk, self.clock = bus, durable, risk, clock
+        self.emit, self.flush, self.flatten = emit, flush, flatten
+
+    async def keep(self, stopping: asyncio.Event) -> None:
+        sub = await self.bus.durable_consumer(CONTROL_STREAM, self.durable, "control.>", max_ack_pending=1)
+        while not stopping.is_set():
+            for msg in await sub.next_batch(1, idle_wait=0.5):
+                await self.handle(msg)
+
+    async def handle(self, msg: Msg) -> None:
+        sequence = jetstream_sequences(msg)[0]
+        try:
+            await self._apply(msg.subject, msg.data, sequence)
+        except Exception as exc:  # a bug costs this command, never the worker
+            log.exception("control.internal_error", subject=msg.subject)
+            name = msg.subject.removeprefix("control.")
+            self.emit(
+                control_event(
+                    self.risk,
+                    f"control-{sequence}",
+                    name if name in ("halt", "resume", "flatten") else "halt",  # type: ignore[arg-type]
+                    Scope(),
+                    "rejected",
+                    f"internal error: {type(exc).__name__}",
+                    self.clock(),
+                    sequence=sequence,
+                )
+            )
+        await self.flush()
+        await msg.ack()
+        self.report()
+
+    async def _apply(self, subject: str, data: bytes, sequence: int) -> None:
+        command = parse_command(subject, data, sequence)
+        now = self.clock()
+        if isinstance(command, BadCommand):
+            log.warning("control.rejected", subject=subject, error=command.error)
+            metrics.CONTROL_COMMANDS.labels(command.name or "unknown", "rejected").inc()
+            self.emit(
+                control_event(
+                    self.risk,
+                    command.command_id,
+                    command.name or "halt",
+                    Scope(),
+                    "rejected",
+                    command.error,
+                    now,
+                    sequence=sequence,
+                )
+            )
+            return
+        changed, text = apply_command(self.risk, command, now)
+        closed: list[str] = []
+        if command.name == "flatten":
+            # Halts are stored before the closes go out: nothing reopens what is being closed.
+            self.emit(
+                control_event(
+                    self.risk,
+                    f"{command.command_id}:halt",
+                    "halt",
+                    command.scope,
+                    "applied" if changed else "unchanged",
+                    text,
+                    now,
+                    sequence=sequence,
+                )
+            )
+            await self.flush()
+            closed = await self.flatten(command.scope)
+            text += f"; closed {len(closed)} position(s)"
+        outcome: Literal["applied", "unchanged"] = "applied" if changed or closed else "unchanged"
+        log.warning(
+            "control.applied", command=command.name, scope=str(command.scope), outcome=outcome, reason=text
+        )
+        metrics.CONTROL_COMMANDS.labels(command.name, outcome).inc()
+        self.emit(
+            control_event(
+                self.risk,
+                command.command_id,
+                command.name,
+                command.scope,
+                outcome,
+                text,
+                self.clock(),
+                closed=closed,
+                sequence=sequence,
+            )
+        )
+
+    def report(self) -> None:
+        now = self.clock()
+        metrics.HALTS.set(len(self.risk.in_force(now)))
+
+    def details(self) -> dict[str, Any]:
+        return {"halted": [str(h.scope) for h in self.risk.in_force(self.clock())]}
