@@ -92,7 +92,8 @@ def build_gateway(settings: Settings) -> ExchangeGateway:
             ),
             rate_limit_ms=settings.exchange_rate_limit_ms,
             account=AccountSettings(
-                leverage=settings.leverage,
+                # Under a maximum, a symbol is never left at whatever leverage the account had.
+                leverage=settings.leverage or settings.risk().max_leverage,
                 margin_type=settings.margin_type.value if settings.margin_type else None,
                 leverage_by_symbol=settings.leverage_by_symbol,
                 margin_type_by_symbol={k: v.value for k, v in settings.margin_type_by_symbol.items()},

@@ -373,8 +373,10 @@ def parse_signal(
         ("symbol", signal.symbol, tokens[1]),
     ):
         if in_payload != in_subject:
+            # A strategy_id not its subject's is one strategy speaking for another: NATS
+            # permissions bind a strategy's credentials to its own subjects, not its payloads.
             return MalformedSignal(
-                "subject_mismatch",
+                "identity_mismatch" if field_name == "strategy_id" else "subject_mismatch",
                 (f"{field_name}: {in_payload!r} does not match subject token {in_subject!r}",),
                 strategy_id=signal.strategy_id,
                 symbol=signal.symbol,

@@ -81,7 +81,7 @@ def corpus() -> list[Case]:
         Case("signal id with a newline", signal_bytes(signal_id="a\nb"), "dead:invalid_field"),
         Case("200-character strategy text", signal_bytes(strategy="s" * 200), "dead:invalid_field"),
         Case("oversize", signal_bytes(metadata={"pad": "x" * 70_000}), "dead:oversize"),
-        Case("subject mismatch", signal_bytes(strategy_id="other"), "dead:subject_mismatch"),
+        Case("another strategy's identity", signal_bytes(strategy_id="other"), "dead:identity_mismatch"),
         Case("secret headers", b"{}", "dead:invalid_field", headers={"X-Api-Key": "k-123456", "Authorization": "Bearer zzz"}),
         Case("year 9999", signal_bytes(timestamp="9999-12-31T23:59:59Z", signal_id="future-1"), "decided:future_timestamp"),
         Case("price far from the last tick", signal_bytes(current_price="1", signal_id="band-1"), "decided:price_out_of_band"),

@@ -116,7 +116,7 @@ def test_buy_needs_a_size_but_close_and_hold_do_not() -> None:
 
 
 def test_subject_must_match_payload() -> None:
-    assert errors_of(parse(base(), subject="signals.other.BTCUSDT"))[0] == "subject_mismatch"
+    assert errors_of(parse(base(), subject="signals.other.BTCUSDT"))[0] == "identity_mismatch"
     assert errors_of(parse(base(), subject="signals.momentum_v1.ETHUSDT"))[0] == "subject_mismatch"
     assert errors_of(parse(base(), subject="signals.momentum_v1"))[0] == "bad_subject"
 
