@@ -11,7 +11,7 @@ RUN useradd --uid 10001 --create-home --shell /usr/sbin/nologin tradeengine
 COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
 COPY migrations /app/migrations
-ENV MIGRATIONS_DIR=/app/migrations LOG_FORMAT=json HTTP_PORT=8080 PYTHONUNBUFFERED=1
+ENV MIGRATIONS_DIR=/app/migrations LOG_FORMAT=json HTTP_HOST=0.0.0.0 HTTP_PORT=8080 PYTHONUNBUFFERED=1
 WORKDIR /app
 USER 10001
 EXPOSE 8080

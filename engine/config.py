@@ -14,6 +14,7 @@ from urllib.parse import unquote, urlparse
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from engine.adapters.event_signing import EventSigner
 from engine.domain.conflicts import ConflictPolicy
 from engine.domain.decide import Rules
 from engine.domain.model import PositionMode, SameDirectionPolicy
@@ -109,6 +110,8 @@ class Settings(BaseSettings):
     nats_tls_cert: str | None = None
     nats_tls_key: str | None = None
     nats_connect_timeout: Annotated[float, Field(gt=0, le=300)] = 5.0
+    events_signing_key: SecretStr | None = None
+    events_signing_key_file: str | None = None
     mysql_url: str | None = None
     exchange: str = "paper"
     paper_taker_fee: Annotated[Decimal, Field(ge=0, lt=1)] = Decimal("0.0005")
@@ -139,6 +142,9 @@ class Settings(BaseSettings):
     margin_type_by_symbol: Annotated[dict[str, MarginType], NoDecode] = {}
 
     http_port: Annotated[int, Field(ge=0, le=65535)] | None = None
+    # Loopback unless asked: /metrics and /readyz tell positions and halts to whoever reaches
+    # them. The container sets 0.0.0.0, behind the cluster's network policy.
+    http_host: str = "127.0.0.1"
     log_format: LogFormat | None = None
     log_level: str = "INFO"
     data_dir: str = ".tradeengine"
@@ -205,10 +211,17 @@ class Settings(BaseSettings):
         """Every secret value this process knows, so logs can redact them wherever they appear."""
         found = [
             s.get_secret_value()
-            for s in (self.exchange_api_key, self.exchange_api_secret, self.nats_password, self.nats_token)
+            for s in (
+                self.exchange_api_key,
+                self.exchange_api_secret,
+                self.nats_password,
+                self.nats_token,
+                self.events_signing_key,
+            )
             if s
         ]
         for path in (
+            self.events_signing_key_file,
             self.exchange_api_key_file,
             self.exchange_api_secret_file,
             self.nats_password_file,
@@ -223,6 +236,17 @@ class Settings(BaseSettings):
                 if password:
                     found.extend({password, unquote(password)})
         return [value for value in found if len(value) >= 4]
+
+    def event_signer(self) -> EventSigner | None:
+        key = _secret_or_file(
+            self.events_signing_key, self.events_signing_key_file, "EVENTS_SIGNING_KEY_FILE"
+        )
+        if key is None:
+            return None
+        try:
+            return EventSigner(key)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
 
     def nats_auth(self) -> dict[str, Any]:
         """nats-py connect options for the configured authentication and TLS (none: {})."""

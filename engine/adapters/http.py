@@ -10,6 +10,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 
 async def start_http(
+    host: str,
     port: int,
     readiness: Callable[[], Awaitable[dict[str, bool]]],
     details: Callable[[], dict[str, Any]] | None = None,
@@ -37,5 +38,5 @@ async def start_http(
     app.router.add_get("/readyz", readyz)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, "0.0.0.0", port).start()
+    await web.TCPSite(runner, host, port).start()
     return runner

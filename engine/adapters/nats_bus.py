@@ -22,6 +22,7 @@ from nats.js.client import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from engine import metrics
+from engine.adapters.event_signing import SIGNATURE_HEADER, EventSigner
 from engine.domain.events import Event, decode_event, encode_event, event_subject
 
 log = structlog.get_logger(__name__)
@@ -68,6 +69,7 @@ class NatsBus:
         self.closing = False
         self.on_reconnect: list[Callable[[], None]] = []  # e.g. reconcile: we may have missed things
         self._acks: AckCollector | None = None
+        self.signer: EventSigner | None = None  # signs what this bus stores in EVENTS
 
     @classmethod
     async def connect(
@@ -179,8 +181,12 @@ class NatsBus:
         async with self._publish_lock:
             batch = self._acks.expect(len(messages))
             try:
+                signer = self.signer
                 for i, (subject, payload, msg_id) in enumerate(messages):
-                    await self.nc.publish(subject, payload, reply=batch.reply(i), headers={MSG_ID: msg_id})
+                    headers = {MSG_ID: msg_id}
+                    if signer is not None:
+                        headers[SIGNATURE_HEADER] = signer.sign(subject, payload)
+                    await self.nc.publish(subject, payload, reply=batch.reply(i), headers=headers)
             except BaseException:
                 self._acks.forget(batch)
                 raise
@@ -218,7 +224,17 @@ class NatsBus:
                 msgs = await consumer.next_batch(batch, idle_wait=idle_wait)
                 if not msgs:
                     continue  # a slow server; or lost deliveries, which next_batch sees to
+                signer = self.signer
                 for msg in msgs:
+                    if signer is not None and not signer.trusts(msg.subject, msg.data, msg.headers):
+                        # Not stored by a worker: a forged open must not come back into the book.
+                        metrics.EVENTS_DISTRUSTED.labels("worker").inc()
+                        log.error(
+                            "events.unsigned_ignored",
+                            subject=msg.subject,
+                            stream_seq=jetstream_sequences(msg)[0],
+                        )
+                        continue
                     yield decode_event(msg.data)
                 await msgs[-1].ack()  # AckPolicy.ALL: after a gap the consumer restarts past these
                 stream_seq, pending = jetstream_position(msgs[-1])

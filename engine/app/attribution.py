@@ -155,6 +155,16 @@ class AttributionConsumer:
         batch: list[tuple[Event, int | None]] = []
         for msg in msgs:
             sequence = jetstream_sequences(msg)[0]
+            signer = self.bus.signer
+            if signer is not None and not signer.trusts(msg.subject, msg.data, msg.headers):
+                # Not stored by a worker (a forged close would add PnL to a strategy): the
+                # projection never sees it; quarantine keeps it for whoever investigates.
+                log.error("attribution.unsigned", subject=msg.subject, stream_seq=sequence)
+                metrics.EVENTS_DISTRUSTED.labels("attribution").inc()
+                self._undecodable.append(
+                    (msg.subject, bytes(msg.data), sequence, "no valid worker signature")
+                )
+                continue
             try:
                 batch.append((decode_event(msg.data), sequence))
             except Exception as exc:

@@ -138,6 +138,7 @@ async def run_roles(settings: Settings, roles: frozenset[str]) -> None:
         if gateway is not None:
             cleanups.append(gateway.close)
         bus = await NatsBus.connect(url, "tradeengine", settings.nats_connect_timeout, settings.nats_auth())
+        bus.signer = settings.event_signer()
         cleanups.append(bus.close)
         if gateway is not None:
             from engine.app.worker import Worker
@@ -169,7 +170,7 @@ async def run_roles(settings: Settings, roles: frozenset[str]) -> None:
                     found |= role.details()
                 return found
 
-            runner = await start_http(settings.http_port, readiness, details)
+            runner = await start_http(settings.http_host, settings.http_port, readiness, details)
             cleanups.append(runner.cleanup)
         await _run_until_signalled(running)
     finally:

@@ -121,6 +121,7 @@ class Pipeline:
     async def start_worker(self) -> Worker:
         assert self.settings.nats_url
         self.worker_bus = await NatsBus.connect(self.settings.nats_url, "test-worker")
+        self.worker_bus.signer = self.settings.event_signer()
         self.gateway = gateway = build_gateway(self.settings)
         self.worker = Worker(self.settings, self.worker_bus, gateway)
         self.worker_task = asyncio.create_task(self.worker.run())
@@ -141,6 +142,7 @@ class Pipeline:
     async def start_attribution(self) -> None:
         assert self.settings.nats_url and self.settings.mysql_url
         self.attribution_bus = await NatsBus.connect(self.settings.nats_url, "test-attribution")
+        self.attribution_bus.signer = self.settings.event_signer()
         self.store = await MysqlStore.open(
             MysqlTarget.parse(self.settings.mysql_url),
             connect_timeout=self.settings.mysql_connect_timeout,

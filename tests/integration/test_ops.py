@@ -85,7 +85,7 @@ async def scraped(pipeline: Pipeline, tmp_path: Path) -> AsyncIterator[tuple[Pip
         return checks
 
     http_port, prom_port = free_port(), free_port()
-    runner = await start_http(http_port, readiness)
+    runner = await start_http("127.0.0.1", http_port, readiness)
     config = tmp_path / "prometheus.yml"
     config.write_text(
         "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"

@@ -198,7 +198,14 @@ async def test_malformed_signals_are_dead_lettered_and_the_next_valid_one_execut
     assert (await pipeline.decision(good)).outcome is Outcome.ACCEPTED
     await pipeline.wait_events(lambda _: len(pipeline.dead()) == len(bad_inputs), "dead letters")
     codes = [d.reason_code for d in pipeline.dead()]
-    assert codes == ["bad_json", "invalid_field", "bad_json", "invalid_field", "identity_mismatch", "oversize"]
+    assert codes == [
+        "bad_json",
+        "invalid_field",
+        "bad_json",
+        "invalid_field",
+        "identity_mismatch",
+        "oversize",
+    ]
     assert "quantity" in pipeline.dead()[1].errors[0]
     assert pipeline.dead()[-1].payload_truncated and len(pipeline.dead()[-1].payload) == 64 * 1024
     await pipeline.mysql_caught_up()

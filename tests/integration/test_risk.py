@@ -136,8 +136,9 @@ max_notional = 1000
     async with make_pipeline(RISK_FILE=str(risk_file)) as pipeline:
         await pipeline.tick("BTCUSDT", "45000")
         await pipeline.tick("ETHUSDT", "3000")
-        code, no = await decided(pipeline, "alpha", "ETHUSDT", "buy", quantity="0.01")
-        assert code == "symbol_not_allowed"
+        assert (await decided(pipeline, "alpha", "ETHUSDT", "buy", quantity="0.01"))[
+            0
+        ] == "symbol_not_allowed"
         assert (await decided(pipeline, "alpha", "BTCUSDT", "buy", quantity="0.02"))[0] == "accepted"  # 900
         code, over = await decided(pipeline, "alpha", "BTCUSDT", "buy", quantity="0.01")  # 1350
         assert code == "risk_limit_strategy" and (over.limit, over.figure) == (D(1000), D(1350))
