@@ -442,7 +442,7 @@ class MultiRowInsert:
 async def _unseen(cur: Any, events: Sequence[tuple[Event, int | None]]) -> list[tuple[Event, int | None]]:
     ids = list(dict.fromkeys(e.event_id for e, _ in events))
     in_list = SqlLiterals(no_backslash_escapes(cur.connection)).row(ids)
-    await cur.execute(f"SELECT event_id FROM processed_events WHERE event_id IN {in_list}")
+    await cur.execute(f"SELECT event_id FROM processed_events WHERE event_id IN {in_list}")  # nosec B608  # ids rendered by SqlLiterals (asyncmy escaping, tested)
     return _first_of_each(events, seen={row[0] for row in await cur.fetchall()})
 
 
@@ -799,7 +799,7 @@ async def _fold_strategy_stats(
     if finals:
         marks = ", ".join(["%s"] * len(finals))
         await cur.execute(
-            "SELECT strategy_position_id, realized_pnl, entry_price, quantity,"
+            "SELECT strategy_position_id, realized_pnl, entry_price, quantity,"  # nosec B608  # only %s placeholders are joined
             " TIMESTAMPDIFF(MICROSECOND, opened_at, closed_at) / 1000000"
             f" FROM strategy_positions WHERE strategy_position_id IN ({marks})",
             list(finals),

@@ -57,7 +57,7 @@ async def gather(store: MysqlStore, flt: ReportFilter, max_positions: int = 20) 
     where, params = flt.where("closed_at")
     data.performance = await _rows(
         store,
-        "SELECT strategy_id, COUNT(*) AS trades, SUM(realized_pnl > 0) AS wins,"
+        "SELECT strategy_id, COUNT(*) AS trades, SUM(realized_pnl > 0) AS wins,"  # nosec B608  # fixed column names and %(name)s placeholders
         " SUM(realized_pnl > 0) / COUNT(*) AS win_rate, SUM(realized_pnl) AS total_pnl, SUM(fees) AS fees,"
         " SUM(close_reason = 'take_profit') / COUNT(*) AS tp_rate,"
         " SUM(close_reason = 'stop_loss') / COUNT(*) AS sl_rate,"
@@ -72,7 +72,7 @@ async def gather(store: MysqlStore, flt: ReportFilter, max_positions: int = 20) 
         row["strategy_id"]: row["funding"]
         for row in await _rows(
             store,
-            f"SELECT strategy_id, SUM(amount) AS funding FROM funding_payments WHERE {funding_where}"
+            f"SELECT strategy_id, SUM(amount) AS funding FROM funding_payments WHERE {funding_where}"  # nosec B608  # fixed column names and %(name)s placeholders
             " GROUP BY strategy_id",
             funding_params,
         )
@@ -81,7 +81,7 @@ async def gather(store: MysqlStore, flt: ReportFilter, max_positions: int = 20) 
         row["funding"] = funding.get(row["strategy_id"], Decimal(0))
     closes = await _rows(
         store,
-        f"SELECT strategy_id, closed_at, realized_pnl FROM position_closes WHERE {where}"
+        f"SELECT strategy_id, closed_at, realized_pnl FROM position_closes WHERE {where}"  # nosec B608  # fixed column names and %(name)s placeholders
         " ORDER BY strategy_id, closed_at, event_id",
         params,
     )
@@ -94,7 +94,7 @@ async def gather(store: MysqlStore, flt: ReportFilter, max_positions: int = 20) 
     where = where.replace("symbol =", "ep.symbol =")
     data.attribution = await _rows(
         store,
-        "SELECT a.exchange_position_id, a.position_key, a.strategy_id, a.contributed_quantity, a.quantity_share,"
+        "SELECT a.exchange_position_id, a.position_key, a.strategy_id, a.contributed_quantity, a.quantity_share,"  # nosec B608  # fixed column names and %(name)s placeholders
         " a.realized_pnl, ep.opened_at FROM exchange_position_attribution a"
         " JOIN exchange_positions ep ON ep.exchange_position_id = a.exchange_position_id"
         f" WHERE {where} AND a.exchange_position_id IN (SELECT * FROM (SELECT exchange_position_id"
