@@ -9,7 +9,7 @@ from datetime import timedelta
 from decimal import Decimal
 from enum import StrEnum
 from typing import Annotated, Any
-from urllib.parse import unquote, urlparse
+from urllib.parse import parse_qsl, unquote, urlparse
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -151,6 +151,8 @@ class Settings(BaseSettings):
     embedded_nats_port: Annotated[int, Field(ge=1, le=65535)] = 4223
 
     mysql_connect_timeout: Annotated[float, Field(gt=0, le=300)] = 5.0
+    # false under least privilege: `tradeengine migrate` (another user) owns the schema.
+    migrate_on_start: bool = True
     mysql_read_timeout: Annotated[float, Field(gt=0)] = 60.0
     attribution_stall_seconds: Annotated[float, Field(gt=0)] = 60.0
 
@@ -370,10 +372,20 @@ def _read_mounted(path: str) -> str:
 
 
 class MysqlTarget:
-    """`mysql://user:pass@host:port/db`, parsed once."""
+    """`mysql://user:pass@host:port/db?ssl-mode=VERIFY_IDENTITY&ssl-ca=/ca.pem`, parsed once.
 
-    def __init__(self, host: str, port: int, user: str, password: str, database: str) -> None:
+    TLS options (as MySQL's own clients name them): `ssl-mode` = `DISABLED` (the default),
+    `REQUIRED` (encrypted, the certificate not checked), `VERIFY_CA` (signed by `ssl-ca` or the
+    system's CAs) or `VERIFY_IDENTITY` (that, and the host name); `ssl-ca`, and `ssl-cert` with
+    `ssl-key` for a client certificate. An `ssl-ca` alone means VERIFY_IDENTITY."""
+
+    MODES = ("DISABLED", "REQUIRED", "VERIFY_CA", "VERIFY_IDENTITY")
+
+    def __init__(
+        self, host: str, port: int, user: str, password: str, database: str, tls: dict[str, str] | None = None
+    ) -> None:
         self.host, self.port, self.user, self.password, self.database = host, port, user, password, database
+        self.tls = tls or {}
 
     @classmethod
     def parse(cls, url: str) -> MysqlTarget:
@@ -383,13 +395,41 @@ class MysqlTarget:
         database = parsed.path.lstrip("/")
         if not database or not database.replace("_", "").isalnum():
             raise ValueError("needs a database name of letters, digits and underscores")
+        tls: dict[str, str] = {}
+        for key, value in parse_qsl(parsed.query, keep_blank_values=True):
+            name = key.lower().replace("_", "-")
+            if name not in ("ssl-mode", "ssl-ca", "ssl-cert", "ssl-key"):
+                raise ValueError(f"unknown option {key!r}; TLS takes ssl-mode, ssl-ca, ssl-cert, ssl-key")
+            tls[name] = value
+        mode = tls.setdefault("ssl-mode", "VERIFY_IDENTITY" if "ssl-ca" in tls else "DISABLED").upper()
+        if mode not in cls.MODES:
+            raise ValueError(f"ssl-mode {mode!r} is not one of {', '.join(cls.MODES)}")
+        tls["ssl-mode"] = mode
+        if ("ssl-cert" in tls) != ("ssl-key" in tls):
+            raise ValueError("ssl-cert and ssl-key go together")
         return cls(
             host=parsed.hostname,
             port=parsed.port or 3306,
             user=unquote(parsed.username or "root"),
             password=unquote(parsed.password or ""),
             database=database,
+            tls=tls,
         )
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        mode = self.tls.get("ssl-mode", "DISABLED")
+        if mode == "DISABLED":
+            return None
+        try:
+            context = ssl.create_default_context(cafile=self.tls.get("ssl-ca"))
+            if "ssl-cert" in self.tls:
+                context.load_cert_chain(self.tls["ssl-cert"], self.tls["ssl-key"])
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"MYSQL_URL: TLS files: {exc}") from None
+        context.check_hostname = mode == "VERIFY_IDENTITY"
+        if mode == "REQUIRED":
+            context.verify_mode = ssl.CERT_NONE
+        return context
 
     def __repr__(self) -> str:  # never show the password
         return f"MysqlTarget({self.user}@{self.host}:{self.port}/{self.database})"

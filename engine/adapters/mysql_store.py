@@ -65,6 +65,7 @@ async def ensure_database(target: MysqlTarget, connect_timeout: float = 5.0) -> 
         password=target.password,
         connect_timeout=connect_timeout,
         read_timeout=30.0,
+        ssl=target.ssl_context(),
     )
     try:
         async with conn.cursor() as cur:
@@ -106,6 +107,7 @@ class MysqlStore:
             minsize=1,
             maxsize=4,
             init_command="SET time_zone = '+00:00'",
+            ssl=target.ssl_context(),
         )
         return cls(pool, target)
 
@@ -117,6 +119,22 @@ class MysqlStore:
         async with self.pool.acquire() as conn, conn.cursor() as cur:
             await cur.execute("SELECT 1")
             return (await cur.fetchone()) is not None
+
+    async def check_migrated(self, directory: Path | None = None) -> None:
+        """Without DDL rights: stop with one clear line unless every migration is applied."""
+        wanted = sorted(p.stem for p in (directory or migrations_dir()).glob("*.sql"))
+        async with self.pool.acquire() as conn, conn.cursor() as cur:
+            try:
+                await cur.execute("SELECT version FROM schema_migrations")
+                done = {row[0] for row in await cur.fetchall()}
+            except Exception:
+                done = set()
+        missing = [version for version in wanted if version not in done]
+        if missing:
+            raise RuntimeError(
+                f"database {self.target.database} lacks migrations {', '.join(missing)}: run `tradeengine migrate`"
+                " as its owner (MIGRATE_ON_START=false here)"
+            )
 
     async def migrate(self, directory: Path | None = None) -> list[str]:
         """Apply the ordered SQL files not yet applied; returns the versions applied now.

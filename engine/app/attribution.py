@@ -106,7 +106,10 @@ class AttributionConsumer:
 
     async def run(self) -> None:
         await self.bus.ensure_streams()
-        await self.store.migrate()
+        if self.settings.migrate_on_start:
+            await self.store.migrate()
+        else:
+            await self.store.check_migrated()
         sub = await self.bus.durable_consumer(EVENTS_STREAM, self.settings.attribution_durable, ">")
         self.ready.set()
         log.info("attribution.ready", database=self.store.target.database)

@@ -150,6 +150,7 @@ async def run_roles(settings: Settings, roles: frozenset[str]) -> None:
 
             store = await MysqlStore.open(
                 mysql_target(settings),
+                create_database=settings.migrate_on_start,
                 connect_timeout=settings.mysql_connect_timeout,
                 read_timeout=settings.mysql_read_timeout,
             )

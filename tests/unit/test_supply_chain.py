@@ -30,7 +30,9 @@ def test_every_pin_is_locked_with_hashes() -> None:
     runtime, dev = _pins(project["dependencies"]), _pins(project["optional-dependencies"]["dev"])
     for lock, wanted in (("requirements.lock", runtime), ("requirements-dev.lock", runtime | dev)):
         locked = _locked(lock)
-        assert {name: locked.get(name, ("missing", 0))[0] for name in wanted} == wanted, f"{lock}: run make lock"
+        assert {name: locked.get(name, ("missing", 0))[0] for name in wanted} == wanted, (
+            f"{lock}: run make lock"
+        )
         assert all(hashes > 0 for _, hashes in locked.values()), lock
     dev_locked = _locked("requirements-dev.lock")
     assert all(dev_locked.get(name) == pin for name, pin in _locked("requirements.lock").items())
@@ -40,7 +42,9 @@ def test_every_pin_is_locked_with_hashes() -> None:
 def test_the_image_is_pinned_hashed_and_non_root() -> None:
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert re.search(r"^ARG BASE=python:[^@\s]+@sha256:[0-9a-f]{64}$", dockerfile, re.M)
-    assert all(line.split()[1] in ("${BASE}",) for line in dockerfile.splitlines() if line.startswith("FROM "))
+    assert all(
+        line.split()[1] in ("${BASE}",) for line in dockerfile.splitlines() if line.startswith("FROM ")
+    )
     assert dockerfile.count("--require-hashes") == 2
     assert re.search(r"^USER 10001$", dockerfile, re.M)
     assert "HTTP_HOST=0.0.0.0" in dockerfile
