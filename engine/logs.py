@@ -67,6 +67,9 @@ def configure_logging(fmt: LogFormat | None, level: str = "INFO", secrets: Itera
     logging.basicConfig(level=level.upper(), stream=sys.stderr, format="%(message)s")
     # asyncmy logs MySQL notes such as "database exists" from CREATE ... IF NOT EXISTS.
     logging.getLogger("asyncmy").setLevel(logging.ERROR)
+    # asyncio warns on every TLS connection that ends ("returning true from eof_received()...");
+    # a failed TLS login would bury its one line under them.
+    logging.getLogger("asyncio").setLevel(logging.ERROR)
     redactor = Redactor(secrets)
     for handler in logging.getLogger().handlers:
         handler.addFilter(redactor.filter_record)

@@ -129,8 +129,10 @@ class NatsBus:
                 await self.nc.flush(timeout=2)
             await self.nc.close()
 
-    async def ensure_streams(self) -> None:
-        """Create or update the streams; safe to call from every process on every start."""
+    async def ensure_streams(self, only: tuple[str, ...] | None = None) -> None:
+        """Create or update the streams (`only` these); safe to call from every process on every
+        start. A stream already as configured is left alone: a role whose credentials may only
+        read a stream (attribution under deploy/nats permissions) needs no right to change it."""
         for config in (
             StreamConfig(
                 name=SIGNALS_STREAM,
@@ -154,11 +156,19 @@ class NatsBus:
                 max_age=7 * DAY,
             ),
         ):
+            if only is not None and config.name not in only:
+                continue
             try:
-                await self.js.stream_info(config.name or "")
-                await self.js.update_stream(config)
+                current = (await self.js.stream_info(config.name or "")).config
             except NotFoundError:
                 await self.js.add_stream(config)
+                continue
+            if (current.subjects, current.duplicate_window, current.max_age) != (
+                config.subjects,
+                config.duplicate_window,
+                config.max_age or current.max_age,
+            ):
+                await self.js.update_stream(config)
 
     async def publish_events(self, events: Sequence[Event], ack_timeout: float = 10.0) -> None:
         """Publish in order and return once JetStream has stored every one of them.

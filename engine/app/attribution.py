@@ -105,7 +105,7 @@ class AttributionConsumer:
                 await asyncio.wait_for(self._stopping.wait(), every)
 
     async def run(self) -> None:
-        await self.bus.ensure_streams()
+        await self.bus.ensure_streams(only=(EVENTS_STREAM,))
         if self.settings.migrate_on_start:
             await self.store.migrate()
         else:

@@ -1,0 +1,212 @@
+"""deploy/nats/nats.conf as shipped, on a real nats-server (pinned wheel) with TLS whose
+certificates this test makes (issue #15, items 3 and 5): the worker and the ops commands run
+under their own users; a strategy may publish its own signals only, neither as another
+strategy, nor control commands, nor ticks, nor events; an analyst reads events and writes
+nothing; a wrong password stops start-up within seconds with one line."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import nats
+import pytest
+from nats.js.api import DeliverPolicy
+
+from engine.adapters.embedded_nats import EmbeddedNats, free_port
+from engine.domain.events import ControlApplied, SignalDead, SignalDecided, decode_event
+from tests.integration.test_nats_auth import make_certificates
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def secured(tmp_path: Path) -> Iterator[tuple[EmbeddedNats, Path]]:
+    make_certificates(tmp_path)
+    config = tmp_path / "nats.conf"
+    # The shipped file, as is, but for the listen address (the test's own port).
+    config.write_text(re.sub(r"^listen: .*$", "", (ROOT / "deploy/nats/nats.conf").read_text(), flags=re.M))
+    server = EmbeddedNats(
+        free_port(), tmp_path / "store",
+        extra_args=("-c", str(config), "--tls", "--tlscert", str(tmp_path / "server.pem"),
+                    "--tlskey", str(tmp_path / "server.key")),
+    )  # fmt: skip
+    server.start()
+    try:
+        yield server, tmp_path
+    finally:
+        server.stop()
+
+
+def _env(server: EmbeddedNats, certs: Path, user: str, password: str, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NATS_", "EXCHANGE", "MYSQL_"))}
+    env.update(
+        NATS_URL=f"tls://127.0.0.1:{server.port}", NATS_USER=user, NATS_PASSWORD=password,
+        NATS_TLS_CA=str(certs / "ca.pem"), NATS_CONNECT_TIMEOUT="3", LOG_FORMAT="json", **extra,
+    )  # fmt: skip
+    return env
+
+
+async def _client(server: EmbeddedNats, certs: Path, user: str, password: str) -> Any:
+    import ssl
+
+    async def on_error(exc: Exception) -> None:
+        pass  # permission violations: the server's log is checked instead
+
+    context = ssl.create_default_context(cafile=str(certs / "ca.pem"))
+    client = await nats.connect(
+        f"tls://127.0.0.1:{server.port}", user=user, password=password, tls=context, error_cb=on_error,
+        allow_reconnect=False,
+    )  # fmt: skip
+    return client
+
+
+@pytest.fixture
+async def worker(secured: tuple[EmbeddedNats, Path]) -> AsyncIterator[subprocess.Popen[bytes]]:
+    server, certs = secured
+    process = subprocess.Popen(
+        [sys.executable, "-m", "engine.cli", "worker"], env=_env(server, certs, "worker", "worker-pw"),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.send_signal(2)
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+async def test_each_role_does_its_job_and_nothing_else(
+    secured: tuple[EmbeddedNats, Path], worker: subprocess.Popen[bytes]
+) -> None:
+    server, certs = secured
+    analyst = await _client(server, certs, "analyst", "analyst-pw")
+    alpha = await _client(server, certs, "strat-alpha", "alpha-pw")
+    events: list[Any] = []
+    try:
+        deadline = time.monotonic() + 30
+        while True:  # the worker creates the streams once it is up
+            try:
+                await analyst.jetstream().stream_info("EVENTS")
+                break
+            except Exception:
+                assert worker.poll() is None, (worker.stdout.read() if worker.stdout else b"").decode()[
+                    -3000:
+                ]
+                assert time.monotonic() < deadline, "the worker never came up under its user"
+                await asyncio.sleep(0.2)
+
+        async def collect(msg: Any) -> None:
+            events.append(decode_event(msg.data))
+
+        await analyst.jetstream().subscribe(
+            "", stream="EVENTS", cb=collect, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
+        )
+        js = alpha.jetstream()
+        own = {
+            "strategy_id": "strat-alpha",
+            "symbol": "BTCUSDT",
+            "action": "buy",
+            "quantity": "0.01",
+            "price": "45000",
+            "signal_id": "a-1",
+        }
+        await js.publish(
+            "signals.strat-alpha.BTCUSDT", json.dumps(own).encode(), headers={"Nats-Msg-Id": "a-1"}
+        )
+        # Its own subject, another strategy's name in the payload: dead-lettered.
+        disguised = own | {"strategy_id": "strat-beta", "signal_id": "a-2"}
+        await js.publish("signals.strat-alpha.BTCUSDT", json.dumps(disguised).encode())
+
+        # Everything else a strategy might try is refused by the server.
+        for subject, body in (
+            ("signals.strat-beta.BTCUSDT", json.dumps(own | {"strategy_id": "strat-beta"}).encode()),
+            ("control.halt", b"{}"),
+            ("prices.BTCUSDT", b'{"symbol": "BTCUSDT", "price": "1"}'),
+            ("positions.closed.BTCUSDT.LONG", b"{}"),
+            ("$JS.API.STREAM.DELETE.SIGNALS", b""),
+        ):
+            with pytest.raises(
+                (nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.js.errors.APIError)
+            ):
+                if subject.startswith("$JS"):
+                    await alpha.request(subject, body, timeout=1)
+                else:
+                    await js.publish(subject, body, timeout=1)
+        log = server.log_file.read_text()
+        for subject in (
+            "signals.strat-beta.BTCUSDT",
+            "control.halt",
+            "prices.BTCUSDT",
+            "positions.closed.BTCUSDT.LONG",
+        ):
+            assert f'"$G/user:strat-alpha" - Publish Violation - Subject "{subject}"' in log
+
+        # An analyst reads and writes nothing.
+        with pytest.raises((nats.errors.TimeoutError, nats.errors.NoRespondersError)):
+            await analyst.jetstream().publish("control.halt", b"{}", timeout=1)
+
+        async def seen(kind: type, **fields: Any) -> Any:
+            deadline = time.monotonic() + 15
+            while True:
+                found = [
+                    e
+                    for e in events
+                    if isinstance(e, kind) and all(getattr(e, k) == v for k, v in fields.items())
+                ]
+                if found:
+                    return found[0]
+                assert time.monotonic() < deadline, f"no {kind.__name__} {fields}; saw {events}"
+                await asyncio.sleep(0.05)
+
+        assert (await seen(SignalDecided, signal_id="a-1")).outcome.value == "accepted"
+        assert (await seen(SignalDead, signal_id="a-2")).reason_code == "identity_mismatch"
+        assert not [
+            e
+            for e in events
+            if getattr(e, "strategy_id", None) == "strat-beta" and isinstance(e, SignalDecided)
+        ]
+
+        # Ops halt through the command line, under the ops user; the worker applies it.
+        halted = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "engine.cli", "halt", "--strategy", "strat-alpha",
+            env=_env(server, certs, "ops", "ops-pw"), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(halted.communicate(), 60)
+        assert halted.returncode == 0, (out + err).decode()
+        assert (await seen(ControlApplied, command="halt")).outcome == "applied"
+        status = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "engine.cli", "status", env=_env(server, certs, "ops", "ops-pw"),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(status.communicate(), 60)
+        assert status.returncode == 0 and b"HALTED strategy strat-alpha" in out, (out + err).decode()
+    finally:
+        await analyst.close()
+        await alpha.close()
+
+
+def test_a_wrong_password_stops_start_up_within_seconds(secured: tuple[EmbeddedNats, Path]) -> None:
+    server, certs = secured
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "engine.cli", "worker"], env=_env(server, certs, "worker", "not-the-password"),
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 1 and time.monotonic() - started < 15
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "cannot connect to NATS" in lines[0] and "Authorization Violation" in lines[0]
+    assert "not-the-password" not in done.stderr + done.stdout
