@@ -167,6 +167,9 @@ class DayTally:
 class RiskBook:
     def __init__(self, limits: RiskLimits | None = None) -> None:
         self.limits = limits or RiskLimits()
+        # No limit set (the default): the checks cost a comparison per signal.
+        self._limited = self.limits != RiskLimits()
+        self._watch_losses = self.limits.watches_daily_loss
         self.halts: dict[Scope, Halt] = {}
         self.today = DayTally()
         self._buckets: dict[str, TokenBucket] = {}
@@ -197,6 +200,8 @@ class RiskBook:
     # --- checks --------------------------------------------------------------------------
     def refuse_opening(self, strategy_id: str, symbol: str, now: datetime) -> Breach | None:
         """Checks that need no size: halts, the day's loss, the strategy's symbols."""
+        if not self._limited and not self.halts:
+            return None
         if self.halts:
             halt = self.halted(strategy_id, symbol, now)
             if halt is not None:
@@ -223,6 +228,8 @@ class RiskBook:
         self, strategy_id: str, added: Decimal, open_notional: Decimal, open_positions: int, now: datetime
     ) -> Breach | None:
         """Checks on a sized opening: the strategy's notional, position count and order rate."""
+        if not self._limited:
+            return None
         limits = self.limits.of(strategy_id)
         if limits.max_notional is not None and open_notional + added > limits.max_notional:
             return Breach(
@@ -253,6 +260,8 @@ class RiskBook:
 
     def charge(self, strategy_id: str, now: datetime) -> None:
         """An opening was accepted: it takes a token of the strategy's order rate."""
+        if not self._limited:
+            return
         per_minute = self.limits.of(strategy_id).orders_per_minute
         if per_minute is not None:
             self._bucket(strategy_id, per_minute, now).tokens -= 1
@@ -266,7 +275,8 @@ class RiskBook:
 
     # --- the day's loss ------------------------------------------------------------------
     def book(self, strategy_id: str, at: datetime, amount: Decimal) -> None:
-        self.today.add(strategy_id, at, amount)
+        if self._watch_losses:
+            self.today.add(strategy_id, at, amount)
 
     def losses_past_limit(self, strategies: Iterable[str], now: datetime) -> list[Halt]:
         """Halts the day's losses call for that are not in force yet: the account's, else each
