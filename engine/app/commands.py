@@ -180,7 +180,7 @@ async def status(settings: Settings) -> int:
                 continue
             event = decode_event(msg.data or b"{}")
             seq = msg.seq or 0
-            if isinstance(event, ControlApplied) and event.outcome != "rejected":
+            if isinstance(event, ControlApplied):  # a refused command's event lists the halts too
                 if latest is None or seq > latest[0]:
                     latest = (seq, event)
     finally:

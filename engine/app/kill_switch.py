@@ -7,6 +7,7 @@ outcome is unknown."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any, Literal
@@ -15,12 +16,14 @@ import structlog
 from nats.aio.msg import Msg
 
 from engine import metrics
+from engine.adapters.leases import LeaseLost
 from engine.adapters.nats_bus import CONTROL_STREAM, NatsBus, jetstream_sequences
 from engine.domain.control import BadCommand, apply_command, control_event, parse_command
 from engine.domain.events import Event
 from engine.domain.risk import RiskBook, Scope
 
 log = structlog.get_logger(__name__)
+MAX_HALTS = 256
 
 
 class KillSwitch:
@@ -38,13 +41,29 @@ class KillSwitch:
         self.emit, self.flush, self.flatten = emit, flush, flatten
 
     async def keep(self, stopping: asyncio.Event) -> None:
-        sub = await self.bus.durable_consumer(CONTROL_STREAM, self.durable, "control.>", max_ack_pending=1)
+        """Never ends while the worker runs: a failure (NATS away, a flush that failed) is
+        logged, and the command comes again after a pause; an unacked one is redelivered."""
+        delay = 0.5
         while not stopping.is_set():
-            for msg in await sub.next_batch(1, idle_wait=0.5):
-                await self.handle(msg)
+            try:
+                sub = await self.bus.durable_consumer(
+                    CONTROL_STREAM, self.durable, "control.>", max_ack_pending=1
+                )
+                while not stopping.is_set():
+                    for msg in await sub.next_batch(1, idle_wait=0.5):
+                        await self.handle(msg)
+                    delay = 0.5
+            except LeaseLost:
+                return
+            except Exception as exc:
+                log.error("control.consumer_failed", error=repr(exc)[:300])
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stopping.wait(), delay)
+                delay = min(delay * 2, 10.0)
 
     async def handle(self, msg: Msg) -> None:
         sequence = jetstream_sequences(msg)[0]
+        working = asyncio.create_task(_keep_in_progress(msg))  # a long flatten is not redelivered
         try:
             await self._apply(msg.subject, msg.data, sequence)
         except Exception as exc:  # a bug costs this command, never the worker
@@ -62,6 +81,8 @@ class KillSwitch:
                     sequence=sequence,
                 )
             )
+        finally:
+            working.cancel()
         await self.flush()
         await msg.ack()
         self.report()
@@ -80,6 +101,25 @@ class KillSwitch:
                     Scope(),
                     "rejected",
                     command.error,
+                    now,
+                    sequence=sequence,
+                )
+            )
+            return
+        if (
+            command.name != "resume"
+            and command.scope not in self.risk.halts
+            and len(self.risk.halts) >= MAX_HALTS
+        ):
+            # Every control event lists the halts in force: their number is bounded.
+            self.emit(
+                control_event(
+                    self.risk,
+                    command.command_id,
+                    command.name,
+                    command.scope,
+                    "rejected",
+                    f"{len(self.risk.halts)} halts are in force, the most there may be; halt a wider scope",
                     now,
                     sequence=sequence,
                 )
@@ -129,3 +169,10 @@ class KillSwitch:
 
     def details(self) -> dict[str, Any]:
         return {"halted": [str(h.scope) for h in self.risk.in_force(self.clock())]}
+
+
+async def _keep_in_progress(msg: Msg, every: float = 15.0) -> None:
+    while True:
+        await asyncio.sleep(every)
+        with contextlib.suppress(Exception):
+            await msg.in_progress()

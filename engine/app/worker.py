@@ -76,7 +76,8 @@ ORDER_HISTORY_REACH = timedelta(days=6, hours=20)
 STALE_PRICE_LIMIT = 600.0  # seconds: a tick this old still stands in when the venue gives no price
 LATE_LOOKUP_EVERY = 1.0  # seconds between lookups of an order whose request may still arrive
 LOOKUP_COOLDOWN = 5.0  # seconds between lookups on a symbol whose venue did not answer
-TICK_BACKLOG_LIMIT = 10_000  # per symbol, while its lock is held by a slow venue call
+TICK_BACKLOG_LIMIT = 10_000
+FLATTEN_PASSES = 5  # per symbol, while its lock is held by a slow venue call
 
 
 def release_free_memory() -> None:
@@ -1216,12 +1217,16 @@ class Worker:
                         metrics.child(metrics.EXCHANGE_POSITIONS_OPENED, event.side.value).inc()
             case PositionClosed():
                 self._slice_history.record(event, self._started_at if replay else event.occurred_at)
-                self.risk.book(event.strategy_id, event.occurred_at, event.gross_pnl - event.exit_fee)
                 if replay:
+                    closing = self.book.positions.get(StrategyPositionId(event.strategy_position_id))
+                    if closing is not None and event.event_id == self.book.next_close_event_id(closing):
+                        self.risk.book(event.strategy_id, event.occurred_at, event.gross_pnl - event.exit_fee)
                     self.book.apply(event)
                     self._replayed_cash += event.gross_pnl - event.exit_fee
                 self.ledger.apply(event)
                 self.journal.apply(event)
+                if not replay:
+                    self.risk.book(event.strategy_id, event.occurred_at, event.gross_pnl - event.exit_fee)
                 if event.close_reason in (CloseReason.MANUAL, CloseReason.LIQUIDATION):
                     self._attributed_orders.update(event.exchange_order_id.split(","))
                 if not replay:
@@ -1293,29 +1298,38 @@ class Worker:
     async def flatten(self, scope: Scope) -> list[str]:
         """Close every open slice in the scope at market, reason `manual`: one order per key
         (split at the venue's size limit), under each symbol's lock. Returns the slices closed."""
-        symbols = sorted(
-            {sp.symbol for sp in self.book.positions.values() if scope.covers(sp.strategy_id, sp.symbol)}
-        )
         closed: list[str] = []
-        for symbol in symbols:
-            async with self._symbol_locks[symbol]:
-                closing = [
-                    (sp, sp.remaining, CloseReason.MANUAL)
-                    for sp in list(self.book.positions.values())
-                    if sp.symbol == symbol
-                    and scope.covers(sp.strategy_id, symbol)
-                    and sp.id not in self.journal.closing
-                ]
-                if not closing:
-                    continue
-                price = (
-                    await self._trusted_price(symbol) if self.gateway.quotes else self.last_prices.get(symbol)
-                ) or closing[0][0].entry_price  # the paper venue before any tick: no better price
-                market = self.gateway.market(symbol)
-                for intent in closes_by_key(closing, price, None, market.max_quantity if market else None):
-                    await self._close_fired(intent, price)
-                closed += [sp.id for sp, _, _ in closing if sp.id not in self.book.positions]
+        # Passes until the scope holds nothing more to close: a signal that passed its checks
+        # before the halt may open a position (under its symbol's lock) while a pass runs.
+        for _ in range(FLATTEN_PASSES):
+            closed_before = len(closed)
+            symbols = sorted(
+                {sp.symbol for sp in self.book.positions.values() if scope.covers(sp.strategy_id, sp.symbol)}
+            )
+            for symbol in symbols:
+                closed += await self._flatten_symbol(scope, symbol)
+            if len(closed) == closed_before:
+                break
         return closed
+
+    async def _flatten_symbol(self, scope: Scope, symbol: str) -> list[str]:
+        async with self._symbol_locks[symbol]:
+            closing = [
+                (sp, sp.remaining, CloseReason.MANUAL)
+                for sp in list(self.book.positions.values())
+                if sp.symbol == symbol
+                and scope.covers(sp.strategy_id, symbol)
+                and sp.id not in self.journal.closing
+            ]
+            if not closing:
+                return []
+            price = (
+                await self._trusted_price(symbol) if self.gateway.quotes else self.last_prices.get(symbol)
+            ) or closing[0][0].entry_price  # the paper venue before any tick: no better price
+            market = self.gateway.market(symbol)
+            for intent in closes_by_key(closing, price, None, market.max_quantity if market else None):
+                await self._close_fired(intent, price)
+            return [sp.id for sp, _, _ in closing if sp.id not in self.book.positions]
 
     def _emit(self, event: Event) -> None:
         self._outbox.append(event)

@@ -96,6 +96,8 @@ def apply_command(risk: RiskBook, command: Command, now: datetime) -> tuple[bool
         text = f"{command.scope} was not halted"
     else:
         text = "resumed " + ", ".join(str(h.scope) for h in lifted)
+    if any(h.cause is HaltCause.DAILY_LOSS for h in lifted):
+        text += "; a day's loss past its limit still refuses openings until 00:00 UTC"
     if still:
         text += "; still halted by " + ", ".join(str(h.scope) for h in still)
     return bool(lifted), text
@@ -159,4 +161,4 @@ def control_event(
 
 
 def daily_loss_command_id(halt: Halt) -> str:
-    return f"daily-loss:{halt.scope.strategy_id or '*'}:{halt.since.date().isoformat()}"
+    return f"daily-loss:{halt.scope.strategy_id or '*'}:{halt.since.isoformat()}"
