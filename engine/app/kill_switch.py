@@ -18,7 +18,15 @@ from nats.aio.msg import Msg
 from engine import metrics
 from engine.adapters.leases import LeaseLost
 from engine.adapters.nats_bus import CONTROL_STREAM, NatsBus, jetstream_sequences
-from engine.domain.control import BadCommand, apply_command, control_event, parse_command
+from engine.domain.control import (
+    COMMANDS,
+    BadCommand,
+    CommandName,
+    Outcome,
+    apply_command,
+    control_event,
+    parse_command,
+)
 from engine.domain.events import Event
 from engine.domain.risk import RiskBook, Scope
 
@@ -69,18 +77,9 @@ class KillSwitch:
         except Exception as exc:  # a bug costs this command, never the worker
             log.exception("control.internal_error", subject=msg.subject)
             name = msg.subject.removeprefix("control.")
-            self.emit(
-                control_event(
-                    self.risk,
-                    f"control-{sequence}",
-                    name if name in ("halt", "resume", "flatten") else "halt",  # type: ignore[arg-type]
-                    Scope(),
-                    "rejected",
-                    f"internal error: {type(exc).__name__}",
-                    self.clock(),
-                    sequence=sequence,
-                )
-            )
+            known: CommandName = next((c for c in COMMANDS if c == name), "halt")
+            self._answer(f"control-{sequence}", known, Scope(), "rejected", f"internal error: {type(exc).__name__}",
+                         self.clock(), sequence=sequence)  # fmt: skip
         finally:
             working.cancel()
         await self.flush()
@@ -93,17 +92,14 @@ class KillSwitch:
         if isinstance(command, BadCommand):
             log.warning("control.rejected", subject=subject, error=command.error)
             metrics.CONTROL_COMMANDS.labels(command.name or "unknown", "rejected").inc()
-            self.emit(
-                control_event(
-                    self.risk,
-                    command.command_id,
-                    command.name or "halt",
-                    Scope(),
-                    "rejected",
-                    command.error,
-                    now,
-                    sequence=sequence,
-                )
+            self._answer(
+                command.command_id,
+                command.name or "halt",
+                Scope(),
+                "rejected",
+                command.error,
+                now,
+                sequence=sequence,
             )
             return
         if (
@@ -112,34 +108,28 @@ class KillSwitch:
             and len(self.risk.halts) >= MAX_HALTS
         ):
             # Every control event lists the halts in force: their number is bounded.
-            self.emit(
-                control_event(
-                    self.risk,
-                    command.command_id,
-                    command.name,
-                    command.scope,
-                    "rejected",
-                    f"{len(self.risk.halts)} halts are in force, the most there may be; halt a wider scope",
-                    now,
-                    sequence=sequence,
-                )
+            self._answer(
+                command.command_id,
+                command.name,
+                command.scope,
+                "rejected",
+                f"{len(self.risk.halts)} halts are in force, the most there may be; halt a wider scope",
+                now,
+                sequence=sequence,
             )
             return
         changed, text = apply_command(self.risk, command, now)
         closed: list[str] = []
         if command.name == "flatten":
             # Halts are stored before the closes go out: nothing reopens what is being closed.
-            self.emit(
-                control_event(
-                    self.risk,
-                    f"{command.command_id}:halt",
-                    "halt",
-                    command.scope,
-                    "applied" if changed else "unchanged",
-                    text,
-                    now,
-                    sequence=sequence,
-                )
+            self._answer(
+                f"{command.command_id}:halt",
+                "halt",
+                command.scope,
+                "applied" if changed else "unchanged",
+                text,
+                now,
+                sequence=sequence,
             )
             await self.flush()
             closed = await self.flatten(command.scope)
@@ -149,19 +139,20 @@ class KillSwitch:
             "control.applied", command=command.name, scope=str(command.scope), outcome=outcome, reason=text
         )
         metrics.CONTROL_COMMANDS.labels(command.name, outcome).inc()
-        self.emit(
-            control_event(
-                self.risk,
-                command.command_id,
-                command.name,
-                command.scope,
-                outcome,
-                text,
-                self.clock(),
-                closed=closed,
-                sequence=sequence,
-            )
+        self._answer(
+            command.command_id,
+            command.name,
+            command.scope,
+            outcome,
+            text,
+            self.clock(),
+            closed=closed,
+            sequence=sequence,
         )
+
+    def _answer(self, command_id: str, name: CommandName, scope: Scope, outcome: Outcome, text: str,
+                now: datetime, **more: Any) -> None:  # fmt: skip
+        self.emit(control_event(self.risk, command_id, name, scope, outcome, text, now, **more))
 
     def report(self) -> None:
         now = self.clock()

@@ -18,6 +18,7 @@ from engine.domain.model import derive_id, load_json_exact
 from engine.domain.risk import Halt, HaltCause, RiskBook, Scope
 
 CommandName = Literal["halt", "resume", "flatten"]
+Outcome = Literal["applied", "unchanged", "rejected"]
 COMMANDS: tuple[CommandName, ...] = ("halt", "resume", "flatten")
 MAX_COMMAND_BYTES = 4096
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -134,7 +135,7 @@ def control_event(
     command_id: str,
     name: CommandName,
     scope: Scope,
-    outcome: Literal["applied", "unchanged", "rejected"],
+    outcome: Outcome,
     reason: str,
     now: datetime,
     *,
