@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import re
 import time
@@ -54,7 +55,15 @@ from engine.domain.model import (
     PositionSide,
     decimal_text,
 )
-from engine.domain.orders import Fill, OrderIntent
+from engine.domain.orders import (
+    MAX_ORDER_PARTS,
+    Fill,
+    OrderIntent,
+    combined_fill,
+    is_part,
+    order_parts,
+    part_client_id,
+)
 from engine.domain.reconcile import VenueOrder, VenuePosition
 from engine.domain.stops import STOP_CLIENT_ID_PREFIX, StopSpec, VenueStop
 
@@ -523,9 +532,39 @@ class CcxtGateway:
         return _dec(free) if free is not None else None
 
     async def execute(self, intent: OrderIntent, not_after: datetime | None = None) -> Fill:
+        """One order; above the venue's per-order maximum (Binance: MARKET_LOT_SIZE maxQty),
+        its parts in turn, each with its own client id (the order's plus `.0`, `.1`, ...), each
+        exactly-once as any order. A part refused after others filled ends the order with what
+        filled; a part of unknown outcome leaves the whole to the journal's lookup, which
+        gathers the parts (`find_order`) and sends no part after it."""
         market = self._markets.get(intent.symbol)
         if market is None:
             raise OrderRejected("unknown_symbol", f"{self.name} lists no linear swap {intent.symbol}")
+        parts = order_parts(intent.quantity, market.max_quantity, market.quantity_step)
+        if len(parts) == 1:
+            return await self._execute_one(intent, not_after)
+        if len(parts) > MAX_ORDER_PARTS:
+            raise OrderRejected(
+                "above_max_quantity",
+                f"{intent.quantity} needs more than {MAX_ORDER_PARTS} orders of {market.max_quantity}",
+            )
+        fills: list[Fill] = []
+        for index, quantity in enumerate(parts):
+            part = dataclasses.replace(
+                intent, client_order_id=part_client_id(intent.client_order_id, index), quantity=quantity
+            )
+            try:
+                fills.append(await self._execute_one(part, not_after))
+            except OrderRejected as refused:
+                if not fills:
+                    raise
+                log.warning("venue.order_parts_stopped", client_order_id=intent.client_order_id,
+                            filled_parts=len(fills), parts=len(parts), error=str(refused))  # fmt: skip
+                break
+        return combined_fill(intent.client_order_id, fills)
+
+    async def _execute_one(self, intent: OrderIntent, not_after: datetime | None) -> Fill:
+        market = self._markets[intent.symbol]
         if market.round_quantity(intent.quantity) != intent.quantity or intent.quantity < market.min_quantity:
             raise OrderRejected(
                 "invalid_quantity",
@@ -601,6 +640,19 @@ class CcxtGateway:
         )
 
     async def find_order(self, client_order_id: ClientOrderId, symbol: str) -> Fill | None:
+        """The order, or the parts of it sent (in turn: the first part not found ends them)."""
+        found = await self._find_one(client_order_id, symbol)
+        if found is not None or is_part(client_order_id):
+            return found
+        fills: list[Fill] = []
+        for index in range(MAX_ORDER_PARTS):
+            part = await self._find_one(part_client_id(client_order_id, index), symbol)
+            if part is None:
+                break
+            fills.append(part)
+        return combined_fill(client_order_id, fills) if fills else None
+
+    async def _find_one(self, client_order_id: ClientOrderId, symbol: str) -> Fill | None:
         unified = self._unified.get(symbol)
         if unified is None:
             return None

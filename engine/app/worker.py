@@ -421,11 +421,12 @@ class Worker:
                     known = await self.gateway.find_order(intent.client_order_id, intent.symbol)
                 except Exception as exc:
                     return OrderUncertain(f"{intent.client_order_id}: lookup failed ({exc!r})")
-                if known is not None:
+                final = self._outcome_final(journaled)
+                if known is not None and (known.quantity >= journaled.quantity or final):
                     # Booked as sent, not as planned now; the signal being handled decides.
                     self._book_journaled(journaled, known, decide=False)
                     return None
-                if not self._outcome_final(journaled):
+                if not final:
                     self._wake_when_final(journaled)
                     return OrderUncertain(
                         f"{intent.client_order_id}: an earlier request may still reach the venue"
@@ -524,10 +525,12 @@ class Worker:
                 log.warning("order.lookup_failed", client_order_id=cid, error=repr(exc))
                 self._lookup_cooldown[symbol] = time.monotonic() + LOOKUP_COOLDOWN
                 break
-            if fill is not None:
+            if fill is not None and (fill.quantity >= submitted.quantity or self._outcome_final(submitted)):
                 log.info("order.found_at_venue", client_order_id=cid, quantity=str(fill.quantity))
                 self._book_journaled(submitted, fill, decide=True)
             elif not self._outcome_final(submitted):
+                # Not found, or found short: an order sent in parts may have a part whose
+                # request is still on its way.
                 # A request of this order may still reach the venue (receive window, clock
                 # margin): "not found" proves nothing yet. Look again once it cannot.
                 self._not_found_yet.add(cid)

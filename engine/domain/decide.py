@@ -27,7 +27,7 @@ from engine.domain.model import (
     derive_client_order_id,
     derive_id,
 )
-from engine.domain.orders import CloseLeg, Leg, OpenLeg, OrderIntent
+from engine.domain.orders import MAX_ORDER_PARTS, CloseLeg, Leg, OpenLeg, OrderIntent
 from engine.domain.risk import Breach, RiskBook
 from engine.domain.signals import Signal
 from engine.domain.tpsl import LevelSpec
@@ -264,12 +264,13 @@ def _decide_open(
             "below_min_notional",
             f"notional {amount(qty * price)} below minimum {amount(market.min_notional)}",
         )
-    if market.max_quantity is not None and qty > market.max_quantity:
-        # The venue's own limit on one market order (Binance: MARKET_LOT_SIZE maxQty): refused
-        # here with the reason, not sent to be refused (-4005).
+    if market.max_quantity is not None and qty > market.max_quantity * MAX_ORDER_PARTS:
+        # Above the venue's limit on one market order (Binance: MARKET_LOT_SIZE maxQty) the
+        # order goes as parts, up to MAX_ORDER_PARTS of them; beyond that it is refused here.
         return _reject(
             "above_max_quantity",
-            f"quantity {amount(qty)} above the venue's {amount(market.max_quantity)} per market order",
+            f"quantity {amount(qty)} above {MAX_ORDER_PARTS} orders of the venue's "
+            f"{amount(market.max_quantity)} per market order",
         )
     if rules.max_order_notional is not None and qty * price > rules.max_order_notional:
         return _reject(

@@ -87,6 +87,7 @@ class Fault:
     path: str = "/fapi/v1/order"
     times: int = 1
     seconds: float = 0.0
+    after: int = 0  # matching requests let through untouched before this fault acts
 
 
 @dataclass(slots=True)
@@ -741,6 +742,9 @@ async def faults_middleware(request: web.Request, handler: Any) -> web.StreamRes
     if request.path.startswith("/emulator/"):
         return await handler(request)  # type: ignore[no-any-return]
     fault = next((f for f in exchange.faults if f.method == request.method and f.path == request.path), None)
+    if fault is not None and fault.after > 0:
+        fault.after -= 1
+        fault = None
     if fault is not None:
         fault.times -= 1
         if fault.times <= 0:

@@ -8,6 +8,7 @@ it was found after a lookup, and the position is booked once."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import signal
@@ -141,3 +142,66 @@ async def _has_consumer(js: Any) -> bool:
     except Exception:
         return False
     return True
+
+
+@pytest.mark.timeout(180)
+async def test_an_order_in_parts_with_a_late_part_after_a_restart_sends_each_part_once(
+    nats_server: EmbeddedNats,
+    emulator: Emulator,
+    worker_env: dict[str, str],
+    workers: list[subprocess.Popen[bytes]],
+    tmp_path: Path,
+) -> None:
+    """0.007 BTC where the venue takes 0.003 an order: parts of 0.003, 0.002, 0.002. The second
+    part's request is lost and arrives late; the worker is killed and restarted meanwhile. The
+    restarted worker waits for the receive window before taking the parts it finds as the
+    order: each part exists at most once at the venue, no part is sent after the crash, and
+    the book holds what the venue holds."""
+    btc = emulator.exchange.markets["BTCUSDT"]
+    emulator.exchange.markets["BTCUSDT"] = dataclasses.replace(btc, max_market_qty=Decimal("0.003"))
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream()
+    await NatsBus(nc).ensure_streams()
+    events: list[Any] = []
+
+    async def collect(msg: Any) -> None:
+        events.append(decode_event(msg.data))
+
+    await js.subscribe(
+        ">", stream="EVENTS", cb=collect, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
+    )
+    try:
+        start_worker(worker_env, tmp_path, workers)
+        await eventually_async(
+            lambda: _has_consumer(js), timeout=60, what="the first worker consuming signals"
+        )
+        emulator.exchange.faults.append(Fault(kind="late", seconds=ARRIVES_AFTER, after=1))
+        payload = {"strategy_id": "parts_v1", "symbol": "BTCUSDT", "action": "buy", "quantity": "0.007",
+                   "confidence": "0.9", "price": "45000", "signal_id": "parts-1"}  # fmt: skip
+        await js.publish("signals.parts_v1.BTCUSDT", json.dumps(payload).encode())
+        await eventually(
+            lambda: emulator.exchange.request_count["POST /fapi/v1/order"] >= 2 or None,
+            timeout=60,
+            what="the second part's request sent",
+        )
+        workers[0].send_signal(signal.SIGKILL)
+        workers[0].wait()
+        assert len(emulator.exchange.orders) == 1, "only the first part may have arrived yet"
+        start_worker(worker_env, tmp_path, workers)
+
+        def decided() -> SignalDecided | None:
+            return next(
+                (e for e in events if isinstance(e, SignalDecided) and e.signal_id == "parts-1"), None
+            )
+
+        decision = await eventually(decided, timeout=60, what="the signal's decision")
+        await asyncio.wait_for(asyncio.gather(*emulator.exchange.late), ARRIVES_AFTER + 10)
+    finally:
+        await nc.close()
+
+    state = emulator.exchange.state()
+    assert state["orders"] == 2 and state["duplicate_client_ids"] == {}, state
+    assert state["positions"] == {"BTCUSDT_LONG": "0.005"}
+    assert decision.outcome.value == "accepted" and decision.reason_code == "accepted_after_lookup", decision
+    opened = [e for e in events if isinstance(e, PositionOpened)]
+    assert len(opened) == 1 and opened[0].quantity == Decimal("0.005")

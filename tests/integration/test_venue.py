@@ -437,6 +437,48 @@ async def test_slices_closing_together_go_in_orders_no_larger_than_the_venue_all
     assert emulator.exchange.state()["positions"] == {}
 
 
+async def test_an_open_above_the_venues_order_limit_goes_as_parts_each_exactly_once(
+    on_emulator: Pipeline, emulator: Emulator
+) -> None:
+    """0.6 ETH where the venue takes at most 0.25 a market order: three parts of 0.2, each its
+    own client id, one strategy position; the second part's answer is lost on the way back
+    and is looked up, not sent again; the close goes in parts too; flat to flat, the
+    strategy's PnL is the venue's own figure."""
+    eth = emulator.exchange.markets["ETHUSDT"]
+    emulator.exchange.markets["ETHUSDT"] = dataclasses.replace(eth, max_market_qty=D("0.25"))
+    await on_emulator.stop_worker()
+    await on_emulator.start_worker()  # markets are read at start
+    await on_emulator.tick("ETHUSDT", "3000")
+    wallet_before = emulator.exchange.wallet
+    emulator.exchange.faults.append(Fault("drop_after", after=1))  # the second part: placed, answer lost
+    decision = await on_emulator.decision(
+        await on_emulator.publish("big", "ETHUSDT", "buy", quantity="0.6", confidence=0.9), timeout=30
+    )
+    assert decision.outcome is Outcome.ACCEPTED, decision
+    (opened,) = on_emulator.opened()
+    assert opened.quantity == D("0.6") and len(opened.exchange_order_id.split(",")) == 3
+    ids = sorted(str(o["clientOrderId"]) for o in emulator.exchange.orders.values())
+    assert ids == [f"{opened.client_order_id}.{n}" for n in "012"]
+    assert emulator.exchange.state()["duplicate_client_ids"] == {}
+    assert emulator.exchange.state()["positions"] == {"ETHUSDT_LONG": "0.6"}
+    await on_emulator.tick("ETHUSDT", "3030")
+    close = await on_emulator.decision(await on_emulator.publish("big", "ETHUSDT", "close"))
+    assert close.outcome is Outcome.ACCEPTED, close
+    (closed,) = on_emulator.closed()
+    assert closed.closed_quantity == D("0.6") and len(closed.exchange_order_id.split(",")) == 3
+    assert emulator.exchange.state()["positions"] == {}
+    assert closed.realized_pnl == emulator.exchange.wallet - wallet_before
+
+
+def test_parts_are_even_on_the_step_and_within_the_limit() -> None:
+    from engine.domain.orders import order_parts
+
+    assert order_parts(D("0.6"), D("0.25"), D("0.001")) == [D("0.2")] * 3
+    assert order_parts(D("0.101"), D("0.05"), D("0.001")) == [D("0.034"), D("0.034"), D("0.033")]
+    assert order_parts(D("0.05"), D("0.05"), D("0.001")) == [D("0.05")]
+    assert order_parts(D("7"), None, D("1")) == [D("7")]
+
+
 async def test_a_signal_sized_by_a_share_of_the_balance_asks_the_venue(
     on_emulator: Pipeline, emulator: Emulator
 ) -> None:

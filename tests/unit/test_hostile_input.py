@@ -18,7 +18,7 @@ from engine.adapters.paper import BUILTIN_MARKETS
 from engine.app.attribution import is_outage
 from engine.domain.book import PositionBook
 from engine.domain.dead_letters import dead_letter
-from engine.domain.decide import Refused, Rules, amount, decide
+from engine.domain.decide import Accepted, Refused, Rules, amount, decide
 from engine.domain.events import _encode_default, encode_event, parse_tick
 from engine.domain.signals import MalformedSignal, Signal, json_too_deep, parse_signal, text_problem
 from tests.helpers import make_signal
@@ -222,9 +222,11 @@ def test_no_exponent_makes_a_stored_event_large(exponent: int, field: str, bare:
     assert len(store_of(data.encode())) < 10_000
 
 
-def test_an_open_above_the_venues_market_order_limit_is_refused_before_sending() -> None:
-    market = dataclasses.replace(BUILTIN_MARKETS["BTCUSDT"], max_quantity=Decimal("2"))
-    signal = make_signal("s1", "BTCUSDT", "buy", quantity="3", confidence="0.9")
+def test_an_open_above_what_the_venue_takes_in_parts_is_refused_before_sending() -> None:
+    market = dataclasses.replace(BUILTIN_MARKETS["BTCUSDT"], max_quantity=Decimal("0.01"))
+    parts = make_signal("s1", "BTCUSDT", "buy", quantity="0.36", confidence="0.9")
+    assert isinstance(decide(parts, PositionBook(), market, Decimal("100"), NOW, Rules()), Accepted)
+    signal = make_signal("s1", "BTCUSDT", "buy", quantity="0.361", confidence="0.9")
     refused = decide(signal, PositionBook(), market, Decimal("100"), NOW, Rules())
     assert isinstance(refused, Refused) and refused.reason_code == "above_max_quantity"
-    assert refused.reason == "quantity 3 above the venue's 2 per market order"
+    assert refused.reason == "quantity 0.361 above 36 orders of the venue's 0.01 per market order"
