@@ -7,6 +7,7 @@ Realized PnL is tracked as cash flow per position life (flat to flat), which is 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -79,6 +80,7 @@ class PaperExchange:
         self.funding_rate = funding_rate  # per 8 hours (PAPER_FUNDING_RATE); 0: no funding
         self.funding: dict[str, VenueFunding] = {}
         self.stops: dict[str, VenueStop] = {}
+        self.stop_fills: list[VenueOrder] = []  # the market orders triggered stops became
         self.funding_received = ZERO
 
     def market(self, symbol: str) -> Market | None:
@@ -86,6 +88,34 @@ class PaperExchange:
 
     def on_price(self, symbol: str, price: Decimal) -> None:
         self.last_prices[symbol] = price
+        for stop in [s for s in self.stops.values() if s.key.symbol == symbol and s.status == "open"]:
+            if (price <= stop.trigger) if stop.key.side is PositionSide.LONG else (price >= stop.trigger):
+                self._trigger(stop, price)
+
+    def _trigger(self, stop: VenueStop, price: Decimal) -> None:
+        """A stop-market order as Binance runs one: at the trigger, a reduce-only market order
+        for the stop's quantity (at most what is held), at the price that crossed it."""
+        side = stop.key.side
+        pos = self.holdings.get((stop.key.symbol, side if self.mode is PositionMode.HEDGE else None))
+        held = ZERO if pos is None else abs(pos.quantity)
+        quantity = min(stop.quantity, held)
+        order_id = f"paper-stop-{len(self.stop_fills) + 1}"
+        self.stops[stop.client_id] = dataclasses.replace(
+            stop, status="triggered", fill_order_id=order_id if quantity else None
+        )
+        if not quantity or pos is None:
+            return
+        signed = -quantity * side.sign
+        self._move(pos, signed if self.mode is PositionMode.ONE_WAY else -quantity, signed, price)
+        fee = quantity * price * self.taker_fee
+        self.fees_paid += fee
+        self.stop_fills.append(
+            VenueOrder(
+                client_order_id=stop.client_id, exchange_order_id=order_id, symbol=stop.key.symbol,
+                side=OrderSide.closing(side), position_side=side if self.mode is PositionMode.HEDGE else None,
+                quantity=quantity, average_price=price, fee=fee, liquidation=False, at=datetime.now(UTC),
+            )
+        )  # fmt: skip
 
     async def start(self) -> None:
         return None
@@ -132,8 +162,7 @@ class PaperExchange:
         return [s for s in self.stops.values() if symbol in (None, s.key.symbol)]
 
     async def place_stop(self, stop: StopSpec) -> VenueStop:
-        """Kept, never triggered: the paper venue lives and dies with the worker, whose own
-        stop-losses fire on the same ticks."""
+        """Kept, and triggered by the ticks the paper venue is given, like the venue's."""
         placed = VenueStop(stop.client_id, stop.client_id, stop.key, stop.trigger, stop.quantity, "open")
         self.stops[stop.client_id] = placed
         return placed
@@ -169,7 +198,8 @@ class PaperExchange:
         return found
 
     async def orders_since(self, symbol: str, since: datetime) -> list[VenueOrder]:
-        return []  # every paper order is ours
+        """Our own orders are known to the book; what else moved a position is a stop."""
+        return [o for o in self.stop_fills if o.symbol == symbol and o.at >= since]
 
     async def close(self) -> None:
         return None

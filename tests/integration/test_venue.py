@@ -8,12 +8,14 @@ import time
 from collections.abc import AsyncIterator
 from datetime import datetime
 from decimal import Decimal
+from typing import Any
 
 import pytest
 from prometheus_client import REGISTRY
 
 from engine.adapters.embedded_nats import EmbeddedNats
 from engine.adapters.gateway import ExchangeGateway, OrderUncertain
+from engine.adapters.paper import PaperExchange
 from engine.app.worker import Worker
 from engine.domain.events import PositionFunding, PositionReconciled
 from engine.domain.model import ClientOrderId, CloseReason, OrderSide, Outcome, PositionSide
@@ -709,3 +711,29 @@ async def test_the_venues_market_streams_fire_tp_through_websockets(
         assert worker.details()["price_feed_fresh"] is True
         assert emulator.exchange.request_count.get("GET /fapi/v2/ticker/price", 0) == 0  # no polling
         print(f"stream feed: venue price move to TP close {latency * 1000:.0f} ms")
+
+
+async def test_the_paper_venue_triggers_protective_stops_as_the_venue_does(make_pipeline: Any) -> None:
+    """PROTECTIVE_STOPS=on with the paper venue: its stop at 5 % below the entry (the slice has
+    no stop-loss of its own) triggers on a tick through it, and reconciliation books the fill
+    to the slice as a stop-loss with the venue's fee."""
+    async with make_pipeline(
+        PROTECTIVE_STOPS="on", PROTECTIVE_STOP_PCT="0.05", RECONCILE_INTERVAL_SECONDS="0.2"
+    ) as pipeline:
+        await pipeline.tick("BTCUSDT", "45000")
+        sid = await pipeline.publish("naked", "BTCUSDT", "buy", quantity="0.01", confidence=0.9)
+        assert (await pipeline.decision(sid)).outcome is Outcome.ACCEPTED
+        paper = pipeline.gateway
+        assert isinstance(paper, PaperExchange)
+        stop = await eventually(
+            lambda: next(iter(paper.stops.values()), None), what="the protective stop placed"
+        )
+        assert stop.trigger == D("42750") and stop.quantity == D("0.01")
+        await pipeline.tick("BTCUSDT", "42000")
+        await pipeline.wait_events(lambda _: len(pipeline.closed()) == 1, "the stop's fill booked")
+        (closed,) = pipeline.closed()
+        assert (closed.close_reason, closed.exit_price, closed.closed_quantity) == (
+            CloseReason.STOP_LOSS, D("42000"), D("0.01"),
+        )  # fmt: skip
+        assert closed.exit_fee == D("0.01") * D("42000") * paper.taker_fee
+        assert paper.position("BTCUSDT", PositionSide.LONG) == 0
