@@ -11,6 +11,7 @@ id twice places two orders. The emulator counts them, which is how tests prove e
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import hmac
 import itertools
@@ -581,6 +582,10 @@ class Exchange:
             "positions": [],
         }
 
+    def set_max_market_qty(self, symbol: str, quantity: Decimal) -> None:
+        """MARKET_LOT_SIZE maxQty of a market: orders above it are refused -4005."""
+        self.markets[symbol] = dataclasses.replace(self.markets[symbol], max_market_qty=quantity)
+
     def state(self) -> dict[str, Any]:
         return {
             "dual_side": self.dual_side,
@@ -589,6 +594,8 @@ class Exchange:
             },
             "orders": len(self.orders),
             "duplicate_client_ids": {c: n for c, n in self.client_ids.items() if n > 1},
+            # orders sent as parts of a larger one (client id ending ".<mark>")
+            "order_parts": sum(1 for c in self.client_ids if len(c) > 2 and c[-2] == "."),
             "wallet": str(self.wallet),
             "requests": dict(self.request_count),
             "late_requests": dict(self.late_outcomes),
@@ -953,6 +960,10 @@ def build_app(exchange: Exchange | None = None) -> web.Application:
             control(lambda b: ex.set_price(b["symbol"], D(str(b["price"])))),
         ),
         web.post("/emulator/fault", control(lambda b: ex.faults.append(Fault(**b)))),
+        web.post(
+            "/emulator/max-market-qty",
+            control(lambda b: ex.set_max_market_qty(b["symbol"], D(str(b["max_market_qty"])))),
+        ),
         web.post("/emulator/funding", control(lambda b: ex.pay_funding(b["symbol"], D(str(b["rate"]))))),
         web.post(
             "/emulator/liquidate",

@@ -1,6 +1,7 @@
 """Crash test (issues #3, #14): a worker trading through ccxt on the emulator (its own process) is
 killed with SIGKILL at random points of a 500-signal run with prices moving through TPs and
-SLs, and restarted, again and again; each round one order request reaches the venue late (or,
+SLs, and restarted, again and again; orders go in parts (the venue's largest market order is
+set below a signal's size); each round one order request reaches the venue late (or,
 past its receive window, never). CRASH_SIGNALS / CRASH_KILLS make the run longer. Afterwards: every signal decided exactly once, no order
 placed twice, the book (folded from EVENTS) equal to the venue's positions, no reconciliation
 finding (nothing of ours went unbooked), and MySQL holding exactly the stored events."""
@@ -44,6 +45,10 @@ SIGNALS = int(os.environ.get("CRASH_SIGNALS", "500"))
 KILLS = int(os.environ.get("CRASH_KILLS", "10"))
 SEED = int(os.environ.get("CRASH_SEED", "20261125"))
 MARKETS = {"BTCUSDT": ("45000", "0.002"), "ETHUSDT": ("3000", "0.03"), "SOLUSDT": ("150", "0.5")}
+# The venue's largest market order, set below a signal's size: every open goes in parts, so the
+# kills fall between parts too (CRASH_PARTS=0: whole orders, as a venue with a high limit).
+MAX_MARKET_QTY = {"BTCUSDT": "0.001", "ETHUSDT": "0.01", "SOLUSDT": "0.2"}
+PARTS = os.environ.get("CRASH_PARTS", "1") != "0"
 STRATEGIES = ["momentum", "breakout", "meanrev", "scalper"]
 
 
@@ -158,6 +163,12 @@ async def test_kill_minus_9_during_a_run_loses_and_doubles_nothing(
     await js.subscribe("decisions.>", cb=collect, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL)
     async with aiohttp.ClientSession() as http:
         await eventually_async(lambda: _port_open(processes.emulator_url), what="emulator up")
+        for symbol, quantity in MAX_MARKET_QTY.items() if PARTS else ():
+            async with http.post(
+                f"{processes.emulator_url}/emulator/max-market-qty",
+                json={"symbol": symbol, "max_market_qty": quantity},
+            ):
+                pass
 
         async def move_prices() -> None:
             for symbol in MARKETS:
@@ -204,6 +215,7 @@ async def test_kill_minus_9_during_a_run_loses_and_doubles_nothing(
     assert set(decided) == {p["signal_id"] for p in payloads}
     assert max(decided.values()) == 1, {k: v for k, v in decided.items() if v > 1}
     assert state["duplicate_client_ids"] == {}
+    assert state["order_parts"] > 0 if PARTS else state["order_parts"] == 0
 
     stored = await _all_events(nats_server.url)
     book = PositionBook()
@@ -231,7 +243,7 @@ async def test_kill_minus_9_during_a_run_loses_and_doubles_nothing(
 
     await _project_and_compare(nats_server.url, mysql_url, stored)
     print(
-        f"crash run: {SIGNALS} signals, {KILLS} kills, {len(stored)} events, {state['orders']} orders, "
+        f"crash run: {SIGNALS} signals, {KILLS} kills, {len(stored)} events, {state['orders']} orders ({state['order_parts']} of them parts), "
         f"{len(closes)} closes, open keys {len(held)}, late requests {state.get('late_requests')}, "
         f"client ids sent twice {len(state['duplicate_client_ids'])}, strategies' net PnL {net} vs the venue's "
         f"wallet {wallet_moved} (difference {net - wallet_moved:.2E})"
