@@ -68,7 +68,6 @@ async def publish(settings: Settings, payload: dict[str, Any], wait: float = 5.0
     subject = f"signals.{payload.get('strategy_id')}.{payload.get('symbol')}"
     bus = await connect_client(settings, "tradeengine-publish")
     try:
-        await bus.ensure_streams()
         verdict: asyncio.Future[SignalDecided | SignalDead] = asyncio.get_running_loop().create_future()
 
         async def on_event(msg: Any) -> None:
@@ -81,11 +80,15 @@ async def publish(settings: Settings, payload: dict[str, Any], wait: float = 5.0
             await bus.nc.subscribe(f"decisions.{payload.get('symbol')}", cb=on_event),
             await bus.nc.subscribe("deadletter.signals", cb=on_event),
         ]
-        fresh = await bus.publish_signal(
-            subject,
-            json.dumps(payload).encode(),
-            signal_msg_id(str(payload.get("strategy_id")), str(payload["signal_id"])),
-        )
+        body = json.dumps(payload).encode()
+        msg_id = signal_msg_id(str(payload.get("strategy_id")), str(payload["signal_id"]))
+        try:
+            fresh = await bus.publish_signal(subject, body, msg_id)
+        except nats.errors.NoRespondersError:
+            # No SIGNALS stream yet (a fresh server): create the streams as a worker would. A
+            # strategy's own credentials need no stream rights while the stream exists.
+            await bus.ensure_streams()
+            fresh = await bus.publish_signal(subject, body, msg_id)
         console.print(f"published {payload['signal_id']} to {subject}" + ("" if fresh else " (duplicate)"))
         try:
             console.print(describe(await asyncio.wait_for(verdict, timeout=wait)))
