@@ -180,6 +180,13 @@ async def test_each_role_does_its_job_and_nothing_else(
             if getattr(e, "strategy_id", None) == "strat-beta" and isinstance(e, SignalDecided)
         ]
 
+        # Replies are not permission-checked: a signal published with reply "control.halt" has
+        # the server store its ack in CONTROL. The worker refuses it as a command.
+        steered = own | {"signal_id": "a-3"}
+        await alpha.publish("signals.strat-alpha.BTCUSDT", json.dumps(steered).encode(), reply="control.halt")
+        refused = await seen(ControlApplied, command="halt", outcome="rejected")
+        assert "unknown field" in refused.reason and refused.halted == []
+
         # Ops halt through the command line, under the ops user; the worker applies it.
         halted = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "engine.cli", "halt", "--strategy", "strat-alpha",
@@ -187,7 +194,7 @@ async def test_each_role_does_its_job_and_nothing_else(
         )  # fmt: skip
         out, err = await asyncio.wait_for(halted.communicate(), 60)
         assert halted.returncode == 0, (out + err).decode()
-        assert (await seen(ControlApplied, command="halt")).outcome == "applied"
+        assert (await seen(ControlApplied, command="halt", outcome="applied")).strategy_id == "strat-alpha"
         status = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "engine.cli", "status", env=_env(server, certs, "ops", "ops-pw"),
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
