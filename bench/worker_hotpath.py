@@ -93,7 +93,7 @@ async def run_once(
         for subject, data in batch_ticks:
             await worker.on_price_message(SimpleNamespace(subject=subject, data=data))  # type: ignore[arg-type]
         await asyncio.sleep(0)  # let the tick runners go
-        while any(not t.done() for t in worker._tick_runners.values()):
+        while any(not t.done() for t in worker.prices.tick_runners.values()):
             await asyncio.sleep(0)
     await worker._flush()
     elapsed = time.perf_counter() - started

@@ -560,7 +560,8 @@ async def test_the_last_price_survives_a_restart(pipeline: Pipeline) -> None:
     worker = pipeline.worker
     assert worker is not None
     await eventually(
-        lambda: (worker._price_store is not None and not worker._background) or None, what="the price stored"
+        lambda: (worker.prices.price_store is not None and not worker.prices.background) or None,
+        what="the price stored",
     )
     await pipeline.stop_worker()
     restarted = await pipeline.start_worker()

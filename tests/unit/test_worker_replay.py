@@ -98,7 +98,7 @@ async def test_log_lines_about_a_signal_carry_its_ids() -> None:
     async def on_signal(signal: Any, sequence: int) -> None:
         seen.append(merge_signal_context(None, "info", {"event": "x"}))  # type: ignore[arg-type]
 
-    worker.on_signal = on_signal  # type: ignore[method-assign]
+    worker.signals.on_signal = on_signal  # type: ignore[method-assign]
     msg = SimpleNamespace(
         subject="signals.s.ETHUSDT",
         data=b'{"strategy_id": "s", "symbol": "ETHUSDT", "action": "sell", "quantity": 1, "signal_id": "x1"}',
@@ -121,17 +121,17 @@ async def test_a_newer_tick_never_lands_before_an_older_one_still_in_flight() ->
         )
 
     worker = fresh_worker()
-    lock = worker._symbol_locks["BTCUSDT"]
+    lock = worker.locks["BTCUSDT"]
     await lock.acquire()  # a signal on the symbol is being decided
     await worker.on_price_message(tick("100"))  # queued behind it
     for _ in range(100):  # until its runner has taken it off the queue to wait for the lock
-        if not worker._ticks["BTCUSDT"]:
+        if not worker.prices.ticks["BTCUSDT"]:
             break
         await asyncio.sleep(0)
-    assert not worker._ticks["BTCUSDT"] and "BTCUSDT" not in worker.last_prices
+    assert not worker.prices.ticks["BTCUSDT"] and "BTCUSDT" not in worker.last_prices
     lock.release()
     await worker.on_price_message(tick("101"))  # arrives before the runner resumes
-    await asyncio.gather(*worker._tick_runners.values())
+    await asyncio.gather(*worker.prices.tick_runners.values())
     assert worker.last_prices["BTCUSDT"] == Decimal("101")
     assert worker.gateway.last_prices["BTCUSDT"] == Decimal("101")  # type: ignore[attr-defined]
 

@@ -1,0 +1,92 @@
+"""The record of what became of each signal: one `signal.decided` per signal, or a dead letter."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import structlog
+from nats.aio.msg import Msg
+
+from engine import metrics
+from engine.app.runtime import Runtime
+from engine.domain.dead_letters import dead_letter
+from engine.domain.events import SignalDead, SignalDecided
+from engine.domain.model import Action, Outcome, derive_id
+from engine.domain.signals import MalformedSignal, Signal
+
+log = structlog.get_logger(__name__)
+
+
+class Decisions:
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+
+    def decide(
+        self,
+        signal: Signal,
+        sequence: int,
+        outcome: Outcome,
+        reason_code: str,
+        reason: str,
+        position_ids: tuple[str, ...],
+        event_id: str | None = None,
+        limit: Decimal | None = None,
+        figure: Decimal | None = None,
+    ) -> None:
+        self.record(
+            signal.strategy_id,
+            signal.id,
+            signal.symbol,
+            signal.action,
+            signal.confidence,
+            sequence,
+            outcome,
+            reason_code,
+            reason,
+            position_ids,
+            event_id,
+            limit,
+            figure,
+        )
+
+    def record(
+        self,
+        strategy_id: str,
+        signal_id: str,
+        symbol: str,
+        action: Action,
+        confidence: Decimal,
+        sequence: int,
+        outcome: Outcome,
+        reason_code: str,
+        reason: str,
+        position_ids: tuple[str, ...],
+        event_id: str | None = None,
+        limit: Decimal | None = None,
+        figure: Decimal | None = None,
+    ) -> None:
+        decided = SignalDecided(
+            event_id=event_id or derive_id("signal.decided", strategy_id, signal_id),
+            occurred_at=self.rt.clock(),
+            signal_id=signal_id,
+            strategy_id=strategy_id,
+            symbol=symbol,
+            action=action,
+            outcome=outcome,
+            reason_code=reason_code,
+            reason=reason,
+            strategy_position_ids=list(position_ids),
+            confidence=confidence,
+            signal_sequence=sequence,
+            limit=limit,
+            figure=figure,
+        )
+        metrics.child(metrics.SIGNALS, outcome.value, reason_code).inc()
+        log.info("signal.decided", outcome=outcome.value, reason_code=reason_code, reason=reason)
+        self.rt.remember(decided)
+        self.rt.emit(decided)
+
+    def dead_letter(self, msg: Msg, bad: MalformedSignal, sequence: int) -> SignalDead:
+        metrics.DEAD_LETTERS.labels(bad.reason_code).inc()
+        log.warning("signal.dead", subject=msg.subject, reason_code=bad.reason_code, errors=list(bad.errors))
+        return dead_letter(msg.subject, msg.data, msg.headers, bad, sequence, self.rt.clock())
