@@ -20,6 +20,10 @@ log = structlog.get_logger(__name__)
 class Decisions:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
+        # Stable for the worker's life: taken once (the parts run per signal and per tick).
+        self.settings, self.clock, self.journaled = rt.settings, rt.clock, rt.journaled
+        self.emit, self.remember, self.check_lease = rt.emit, rt.remember, rt.check_lease
+        self.locks, self.last_prices, self.price_seen_at = rt.locks, rt.last_prices, rt.price_seen_at
 
     def decide(
         self,
@@ -67,7 +71,7 @@ class Decisions:
     ) -> None:
         decided = SignalDecided(
             event_id=event_id or derive_id("signal.decided", strategy_id, signal_id),
-            occurred_at=self.rt.clock(),
+            occurred_at=self.clock(),
             signal_id=signal_id,
             strategy_id=strategy_id,
             symbol=symbol,
@@ -83,10 +87,10 @@ class Decisions:
         )
         metrics.child(metrics.SIGNALS, outcome.value, reason_code).inc()
         log.info("signal.decided", outcome=outcome.value, reason_code=reason_code, reason=reason)
-        self.rt.remember(decided)
-        self.rt.emit(decided)
+        self.remember(decided)
+        self.emit(decided)
 
     def dead_letter(self, msg: Msg, bad: MalformedSignal, sequence: int) -> SignalDead:
         metrics.DEAD_LETTERS.labels(bad.reason_code).inc()
         log.warning("signal.dead", subject=msg.subject, reason_code=bad.reason_code, errors=list(bad.errors))
-        return dead_letter(msg.subject, msg.data, msg.headers, bad, sequence, self.rt.clock())
+        return dead_letter(msg.subject, msg.data, msg.headers, bad, sequence, self.clock())

@@ -29,6 +29,10 @@ LOOKUP_COOLDOWN = 5.0  # seconds between lookups on a symbol whose venue did not
 class OrderDesk:
     def __init__(self, rt: Runtime, decisions: Decisions) -> None:
         self.rt, self.decisions = rt, decisions
+        # Stable for the worker's life: taken once (the parts run per signal and per tick).
+        self.settings, self.clock, self.journaled = rt.settings, rt.clock, rt.journaled
+        self.emit, self.remember, self.check_lease = rt.emit, rt.remember, rt.check_lease
+        self.locks, self.last_prices, self.price_seen_at = rt.locks, rt.last_prices, rt.price_seen_at
         self.book, self.journal, self.ledger = rt.state.book, rt.state.journal, rt.state.ledger
         self.not_found_yet: set[str] = set()  # journaled orders a late request may still place
         self.redelivered_from: int | None = None  # at start: signals from here come again
@@ -40,8 +44,8 @@ class OrderDesk:
         """Send one order and book its fill; None when booked. With a real venue the order is
         journaled (and stored) first, and an order the journal still holds open is looked up
         by client order id instead of being sent again (DESIGN §4.3)."""
-        self.rt.check_lease()
-        if self.rt.journaled:
+        self.check_lease()
+        if self.journaled:
             journaled = self.journal.pending.get(intent.client_order_id)
             if journaled is not None:
                 try:
@@ -58,23 +62,23 @@ class OrderDesk:
                     return OrderUncertain(
                         f"{intent.client_order_id}: an earlier request may still reach the venue"
                     )
-            journaled_at = self.rt.clock()
-            self.rt.emit(self.journal.submit(intent, journaled_at, decision))
+            journaled_at = self.clock()
+            self.emit(self.journal.submit(intent, journaled_at, decision))
             await self.rt.flush()  # stored before it is sent
             # No request of it may leave later than a restarted worker assumes (the journal
             # entry's time plus the send span), however long storing it took.
             not_after: datetime | None = journaled_at + timedelta(seconds=self.rt.gateway.send_span_seconds)
         else:
             not_after = None
-        self.rt.check_lease()  # storing the journal entry may have taken long enough to lose it
+        self.check_lease()  # storing the journal entry may have taken long enough to lose it
         started = time.perf_counter()
         try:
             fill = await self.rt.gateway.execute(intent, not_after)
         except OrderRejected as exc:
             metrics.ORDER_ERRORS.labels(self.rt.gateway.name, exc.reason_code).inc()
             log.warning("order.rejected", reason_code=exc.reason_code, error=str(exc))
-            if self.rt.journaled:
-                self.rt.emit(self.journal.failed(intent, exc.reason_code, str(exc), self.rt.clock()))
+            if self.journaled:
+                self.emit(self.journal.failed(intent, exc.reason_code, str(exc), self.clock()))
             return exc
         except Exception as exc:  # OrderUncertain, or anything unforeseen: the journal keeps it
             metrics.ORDER_ERRORS.labels(self.rt.gateway.name, "uncertain").inc()
@@ -82,14 +86,14 @@ class OrderDesk:
             return exc if isinstance(exc, OrderUncertain) else OrderUncertain(repr(exc))
         metrics.child(metrics.ORDER_LATENCY, self.rt.gateway.name).observe(time.perf_counter() - started)
         self.book_fill(intent, fill)
-        if self.rt.journaled:
-            self.rt.emit(self.journal.settled(intent, fill, self.rt.clock()))
+        if self.journaled:
+            self.emit(self.journal.settled(intent, fill, self.clock()))
         return None
 
     def book_fill(self, intent: OrderIntent, fill: Fill) -> None:
-        for event in self.book.settle(intent, fill, self.rt.clock()):
-            self.rt.remember(event)
-            self.rt.emit(event)
+        for event in self.book.settle(intent, fill, self.clock()):
+            self.remember(event)
+            self.emit(event)
 
     def book_journaled(self, submitted: OrderSubmitted, fill: Fill, decide: bool) -> None:
         """Book a fill found at the venue for a journaled order, minus legs already booked,
@@ -101,7 +105,7 @@ class OrderDesk:
             self.book_fill(*rest)
         if decide:
             self.decide_after_lookup(submitted, filled=True)
-        self.rt.emit(self.journal.settled(intent, fill, self.rt.clock()))
+        self.emit(self.journal.settled(intent, fill, self.clock()))
         self.rearm_still_open(intent)
 
     def decide_after_lookup(self, submitted: OrderSubmitted, filled: bool) -> None:
@@ -163,7 +167,7 @@ class OrderDesk:
         """Look up every journaled order without an outcome: book it if the venue filled it,
         mark it failed if the venue never placed it (its signal may then place it again)."""
         for symbol in sorted({p.symbol for p in self.journal.pending.values()}):
-            async with self.rt.locks[symbol]:
+            async with self.locks[symbol]:
                 await self.resolve_symbol(symbol, cooldown=False)
         await self.rt.flush()
 
@@ -197,22 +201,22 @@ class OrderDesk:
             else:
                 log.info("order.not_placed", client_order_id=cid)
                 self.decide_after_lookup(submitted, filled=False)
-                self.rt.emit(
-                    self.journal.failed(intent, "not_placed", "the venue has no such order", self.rt.clock())
+                self.emit(
+                    self.journal.failed(intent, "not_placed", "the venue has no such order", self.clock())
                 )
                 self.rearm_still_open(intent)
         return not self.journal.pending_on(symbol)
 
     def outcome_final(self, submitted: OrderSubmitted) -> bool:
         closes_at = submitted.occurred_at + timedelta(seconds=self.rt.gateway.unknown_outcome_seconds)
-        return self.rt.clock() >= closes_at
+        return self.clock() >= closes_at
 
     def wake_when_final(self, submitted: OrderSubmitted) -> float:
         """Wake the lookup round again soon (a late request may show up at the venue any
         moment), at the latest when the order's requests can no longer execute; returns the
         delay in seconds."""
         closes_at = submitted.occurred_at + timedelta(seconds=self.rt.gateway.unknown_outcome_seconds)
-        delay = min(max((closes_at - self.rt.clock()).total_seconds(), 0.0) + 0.1, LATE_LOOKUP_EVERY)
+        delay = min(max((closes_at - self.clock()).total_seconds(), 0.0) + 0.1, LATE_LOOKUP_EVERY)
         asyncio.get_running_loop().call_later(delay, self.rt.wake_reconcile.set)
         return round(delay, 1)
 

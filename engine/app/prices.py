@@ -35,6 +35,10 @@ FLATTEN_PASSES = 5
 class Prices:
     def __init__(self, rt: Runtime, desk: OrderDesk) -> None:
         self.rt, self.desk = rt, desk
+        # Stable for the worker's life: taken once (the parts run per signal and per tick).
+        self.settings, self.clock, self.journaled = rt.settings, rt.clock, rt.journaled
+        self.emit, self.remember, self.check_lease = rt.emit, rt.remember, rt.check_lease
+        self.locks, self.last_prices, self.price_seen_at = rt.locks, rt.last_prices, rt.price_seen_at
         self.book, self.journal = rt.state.book, rt.state.journal
         self.feed: PriceFeed | None = None
         self.price_store: LastPrices | None = None
@@ -62,7 +66,7 @@ class Prices:
         if (
             idle
             and not queue
-            and not self.rt.locks[symbol].locked()
+            and not self.locks[symbol].locked()
             and not self.book.triggers.may_fire(symbol, price)
         ):
             # Most ticks: nothing ahead of this one and no level reached; recording the price
@@ -87,8 +91,8 @@ class Prices:
     def record_price(self, symbol: str, price: Decimal) -> None:
         metrics.PRICE_TICKS.inc()
         metrics.child(metrics.LAST_TICK, symbol).set(time.time())
-        self.rt.last_prices[symbol] = price
-        now = self.rt.price_seen_at[symbol] = time.monotonic()
+        self.last_prices[symbol] = price
+        now = self.price_seen_at[symbol] = time.monotonic()
         self.rt.gateway.on_price(symbol, price)
         if self.price_store is not None and self.price_store.due(symbol, now):
             self.in_background(self.price_store.write(symbol, price, time.time()))
@@ -118,21 +122,21 @@ class Prices:
             return
         now = time.monotonic()
         for symbol, (price, age) in stored.items():
-            if symbol not in self.rt.last_prices and self.rt.gateway.market(symbol) is not None:
-                self.rt.last_prices[symbol] = price
-                self.rt.price_seen_at[symbol] = now - age
+            if symbol not in self.last_prices and self.rt.gateway.market(symbol) is not None:
+                self.last_prices[symbol] = price
+                self.price_seen_at[symbol] = now - age
                 self.rt.gateway.on_price(symbol, price)
         log.info("prices.restored", symbols=len(stored))
 
     def feed_symbols(self) -> set[str]:
         """Open positions' symbols and those with a signal in the last PRICE_INTEREST_SECONDS."""
-        horizon = time.monotonic() - self.rt.settings.price_interest_seconds
+        horizon = time.monotonic() - self.settings.price_interest_seconds
         for symbol in [s for s, at in self.interest.items() if at < horizon]:
             del self.interest[symbol]
         return {key.symbol for key in self.book.exchange} | set(self.interest)
 
     def start_feed(self) -> asyncio.Task[None] | None:
-        mode = self.rt.settings.price_feed
+        mode = self.settings.price_feed
         if mode is PriceFeedMode.OFF or (mode is PriceFeedMode.AUTO and not self.rt.gateway.quotes):
             return None
         if not self.rt.gateway.quotes:
@@ -140,7 +144,7 @@ class Prices:
                 "price_feed.unavailable", venue=self.rt.gateway.name, why="the venue has no prices of its own"
             )
             return None
-        kind = self.rt.settings.tpsl_price.value
+        kind = self.settings.tpsl_price.value
         streaming = mode is PriceFeedMode.STREAM
 
         async def source(symbols: list[str]) -> dict[str, Decimal]:
@@ -151,7 +155,7 @@ class Prices:
         async def publish(subject: str, payload: bytes) -> None:
             await self.rt.bus.nc.publish(subject, payload)
 
-        every = 0.0 if streaming else self.rt.settings.price_poll_seconds
+        every = 0.0 if streaming else self.settings.price_poll_seconds
         self.feed = PriceFeed(source, publish, self.feed_symbols, every, f"{self.rt.gateway.name}:{kind}")
         log.info("price_feed.started", source=self.feed.name, mode=mode.value, every=every)
         return asyncio.create_task(self.feed.run(self.rt.stopping))
@@ -168,12 +172,12 @@ class Prices:
         """On a venue that quotes, the price pre-trade checks use: the last tick while it is
         fresh, else the venue's own (mark) price; None when the venue gives neither. (A venue
         without prices of its own, paper, has only the ticks it was given, however old.)"""
-        last = self.rt.last_prices.get(symbol)
-        seen = self.rt.price_seen_at.get(symbol)
+        last = self.last_prices.get(symbol)
+        seen = self.price_seen_at.get(symbol)
         if (
             last is not None
             and seen is not None
-            and time.monotonic() - seen <= self.rt.settings.price_max_age_seconds
+            and time.monotonic() - seen <= self.settings.price_max_age_seconds
         ):
             return last
         try:
@@ -186,12 +190,12 @@ class Prices:
             # one (a price restored from days ago) must not size an order or pass a limit.
             recent = seen is not None and time.monotonic() - seen <= STALE_PRICE_LIMIT
             return last if recent else None
-        self.rt.last_prices[symbol] = quoted
-        self.rt.price_seen_at[symbol] = time.monotonic()
+        self.last_prices[symbol] = quoted
+        self.price_seen_at[symbol] = time.monotonic()
         return quoted
 
     async def on_price(self, symbol: str, price: Decimal) -> None:
-        async with self.rt.locks[symbol]:
+        async with self.locks[symbol]:
             self.record_price(symbol, price)
             fired = self.book.fire_triggers(symbol, price)
             # A slice whose close has an unknown outcome is left to its lookup, not the price.
@@ -240,7 +244,7 @@ class Prices:
         return closed
 
     async def flatten_symbol(self, scope: Scope, symbol: str) -> list[str]:
-        async with self.rt.locks[symbol]:
+        async with self.locks[symbol]:
             closing = [
                 (sp, sp.remaining, CloseReason.MANUAL)
                 for sp in list(self.book.positions.values())
@@ -251,9 +255,7 @@ class Prices:
             if not closing:
                 return []
             price = (
-                await self.trusted_price(symbol)
-                if self.rt.gateway.quotes
-                else self.rt.last_prices.get(symbol)
+                await self.trusted_price(symbol) if self.rt.gateway.quotes else self.last_prices.get(symbol)
             ) or closing[0][0].entry_price  # the paper venue before any tick: no better price
             market = self.rt.gateway.market(symbol)
             for intent in closes_by_key(closing, price, None, market.max_quantity if market else None):

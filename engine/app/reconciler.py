@@ -25,13 +25,17 @@ ORDER_HISTORY_REACH = timedelta(days=6, hours=20)
 class Reconciler:
     def __init__(self, rt: Runtime, desk: OrderDesk) -> None:
         self.rt, self.desk = rt, desk
+        # Stable for the worker's life: taken once (the parts run per signal and per tick).
+        self.settings, self.clock, self.journaled = rt.settings, rt.clock, rt.journaled
+        self.emit, self.remember, self.check_lease = rt.emit, rt.remember, rt.check_lease
+        self.locks, self.last_prices, self.price_seen_at = rt.locks, rt.last_prices, rt.price_seen_at
         self.state = rt.state
         self.book, self.journal = rt.state.book, rt.state.journal
         self.reconciled_at: dict[str, datetime] = {}
 
     async def keep_reconciling(self) -> None:
         """Periodically, and after a NATS reconnect: settle open orders, then reconcile."""
-        every = self.rt.settings.reconcile_interval_seconds
+        every = self.settings.reconcile_interval_seconds
         while not self.rt.stopping.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.rt.wake_reconcile.wait(), every or None)
@@ -47,7 +51,7 @@ class Reconciler:
     async def keep_funding(self) -> None:
         """Every FUNDING_POLL_SECONDS, book the venue's new funding payments on the symbols held,
         split over the slices that were open (issue #14)."""
-        every = self.rt.settings.funding_poll_seconds
+        every = self.settings.funding_poll_seconds
         if not every:
             return
         while not self.rt.stopping.is_set():
@@ -63,18 +67,18 @@ class Reconciler:
     async def book_funding(self) -> None:
         """Ask the venue for new funding payments on every symbol held now or within the last
         day, and split each over the slices open at its funding time."""
-        now = self.rt.clock()
+        now = self.clock()
         self.state.slice_history.prune(now)
         for symbol in sorted(self.state.slice_history.symbols(self.book)):
             booked = self.state.funded_through.get(symbol)
             first = self.state.slice_history.earliest(self.book, symbol) or now
             since = booked + timedelta(microseconds=1) if booked is not None else first - timedelta(minutes=1)
             payments = await self.rt.gateway.funding_since(symbol, since)
-            async with self.rt.locks[symbol]:
+            async with self.locks[symbol]:
                 for payment in by_funding_time(payments, self.state.funding_refs):
                     held = self.state.slice_history.open_at(self.book, symbol, payment.funding_time)
                     stored = self.state.funding_parts.get(payment.ref, set())
-                    for event in split_funding(payment, held, self.rt.clock()):
+                    for event in split_funding(payment, held, self.clock()):
                         if event.event_id in stored:
                             continue  # this part was stored before a crash
                         log.info(
@@ -84,8 +88,8 @@ class Reconciler:
                             amount=str(event.amount),
                             rate=str(event.rate),
                         )
-                        self.rt.remember(event)
-                        self.rt.emit(event)
+                        self.remember(event)
+                        self.emit(event)
         await self.rt.flush()
 
     async def reconcile_all(self) -> None:
@@ -94,11 +98,11 @@ class Reconciler:
         held = {k: ep.quantity for k, ep in self.book.exchange.items()}
         # Only symbols that differ in this snapshot are looked at again, under their lock.
         differing = {k.symbol for k in snapshot.keys() | held.keys() if snapshot.get(k) != held.get(k)}
-        now = self.rt.clock()
+        now = self.clock()
         for symbol in {k.symbol for k in snapshot.keys() | held.keys()} - differing:
             self.reconciled_at[symbol] = now
         for symbol in sorted(differing):
-            async with self.rt.locks[symbol]:  # no order of ours is in flight on it
+            async with self.locks[symbol]:  # no order of ours is in flight on it
                 if self.journal.pending_on(symbol):
                     continue  # an order with an unknown outcome: look it up first
                 await self.reconcile_symbol(symbol)
@@ -108,7 +112,7 @@ class Reconciler:
         market = self.rt.gateway.market(symbol)
         if market is None:
             return
-        now = self.rt.clock()
+        now = self.clock()
         venue = {k: v for k, v in (await self.rt.gateway.positions()).items() if k.symbol == symbol}
         held = {k: ep.quantity for k, ep in self.book.exchange.items() if k.symbol == symbol}
         if {k: v.quantity for k, v in venue.items()} == held:
@@ -130,8 +134,8 @@ class Reconciler:
             venue,
             external,
             market,
-            self.rt.settings.external_close_attribution,
-            self.rt.last_prices.get(symbol),
+            self.settings.external_close_attribution,
+            self.last_prices.get(symbol),
         )
         for finding in findings:
             metrics.RECONCILIATION_FINDINGS.labels(finding.kind.value).inc()
@@ -145,7 +149,7 @@ class Reconciler:
             )
             order_ids = sorted(finding.venue_order_ids)
             self.state.attributed_orders.update(order_ids)
-            self.rt.emit(
+            self.emit(
                 PositionReconciled(
                     event_id=derive_id("position.reconciled", str(finding.key), now.isoformat(), *order_ids),
                     occurred_at=now,

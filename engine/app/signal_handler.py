@@ -31,6 +31,10 @@ class SignalHandler:
         self, rt: Runtime, rules: Rules, decisions: Decisions, desk: OrderDesk, prices: Prices
     ) -> None:
         self.rt, self.rules, self.decisions, self.desk, self.prices = rt, rules, decisions, desk, prices
+        # Stable for the worker's life: taken once (the parts run per signal and per tick).
+        self.settings, self.clock, self.journaled = rt.settings, rt.clock, rt.journaled
+        self.emit, self.remember, self.check_lease = rt.emit, rt.remember, rt.check_lease
+        self.locks, self.last_prices, self.price_seen_at = rt.locks, rt.last_prices, rt.price_seen_at
         self.state = rt.state
         self.book, self.journal, self.ledger = rt.state.book, rt.state.journal, rt.state.ledger
 
@@ -43,14 +47,14 @@ class SignalHandler:
             parsed = parse_signal(
                 msg.subject,
                 msg.data,
-                self.rt.settings.max_signal_bytes,
-                self.rt.settings.default_notional is not None,
+                self.settings.max_signal_bytes,
+                self.settings.default_notional is not None,
             )
         except Exception as exc:  # parse_signal contains every error it knows of; this is a bug
             log.exception("signal.parse_internal_error", subject=msg.subject)
             parsed = MalformedSignal("internal_error", (f"payload: {type(exc).__name__}",))
         if isinstance(parsed, MalformedSignal):
-            self.rt.emit(self.decisions.dead_letter(msg, parsed, sequence))
+            self.emit(self.decisions.dead_letter(msg, parsed, sequence))
             return
         side = parsed.opening_side or parsed.position_side
         context = SIGNAL_CONTEXT.set(
@@ -62,7 +66,7 @@ class SignalHandler:
             }
         )
         try:
-            async with self.rt.locks[parsed.symbol]:
+            async with self.locks[parsed.symbol]:
                 try:
                     await self.on_signal(parsed, sequence)
                 except Exception as exc:  # a bug must cost one signal, not the worker
@@ -114,7 +118,7 @@ class SignalHandler:
             )
             return
 
-        now = self.rt.clock()
+        now = self.clock()
         verdict = decide(
             signal,
             self.book,
@@ -122,7 +126,7 @@ class SignalHandler:
             (
                 await self.prices.trusted_price(signal.symbol)
                 if self.rt.gateway.quotes and signal.action is not Action.HOLD
-                else self.rt.last_prices.get(signal.symbol)
+                else self.last_prices.get(signal.symbol)
             ),
             now,
             self.rules,
@@ -160,7 +164,7 @@ class SignalHandler:
                 signal, sequence, Outcome.ACCEPTED, "accepted", verdict.reason, verdict.strategy_position_ids
             )
             return
-        if isinstance(refused, OrderUncertain) and self.rt.journaled:
+        if isinstance(refused, OrderUncertain) and self.journaled:
             # No decision yet: the journal holds the order and the signal's decision, and the
             # lookup that resolves the order records it (accepted if filled, else rejected).
             log.warning("signal.awaiting_venue", error=str(refused))
@@ -182,7 +186,7 @@ class SignalHandler:
         done: list[str] = []
         for n, intent in enumerate(verdict.orders):
             pending = None
-            if self.rt.journaled:
+            if self.journaled:
                 pending = PendingDecision(
                     strategy_id=signal.strategy_id,
                     signal_id=signal.id,

@@ -466,28 +466,31 @@ class Worker:
         self.state.apply(event, replay)
         if replay:
             return
-        match event:
-            case PositionOpened():
-                if self.stops is not None:
-                    self.stops.touch(PositionKey(event.symbol, event.side))
-                metrics.child(metrics.STRATEGY_POSITIONS_OPENED, event.strategy_id).inc()
-                if event.exchange_position.quantity_before == 0:
-                    metrics.child(metrics.EXCHANGE_POSITIONS_OPENED, event.side.value).inc()
-            case PositionClosed():
-                if self.stops is not None:
-                    self.stops.touch(PositionKey(event.symbol, event.side))
-                metrics.child(
-                    metrics.STRATEGY_POSITIONS_CLOSED, event.strategy_id, event.close_reason.value
-                ).inc()
-                if event.realized_pnl >= 0:
-                    metrics.child(metrics.REALIZED_PNL, event.strategy_id).inc(float(event.realized_pnl))
-                else:
-                    metrics.child(metrics.REALIZED_LOSS, event.strategy_id).inc(float(-event.realized_pnl))
-                    self._halt_on_losses((event.strategy_id,))
-            case PositionFunding():
-                metrics.child(metrics.FUNDING, event.strategy_id).inc(float(event.amount))
-                if event.amount < 0:
-                    self._halt_on_losses((event.strategy_id,))
+        kind = type(event)  # most events are decisions, which have no consequence here
+        if kind is PositionOpened:
+            assert isinstance(event, PositionOpened)
+            if self.stops is not None:
+                self.stops.touch(PositionKey(event.symbol, event.side))
+            metrics.child(metrics.STRATEGY_POSITIONS_OPENED, event.strategy_id).inc()
+            if event.exchange_position.quantity_before == 0:
+                metrics.child(metrics.EXCHANGE_POSITIONS_OPENED, event.side.value).inc()
+        elif kind is PositionClosed:
+            assert isinstance(event, PositionClosed)
+            if self.stops is not None:
+                self.stops.touch(PositionKey(event.symbol, event.side))
+            metrics.child(
+                metrics.STRATEGY_POSITIONS_CLOSED, event.strategy_id, event.close_reason.value
+            ).inc()
+            if event.realized_pnl >= 0:
+                metrics.child(metrics.REALIZED_PNL, event.strategy_id).inc(float(event.realized_pnl))
+            else:
+                metrics.child(metrics.REALIZED_LOSS, event.strategy_id).inc(float(-event.realized_pnl))
+                self._halt_on_losses((event.strategy_id,))
+        elif kind is PositionFunding:
+            assert isinstance(event, PositionFunding)
+            metrics.child(metrics.FUNDING, event.strategy_id).inc(float(event.amount))
+            if event.amount < 0:
+                self._halt_on_losses((event.strategy_id,))
 
     _remember = remember
 
