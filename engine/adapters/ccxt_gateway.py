@@ -64,6 +64,7 @@ from engine.domain.orders import (
     order_parts,
     part_client_id,
 )
+from engine.domain.reasons import Reason
 from engine.domain.reconcile import VenueOrder, VenuePosition
 from engine.domain.stops import STOP_CLIENT_ID_PREFIX, StopSpec, VenueStop
 
@@ -86,16 +87,16 @@ RETRY_CLASSES: tuple[type[Exception], ...] = (RateLimitExceeded, DDoSProtection,
 VENUE_RETRY_CODES = {-1003, -1015, -1021}
 VENUE_AMBIGUOUS_CODES = {-1000, -1001, -1006, -1007, -1008, -4116}
 VENUE_REASONS = {
-    -1106: "parameter_not_required",
-    -1111: "invalid_precision",
-    -1121: "unknown_symbol",
-    -2019: "insufficient_margin",
-    -2022: "reduce_only_rejected",
-    -4003: "invalid_quantity",
-    -4004: "below_min_quantity",
-    -4005: "above_max_quantity",
-    -4061: "position_side_mismatch",
-    -4164: "below_min_notional",
+    -1106: Reason.PARAMETER_NOT_REQUIRED,
+    -1111: Reason.INVALID_PRECISION,
+    -1121: Reason.UNKNOWN_SYMBOL,
+    -2019: Reason.INSUFFICIENT_MARGIN,
+    -2022: Reason.REDUCE_ONLY_REJECTED,
+    -4003: Reason.INVALID_QUANTITY,
+    -4004: Reason.BELOW_MIN_QUANTITY,
+    -4005: Reason.ABOVE_MAX_QUANTITY,
+    -4061: Reason.POSITION_SIDE_MISMATCH,
+    -4164: Reason.BELOW_MIN_NOTIONAL,
 }
 _CODE = re.compile(r'"code"\s*:\s*(-?\d+)')
 
@@ -330,17 +331,17 @@ class CcxtGateway:
                 answer = await self._call(lambda: self.exchange.set_margin_mode(margin, unified))
                 code = (answer or {}).get("code")
                 if code not in (None, 200, "200", -4046, "-4046"):
-                    raise OrderRejected("margin_type_not_set", f"{symbol}: venue answered {answer}")
+                    raise OrderRejected(Reason.MARGIN_TYPE_NOT_SET, f"{symbol}: venue answered {answer}")
             if leverage is not None:
                 answer = await self._call(lambda: self.exchange.set_leverage(leverage, unified))
                 if int((answer or {}).get("leverage", -1)) != leverage:
-                    raise OrderRejected("leverage_not_set", f"{symbol}: venue answered {answer}")
+                    raise OrderRejected(Reason.LEVERAGE_NOT_SET, f"{symbol}: venue answered {answer}")
         except OrderRejected:
             raise
         except Exception as exc:
             if classify(exc) == "final":  # e.g. -4048: a position of the other margin type is open
-                raise OrderRejected("account_settings_refused", venue_message(exc)) from exc
-            raise OrderRejected("account_settings_unknown", f"{symbol}: {exc!r}"[:300]) from exc
+                raise OrderRejected(Reason.ACCOUNT_SETTINGS_REFUSED, venue_message(exc)) from exc
+            raise OrderRejected(Reason.ACCOUNT_SETTINGS_UNKNOWN, f"{symbol}: {exc!r}"[:300]) from exc
         log.info("venue.symbol_configured", symbol=symbol, margin_type=margin, leverage=leverage)
         self._configured.add(symbol)
 
@@ -539,13 +540,13 @@ class CcxtGateway:
         gathers the parts (`find_order`) and sends no part after it."""
         market = self._markets.get(intent.symbol)
         if market is None:
-            raise OrderRejected("unknown_symbol", f"{self.name} lists no linear swap {intent.symbol}")
+            raise OrderRejected(Reason.UNKNOWN_SYMBOL, f"{self.name} lists no linear swap {intent.symbol}")
         parts = order_parts(intent.quantity, market.max_quantity, market.quantity_step)
         if len(parts) == 1:
             return await self._execute_one(intent, not_after)
         if len(parts) > MAX_ORDER_PARTS:
             raise OrderRejected(
-                "above_max_quantity",
+                Reason.ABOVE_MAX_QUANTITY,
                 f"{intent.quantity} needs more than {MAX_ORDER_PARTS} orders of {market.max_quantity}",
             )
         fills: list[Fill] = []
@@ -567,12 +568,12 @@ class CcxtGateway:
         market = self._markets[intent.symbol]
         if market.round_quantity(intent.quantity) != intent.quantity or intent.quantity < market.min_quantity:
             raise OrderRejected(
-                "invalid_quantity",
+                Reason.INVALID_QUANTITY,
                 f"quantity {intent.quantity} is off the step {market.quantity_step} or below {market.min_quantity}",
             )
         if not intent.reduce_only and intent.quantity * intent.reference_price < market.min_notional:
             raise OrderRejected(
-                "below_min_notional",
+                Reason.BELOW_MIN_NOTIONAL,
                 f"notional {intent.quantity * intent.reference_price} is below the venue minimum {market.min_notional}",
             )
         await self.configure(intent.symbol)  # before the first order on the symbol (refusal: final)
@@ -636,7 +637,8 @@ class CcxtGateway:
             except Exception as exc:  # placed, but its fill could not be read: look it up later
                 raise OrderUncertain(f"{intent.client_order_id}: placed, fill unknown ({exc!r})") from exc
         raise OrderRejected(
-            "venue_unavailable", f"{self.name} kept refusing for now after {self.policy.attempts} attempts"
+            Reason.VENUE_UNAVAILABLE,
+            f"{self.name} kept refusing for now after {self.policy.attempts} attempts",
         )
 
     async def find_order(self, client_order_id: ClientOrderId, symbol: str) -> Fill | None:
@@ -705,7 +707,7 @@ class CcxtGateway:
         filled, average = _filled_at(order)
         if filled <= 0 or average <= 0:
             raise OrderRejected(
-                "not_filled", f"{self.name} order {order_id} ended {order.get('status')} unfilled"
+                Reason.NOT_FILLED, f"{self.name} order {order_id} ended {order.get('status')} unfilled"
             )
         trades = await self._call(
             lambda: self.exchange.fetch_my_trades(unified, None, None, {"orderId": order_id})

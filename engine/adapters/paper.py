@@ -25,6 +25,7 @@ from engine.domain.model import (
     PositionSide,
 )
 from engine.domain.orders import Fill, OrderIntent
+from engine.domain.reasons import Reason
 from engine.domain.reconcile import VenueOrder, VenuePosition
 from engine.domain.stops import StopSpec, VenueStop
 
@@ -210,16 +211,18 @@ class PaperExchange:
             return known
         market = self.markets.get(intent.symbol)
         if market is None:
-            raise OrderRejected("unknown_symbol", f"paper: no market {intent.symbol}")
+            raise OrderRejected(Reason.UNKNOWN_SYMBOL, f"paper: no market {intent.symbol}")
         if market.round_quantity(intent.quantity) != intent.quantity or intent.quantity < market.min_quantity:
-            raise OrderRejected("invalid_quantity", f"paper: quantity {intent.quantity} off step/minimum")
+            raise OrderRejected(
+                Reason.INVALID_QUANTITY, f"paper: quantity {intent.quantity} off step/minimum"
+            )
         price = self.last_prices.get(intent.symbol, intent.reference_price)
         if self.slippage:
             price *= 1 + self.slippage if intent.side is OrderSide.BUY else 1 - self.slippage
         signed = intent.quantity if intent.side is OrderSide.BUY else -intent.quantity
         if self.mode is PositionMode.HEDGE:
             if intent.position_side is None:
-                raise OrderRejected("position_side_required", "paper: hedge mode needs positionSide")
+                raise OrderRejected(Reason.POSITION_SIDE_REQUIRED, "paper: hedge mode needs positionSide")
             self._trade_hedge(intent, signed, price)
         else:
             self._trade_one_way(intent, signed, price)
@@ -240,13 +243,15 @@ class PaperExchange:
         pos = self.holdings.setdefault((intent.symbol, intent.position_side), PaperPosition())
         delta = signed * intent.position_side.sign  # + grows the leg, - shrinks it
         if delta < 0 and -delta > pos.quantity:
-            raise OrderRejected("reduce_exceeds_position", f"paper: {intent.quantity} exceeds {pos.quantity}")
+            raise OrderRejected(
+                Reason.REDUCE_EXCEEDS_POSITION, f"paper: {intent.quantity} exceeds {pos.quantity}"
+            )
         self._move(pos, delta, signed, price)
 
     def _trade_one_way(self, intent: OrderIntent, signed: Decimal, price: Decimal) -> None:
         pos = self.holdings.setdefault((intent.symbol, None), PaperPosition())
         if intent.reduce_only and (pos.quantity == 0 or (pos.quantity > 0) == (signed > 0)):
-            raise OrderRejected("reduce_only_rejected", "paper: reduce-only order would increase")
+            raise OrderRejected(Reason.REDUCE_ONLY_REJECTED, "paper: reduce-only order would increase")
         if pos.quantity and (pos.quantity > 0) != (signed > 0) and abs(signed) > abs(pos.quantity):
             # Crossing zero: close the old side (its life ends), then open the rest.
             closing = -pos.quantity

@@ -20,6 +20,7 @@ from engine.domain.events import OrderSubmitted, PendingDecision
 from engine.domain.journal import intent_of
 from engine.domain.model import ClientOrderId, Outcome, StrategyPositionId
 from engine.domain.orders import CloseLeg, Fill, OrderIntent
+from engine.domain.reasons import Reason
 
 log = structlog.get_logger(__name__)
 LATE_LOOKUP_EVERY = 1.0  # seconds between lookups of an order whose request may still arrive
@@ -114,16 +115,16 @@ class OrderDesk:
         if pending is None or self.ledger.decided_at(pending.strategy_id, pending.signal_id) is not False:
             return
         if filled and not pending.later_orders:
-            outcome, code, reason = Outcome.ACCEPTED, "accepted_after_lookup", pending.reason
+            outcome, code, reason = Outcome.ACCEPTED, Reason.ACCEPTED_AFTER_LOOKUP, pending.reason
             ids = pending.strategy_position_ids
         elif filled:
-            outcome, code = Outcome.REJECTED, "partly_placed"
+            outcome, code = Outcome.REJECTED, Reason.PARTLY_PLACED
             reason = f"an order was filled after an unknown outcome; the {pending.later_orders} after it were not sent"
             ids = [*pending.closed_before, *(leg.position_id for leg in submitted.legs)]
         elif self.redelivered_from is not None and pending.signal_sequence >= self.redelivered_from:
             return  # its redelivery decides it afresh
         else:
-            outcome, code, reason = Outcome.REJECTED, "not_placed", "the venue never placed the order"
+            outcome, code, reason = Outcome.REJECTED, Reason.NOT_PLACED, "the venue never placed the order"
             ids = pending.closed_before
         self.decisions.record(
             pending.strategy_id,
@@ -202,7 +203,9 @@ class OrderDesk:
                 log.info("order.not_placed", client_order_id=cid)
                 self.decide_after_lookup(submitted, filled=False)
                 self.emit(
-                    self.journal.failed(intent, "not_placed", "the venue has no such order", self.clock())
+                    self.journal.failed(
+                        intent, Reason.NOT_PLACED, "the venue has no such order", self.clock()
+                    )
                 )
                 self.rearm_still_open(intent)
         return not self.journal.pending_on(symbol)

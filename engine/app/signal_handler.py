@@ -19,6 +19,7 @@ from engine.domain.decide import Accepted, Rules, decide, strategy_position_id_f
 from engine.domain.events import PendingDecision
 from engine.domain.model import Action, Outcome, derive_id
 from engine.domain.orders import CloseLeg
+from engine.domain.reasons import Reason
 from engine.domain.signals import MalformedSignal, Signal, parse_signal
 from engine.domain.state import Admit
 from engine.logs import SIGNAL_CONTEXT
@@ -52,7 +53,7 @@ class SignalHandler:
             )
         except Exception as exc:  # parse_signal contains every error it knows of; this is a bug
             log.exception("signal.parse_internal_error", subject=msg.subject)
-            parsed = MalformedSignal("internal_error", (f"payload: {type(exc).__name__}",))
+            parsed = MalformedSignal(Reason.INTERNAL_ERROR, (f"payload: {type(exc).__name__}",))
         if isinstance(parsed, MalformedSignal):
             self.emit(self.decisions.dead_letter(msg, parsed, sequence))
             return
@@ -72,7 +73,7 @@ class SignalHandler:
                 except Exception as exc:  # a bug must cost one signal, not the worker
                     log.exception("signal.internal_error")
                     self.decisions.decide(
-                        parsed, sequence, Outcome.REJECTED, "internal_error", repr(exc)[:500], ()
+                        parsed, sequence, Outcome.REJECTED, Reason.INTERNAL_ERROR, repr(exc)[:500], ()
                     )
         finally:
             SIGNAL_CONTEXT.reset(context)
@@ -88,7 +89,7 @@ class SignalHandler:
                 return
             case Admit.DUPLICATE:
                 self.decisions.decide(
-                    signal, sequence, Outcome.DUPLICATE, "duplicate_signal_id",
+                    signal, sequence, Outcome.DUPLICATE, Reason.DUPLICATE_SIGNAL_ID,
                     "signal_id was already decided; not executed again", (),
                     event_id=derive_id("signal.duplicate", signal.strategy_id, signal.id, str(sequence)),
                 )  # fmt: skip
@@ -99,7 +100,7 @@ class SignalHandler:
             case Admit.RECOVERED:
                 # A crash fell between the fill's events and the decision: finish the record.
                 self.decisions.decide(
-                    signal, sequence, Outcome.ACCEPTED, "recovered",
+                    signal, sequence, Outcome.ACCEPTED, Reason.RECOVERED,
                     "executed before a restart; decision recorded now", (strategy_position_id_for(signal),),
                 )  # fmt: skip
                 return
@@ -111,7 +112,7 @@ class SignalHandler:
                 signal,
                 sequence,
                 Outcome.REJECTED,
-                "venue_uncertain",
+                Reason.VENUE_UNCERTAIN,
                 f"an earlier order on {signal.symbol} has an unknown outcome at the venue; "
                 "nothing is placed on this symbol until it is looked up",
                 (),
@@ -140,7 +141,7 @@ class SignalHandler:
                     signal,
                     sequence,
                     Outcome.ACCEPTED,
-                    "recovered",
+                    Reason.RECOVERED,
                     "closed before a restart; decision recorded now",
                     (),
                 )
@@ -161,7 +162,12 @@ class SignalHandler:
         refused, done = await self.execute(signal, sequence, verdict)
         if refused is None:
             self.decisions.decide(
-                signal, sequence, Outcome.ACCEPTED, "accepted", verdict.reason, verdict.strategy_position_ids
+                signal,
+                sequence,
+                Outcome.ACCEPTED,
+                Reason.ACCEPTED,
+                verdict.reason,
+                verdict.strategy_position_ids,
             )
             return
         if isinstance(refused, OrderUncertain) and self.journaled:
@@ -170,7 +176,7 @@ class SignalHandler:
             log.warning("signal.awaiting_venue", error=str(refused))
             return
         if isinstance(refused, OrderUncertain):  # the paper venue failed in a way it never should
-            refused = OrderRejected("venue_error", str(refused))
+            refused = OrderRejected(Reason.VENUE_ERROR, str(refused))
         reason = str(refused)
         if done:
             # A hedge-mode reversal closes first, then opens: the closes stand, and the record

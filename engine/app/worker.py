@@ -51,6 +51,7 @@ from engine.domain.ledger import SignalLedger
 from engine.domain.model import (
     PositionKey,
 )
+from engine.domain.reasons import DeadLetter
 from engine.domain.risk import RiskBook
 from engine.domain.signals import MalformedSignal, Signal
 from engine.domain.state import EngineState
@@ -355,7 +356,7 @@ class Worker:
         assert suspects.starts is not None
         if suspects.first and suspects.starts > self.settings.max_deliver:
             poison = MalformedSignal(
-                "poison",
+                DeadLetter.POISON,
                 (
                     f"{suspects.starts} starts in a row ended while this message was being handled "
                     f"(MAX_DELIVER={self.settings.max_deliver}); set aside unread",

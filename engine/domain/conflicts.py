@@ -13,6 +13,7 @@ from decimal import Decimal
 
 from engine.domain.book import StrategyPosition
 from engine.domain.model import PositionMode, SameDirectionPolicy
+from engine.domain.reasons import Reason
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +52,7 @@ def resolve_conflicts(
         strongest = max(sp.confidence for sp in opposite_side)
         if confidence <= strongest:
             return Conflict(
-                "opposite_conflict",
+                Reason.OPPOSITE_CONFLICT,
                 f"confidence {confidence} does not beat {strongest} of {len(opposite_side)} "
                 "open opposite position(s)",
             )
@@ -60,18 +61,20 @@ def resolve_conflicts(
     if same_side:
         match policy.same_direction:
             case SameDirectionPolicy.REJECT_DUPLICATES:
-                return Conflict("position_exists", f"{len(same_side)} position(s) already open on this key")
+                return Conflict(
+                    Reason.POSITION_EXISTS, f"{len(same_side)} position(s) already open on this key"
+                )
             case SameDirectionPolicy.STRONGEST_WINS:
                 strongest = max(sp.confidence for sp in same_side)
                 if confidence <= strongest:
                     return Conflict(
-                        "weaker_than_existing",
+                        Reason.WEAKER_THAN_EXISTING,
                         f"confidence {confidence} does not beat open position's {strongest}",
                     )
             case SameDirectionPolicy.ACCUMULATE:
                 if len(same_side) >= policy.max_accumulations:
                     return Conflict(
-                        "max_accumulations",
+                        Reason.MAX_ACCUMULATIONS,
                         f"{len(same_side)} positions open on this key; limit {policy.max_accumulations}",
                     )
     return Proceed(reverse)

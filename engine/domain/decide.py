@@ -28,6 +28,7 @@ from engine.domain.model import (
     derive_id,
 )
 from engine.domain.orders import MAX_ORDER_PARTS, CloseLeg, Leg, OpenLeg, OrderIntent
+from engine.domain.reasons import Reason
 from engine.domain.risk import Breach, RiskBook
 from engine.domain.signals import Signal
 from engine.domain.tpsl import LevelSpec
@@ -88,40 +89,40 @@ def decide(
     in when there is no trusted price (the paper venue, which has no prices of its own).
     `risk`: halts, the day's losses and the per-strategy limits (openings only)."""
     if rules.allowed_strategies and signal.strategy_id not in rules.allowed_strategies:
-        return _reject("strategy_not_allowed", f"strategy {signal.strategy_id} is not on the allow-list")
+        return _reject(Reason.STRATEGY_NOT_ALLOWED, f"strategy {signal.strategy_id} is not on the allow-list")
     if rules.allowed_symbols and signal.symbol not in rules.allowed_symbols:
-        return _reject("symbol_not_allowed", f"symbol {signal.symbol} is not on the allow-list")
+        return _reject(Reason.SYMBOL_NOT_ALLOWED, f"symbol {signal.symbol} is not on the allow-list")
     if risk is not None and signal.opening_side is not None:
         breach = risk.refuse_opening(signal.strategy_id, signal.symbol, now)
         if breach is not None:
             return _breach(breach)
     if market is None:
-        return _reject("unknown_symbol", f"the venue has no market {signal.symbol}")
+        return _reject(Reason.UNKNOWN_SYMBOL, f"the venue has no market {signal.symbol}")
     if signal.timestamp is not None and signal.timestamp - now > rules.max_clock_skew:
         ahead = (signal.timestamp - now).total_seconds()
         return _reject(
-            "future_timestamp",
+            Reason.FUTURE_TIMESTAMP,
             f"signal is dated {ahead:.0f}s ahead of the worker's clock; limit {rules.max_clock_skew.total_seconds():.0f}s",
         )
     if signal.timestamp is not None and now - signal.timestamp > rules.max_signal_age:
         age = (now - signal.timestamp).total_seconds()
         return _reject(
-            "stale", f"signal is {age:.0f}s old; limit {rules.max_signal_age.total_seconds():.0f}s"
+            Reason.STALE, f"signal is {age:.0f}s old; limit {rules.max_signal_age.total_seconds():.0f}s"
         )
     if signal.action is Action.HOLD:
-        return Refused(Outcome.IGNORED, "hold", "hold recorded; nothing to do")
+        return Refused(Outcome.IGNORED, Reason.HOLD, "hold recorded; nothing to do")
     # The trusted price (a tick, or the venue's mark) wins; a signal's own price stands in only
     # where the venue offers none (the paper venue before its first tick).
     price = last_price or signal.reference_price
     if signal.action is Action.CLOSE:
         return _decide_close(signal, book, market, price)
     if last_price is None and not own_price_allowed:
-        return _reject("no_price", "no fresh price from the venue; a signal's own price is not trusted")
+        return _reject(Reason.NO_PRICE, "no fresh price from the venue; a signal's own price is not trusted")
     own = signal.reference_price
     if last_price is not None and own is not None and rules.price_band is not None:
         if abs(own - last_price) > last_price * rules.price_band:
             return _reject(
-                "price_out_of_band",
+                Reason.PRICE_OUT_OF_BAND,
                 f"signal price {amount(own)} is more than {amount(rules.price_band * 100)}% from the "
                 f"last trusted price {amount(last_price)}",
             )
@@ -139,9 +140,9 @@ def _breach(breach: Breach) -> Refused:
 def _decide_close(signal: Signal, book: PositionBook, market: Market, price: Decimal | None) -> Verdict:
     targets = book.open_of(signal.strategy_id, signal.symbol, signal.position_side)
     if not targets:
-        return Refused(Outcome.IGNORED, "nothing_to_close", "the strategy has no open position here")
+        return Refused(Outcome.IGNORED, Reason.NOTHING_TO_CLOSE, "the strategy has no open position here")
     if price is None:
-        return _reject("no_price", "no price tick seen and the signal carries no price")
+        return _reject(Reason.NO_PRICE, "no price tick seen and the signal carries no price")
     wanted = signal.quantity
     closing: list[tuple[StrategyPosition, Decimal, CloseReason]] = []
     for sp in targets:
@@ -153,7 +154,7 @@ def _decide_close(signal: Signal, book: PositionBook, market: Market, price: Dec
             wanted -= qty
     if not closing:
         return _reject(
-            "below_min_quantity", f"close quantity rounds to zero at step {amount(market.quantity_step)}"
+            Reason.BELOW_MIN_QUANTITY, f"close quantity rounds to zero at step {amount(market.quantity_step)}"
         )
     orders = closes_by_key(closing, price, signal.id, market.max_quantity)
     ids = tuple(str(sp.id) for sp, _, _ in closing)
@@ -233,11 +234,11 @@ def _decide_open(
     assert side is not None
     if signal.confidence < rules.min_confidence:
         return _reject(
-            "low_confidence",
+            Reason.LOW_CONFIDENCE,
             f"confidence {amount(signal.confidence)} below minimum {amount(rules.min_confidence)}",
         )
     if price is None:
-        return _reject("no_price", "no price tick seen and the signal carries no price")
+        return _reject(Reason.NO_PRICE, "no price tick seen and the signal carries no price")
     # Sizing: an explicit quantity, else a notional, else a share of the available balance,
     # else the worker's DEFAULT_NOTIONAL.
     if signal.quantity is not None:
@@ -247,40 +248,43 @@ def _decide_open(
     elif signal.position_size_pct is not None:
         if balance is None or balance <= 0:
             return _reject(
-                "no_balance", "position_size_pct needs the account's available balance, and none is known"
+                Reason.NO_BALANCE,
+                "position_size_pct needs the account's available balance, and none is known",
             )
         raw_qty = balance * signal.position_size_pct / price
     elif rules.default_notional is not None:
         raw_qty = rules.default_notional / price
     else:
-        return _reject("no_size", "no quantity, quote_quantity or position_size_pct, and no DEFAULT_NOTIONAL")
+        return _reject(
+            Reason.NO_SIZE, "no quantity, quote_quantity or position_size_pct, and no DEFAULT_NOTIONAL"
+        )
     qty = market.round_quantity(raw_qty)
     if qty < market.min_quantity or qty <= 0:
         return _reject(
-            "below_min_quantity", f"quantity {amount(qty)} below minimum {amount(market.min_quantity)}"
+            Reason.BELOW_MIN_QUANTITY, f"quantity {amount(qty)} below minimum {amount(market.min_quantity)}"
         )
     if qty * price < market.min_notional:
         return _reject(
-            "below_min_notional",
+            Reason.BELOW_MIN_NOTIONAL,
             f"notional {amount(qty * price)} below minimum {amount(market.min_notional)}",
         )
     if market.max_quantity is not None and qty > market.max_quantity * MAX_ORDER_PARTS:
         # Above the venue's limit on one market order (Binance: MARKET_LOT_SIZE maxQty) the
         # order goes as parts, up to MAX_ORDER_PARTS of them; beyond that it is refused here.
         return _reject(
-            "above_max_quantity",
+            Reason.ABOVE_MAX_QUANTITY,
             f"quantity {amount(qty)} above {MAX_ORDER_PARTS} orders of the venue's "
             f"{amount(market.max_quantity)} per market order",
         )
     if rules.max_order_notional is not None and qty * price > rules.max_order_notional:
         return _reject(
-            "order_too_large",
+            Reason.ORDER_TOO_LARGE,
             f"notional {amount(qty * price)} above the order limit {amount(rules.max_order_notional)}",
         )
     levels = LevelSpec(signal.take_profit, signal.stop_loss, signal.take_profit_pct, signal.stop_loss_pct)
     misplaced = levels.misplaced(side, price)
     if misplaced:
-        return _reject("invalid_tp_sl", misplaced)
+        return _reject(Reason.INVALID_TP_SL, misplaced)
 
     key = PositionKey(signal.symbol, side)
     added = qty * price
@@ -290,7 +294,7 @@ def _decide_open(
     if rules.max_notional_per_key is not None and book.key_cost(key) + added > rules.max_notional_per_key:
         return Refused(
             Outcome.REJECTED,
-            "risk_limit_key",
+            Reason.RISK_LIMIT_KEY,
             f"{key} notional would exceed {amount(rules.max_notional_per_key)}",
             rules.max_notional_per_key,
             book.key_cost(key) + added,
@@ -320,7 +324,7 @@ def _decide_open(
         if total > rules.max_total_notional:
             return Refused(
                 Outcome.REJECTED,
-                "risk_limit_total",
+                Reason.RISK_LIMIT_TOTAL,
                 f"total notional would exceed {amount(rules.max_total_notional)}",
                 rules.max_total_notional,
                 total,

@@ -17,6 +17,7 @@ from enum import StrEnum
 from typing import TypeVar
 
 from engine.domain.model import ZERO, amount
+from engine.domain.reasons import Reason
 
 _T = TypeVar("_T")
 
@@ -205,7 +206,7 @@ class RiskBook:
         if self.halts:
             halt = self.halted(strategy_id, symbol, now)
             if halt is not None:
-                code = "halted" if halt.cause is HaltCause.OPERATOR else "daily_loss_limit"
+                code = Reason.HALTED if halt.cause is HaltCause.OPERATOR else Reason.DAILY_LOSS_LIMIT
                 return Breach(code, f"{halt.scope} is halted: {halt.reason}")
         limits = self.limits.of(strategy_id)
         for who, limit in ((strategy_id, limits.daily_loss), (None, self.limits.account_daily_loss)):
@@ -214,14 +215,14 @@ class RiskBook:
                 if lost >= limit:
                     whose = f"strategy {who}" if who else "the account"
                     return Breach(
-                        "daily_loss_limit",
+                        Reason.DAILY_LOSS_LIMIT,
                         f"{whose} lost {amount(lost)} today (PnL, fees and funding since 00:00 UTC); "
                         f"the limit is {amount(limit)}",
                         limit,
                         lost,
                     )
         if limits.symbols is not None and symbol not in limits.symbols:
-            return Breach("symbol_not_allowed", f"strategy {strategy_id} may not trade {symbol}")
+            return Breach(Reason.SYMBOL_NOT_ALLOWED, f"strategy {strategy_id} may not trade {symbol}")
         return None
 
     def refuse_size(
@@ -233,7 +234,7 @@ class RiskBook:
         limits = self.limits.of(strategy_id)
         if limits.max_notional is not None and open_notional + added > limits.max_notional:
             return Breach(
-                "risk_limit_strategy",
+                Reason.RISK_LIMIT_STRATEGY,
                 f"strategy {strategy_id} notional would be {amount(open_notional + added)}, above "
                 f"its limit {amount(limits.max_notional)}",
                 limits.max_notional,
@@ -241,7 +242,7 @@ class RiskBook:
             )
         if limits.max_positions is not None and open_positions + 1 > limits.max_positions:
             return Breach(
-                "risk_limit_positions",
+                Reason.RISK_LIMIT_POSITIONS,
                 f"strategy {strategy_id} has {open_positions} open positions; its limit is {limits.max_positions}",
                 Decimal(limits.max_positions),
                 Decimal(open_positions + 1),
@@ -250,7 +251,7 @@ class RiskBook:
             bucket = self._bucket(strategy_id, limits.orders_per_minute, now)
             if bucket.tokens < 1:
                 return Breach(
-                    "rate_limited",
+                    Reason.RATE_LIMITED,
                     f"strategy {strategy_id} opened {limits.orders_per_minute} positions in the last "
                     f"minute; its limit is {limits.orders_per_minute} a minute",
                     Decimal(limits.orders_per_minute),

@@ -26,6 +26,7 @@ from pydantic import (
 )
 
 from engine.domain.model import Action, PositionSide, SignalId, StrategyId, decimal_text, load_json_exact
+from engine.domain.reasons import DeadLetter
 
 TOKEN_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 _TOKEN = re.compile(TOKEN_PATTERN)
@@ -318,36 +319,39 @@ def parse_signal(
     """Never raises: anything that is not a valid signal comes back as a MalformedSignal.
     `sized_by_default`: buy/sell without any size are valid (the worker has DEFAULT_NOTIONAL)."""
     if len(data) > max_bytes:
-        return MalformedSignal("oversize", (f"payload is {len(data)} bytes; limit {max_bytes}",))
+        return MalformedSignal(DeadLetter.OVERSIZE, (f"payload is {len(data)} bytes; limit {max_bytes}",))
     tokens = subject_tokens(subject)
     if tokens is None:
         return MalformedSignal(
-            "bad_subject", (f"subject {safe_text(subject, 300)!r} is not signals.<strategy_id>.<symbol>",)
+            DeadLetter.BAD_SUBJECT,
+            (f"subject {safe_text(subject, 300)!r} is not signals.<strategy_id>.<symbol>",),
         )
     if json_too_deep(data):
         return MalformedSignal(
-            "too_deep", (f"payload: arrays/objects nest deeper than {MAX_JSON_DEPTH} levels",)
+            DeadLetter.TOO_DEEP, (f"payload: arrays/objects nest deeper than {MAX_JSON_DEPTH} levels",)
         )
     try:
         payload = load_json_exact(data)
     except (ValueError, RecursionError) as exc:
-        return MalformedSignal("bad_json", (f"payload: not valid JSON ({safe_text(str(exc), 300)})",))
+        return MalformedSignal(
+            DeadLetter.BAD_JSON, (f"payload: not valid JSON ({safe_text(str(exc), 300)})",)
+        )
     if not isinstance(payload, dict):
-        return MalformedSignal("bad_json", ("payload: must be a JSON object",))
+        return MalformedSignal(DeadLetter.BAD_JSON, ("payload: must be a JSON object",))
     if b"\\u" in data:
         problem = text_problem(payload)
         if problem:
-            return MalformedSignal("bad_text", (problem,))
+            return MalformedSignal(DeadLetter.BAD_TEXT, (problem,))
     if _LONG_EXPONENT.search(data):
         problem = number_problem(payload)
         if problem:
-            return MalformedSignal("bad_json", (problem,))
+            return MalformedSignal(DeadLetter.BAD_JSON, (problem,))
     raw_id = payload.get("signal_id")
     try:
         signal = Signal.model_validate(payload)
     except ValidationError as exc:
         return MalformedSignal(
-            "invalid_field",
+            DeadLetter.INVALID_FIELD,
             _format_errors(exc),
             strategy_id=_text_or_none(payload.get("strategy_id")),
             symbol=_text_or_none(payload.get("symbol")),
@@ -355,11 +359,11 @@ def parse_signal(
         )
     except Exception as exc:  # a validator tripped over a value no rule foresaw
         return MalformedSignal(
-            "invalid_field", (f"payload: {type(exc).__name__}: {safe_text(str(exc), 300)}",)
+            DeadLetter.INVALID_FIELD, (f"payload: {type(exc).__name__}: {safe_text(str(exc), 300)}",)
         )
     if signal.opening_side is not None and not signal.sized and not sized_by_default:
         return MalformedSignal(
-            "invalid_field",
+            DeadLetter.INVALID_FIELD,
             (
                 f"payload: {signal.action.value} needs quantity, quote_quantity or position_size_pct"
                 " (or DEFAULT_NOTIONAL set on the worker)",
@@ -376,7 +380,7 @@ def parse_signal(
             # A strategy_id not its subject's is one strategy speaking for another: NATS
             # permissions bind a strategy's credentials to its own subjects, not its payloads.
             return MalformedSignal(
-                "identity_mismatch" if field_name == "strategy_id" else "subject_mismatch",
+                DeadLetter.IDENTITY_MISMATCH if field_name == "strategy_id" else DeadLetter.SUBJECT_MISMATCH,
                 (f"{field_name}: {in_payload!r} does not match subject token {in_subject!r}",),
                 strategy_id=signal.strategy_id,
                 symbol=signal.symbol,
