@@ -64,6 +64,7 @@ from engine.domain.orders import (
     order_parts,
     part_client_id,
 )
+from engine.domain.pnl import taker_fee
 from engine.domain.reasons import Reason
 from engine.domain.reconcile import VenueOrder, VenuePosition
 from engine.domain.stops import STOP_CLIENT_ID_PREFIX, StopSpec, VenueStop
@@ -714,7 +715,7 @@ class CcxtGateway:
         )
         fee = await self._fee_of(trades, unified, symbol) if trades else None
         if fee is None:
-            fee = filled * average * await self.taker_rate(symbol)
+            fee = taker_fee(filled, average, await self.taker_rate(symbol))
         return Fill(
             client_order_id=ClientOrderId(_client_id(order)),
             exchange_order_id=order_id,
@@ -771,7 +772,7 @@ class CcxtGateway:
                     position_side=_position_side(info),
                     quantity=filled,
                     average_price=average,
-                    fee=charged if charged is not None else filled * average * rate,
+                    fee=charged if charged is not None else taker_fee(filled, average, rate),
                     liquidation=client_id.startswith(("autoclose", "adl_autoclose"))
                     or info.get("origType") == "LIQUIDATION",
                     at=datetime.fromtimestamp((row.get("timestamp") or 0) / 1000, UTC),

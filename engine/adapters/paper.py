@@ -25,6 +25,7 @@ from engine.domain.model import (
     PositionSide,
 )
 from engine.domain.orders import Fill, OrderIntent
+from engine.domain.pnl import taker_fee
 from engine.domain.reasons import Reason
 from engine.domain.reconcile import VenueOrder, VenuePosition
 from engine.domain.stops import StopSpec, VenueStop
@@ -108,7 +109,7 @@ class PaperExchange:
             return
         signed = -quantity * side.sign
         self._move(pos, signed if self.mode is PositionMode.ONE_WAY else -quantity, signed, price)
-        fee = quantity * price * self.taker_fee
+        fee = taker_fee(quantity, price, self.taker_fee)
         self.fees_paid += fee
         self.stop_fills.append(
             VenueOrder(
@@ -226,7 +227,7 @@ class PaperExchange:
             self._trade_hedge(intent, signed, price)
         else:
             self._trade_one_way(intent, signed, price)
-        fee = intent.quantity * price * self.taker_fee
+        fee = taker_fee(intent.quantity, price, self.taker_fee)
         self.fees_paid += fee
         fill = Fill(
             client_order_id=intent.client_order_id,
