@@ -110,6 +110,7 @@ class Settings(BaseSettings):
     nats_tls_cert: str | None = None
     nats_tls_key: str | None = None
     nats_connect_timeout: Annotated[float, Field(gt=0, le=300)] = 5.0
+    stream_replicas: Annotated[int, Field(ge=1, le=5)] = 1
     events_signing_key: SecretStr | None = None
     events_signing_key_file: str | None = None
     mysql_url: str | None = None

@@ -26,8 +26,8 @@ class LastPrices:
         self._written_at: dict[str, float] = {}
 
     @classmethod
-    async def open(cls, js: JetStreamContext, max_age_days: float = 7.0) -> LastPrices:
-        return cls(await open_bucket(js, PRICES_BUCKET, max_age_days * 86_400.0))
+    async def open(cls, js: JetStreamContext, max_age_days: float = 7.0, replicas: int = 1) -> LastPrices:
+        return cls(await open_bucket(js, PRICES_BUCKET, max_age_days * 86_400.0, replicas))
 
     def due(self, symbol: str, now: float) -> bool:
         """Whether this symbol's price should be written now (and, if so, mark it written)."""

@@ -121,14 +121,15 @@ class LeaseTaken(RuntimeError):
     """The lease is held by a live process and this one was told not to wait."""
 
 
-async def open_bucket(js: JetStreamContext, name: str, ttl: float | None) -> KeyValue:
-    """The KV bucket `name`, created (with entries expiring after `ttl` seconds) if missing."""
+async def open_bucket(js: JetStreamContext, name: str, ttl: float | None, replicas: int = 1) -> KeyValue:
+    """The KV bucket `name`, created (with entries expiring after `ttl` seconds, on `replicas`
+    servers of a cluster) if missing."""
     try:
         return await js.key_value(name)
     except (NotFoundError, Exception):
         with contextlib.suppress(Exception):  # another process may have created it meanwhile
             return await js.create_key_value(
-                KeyValueConfig(bucket=name, history=1, ttl=ttl, storage=StorageType.FILE)
+                KeyValueConfig(bucket=name, history=1, ttl=ttl, storage=StorageType.FILE, replicas=replicas)
             )
         return await js.key_value(name)
 
@@ -136,8 +137,8 @@ async def open_bucket(js: JetStreamContext, name: str, ttl: float | None) -> Key
 class Lease:
     """The lease on one name (a durable), held by this process while it renews it."""
 
-    def __init__(self, js: JetStreamContext, name: str, seconds: float) -> None:
-        self.js, self.name, self.seconds = js, name, seconds
+    def __init__(self, js: JetStreamContext, name: str, seconds: float, replicas: int = 1) -> None:
+        self.js, self.name, self.seconds, self.replicas = js, name, seconds, replicas
         self.holder = Holder.this_process()
         self.revision: int | None = None
         self._kv: KeyValue | None = None
@@ -164,7 +165,7 @@ class Lease:
         LeaseTaken). False if `stopping` was set before the lease came free."""
         # A holder that stopped renewing is gone from the bucket after its TTL, which whoever
         # created the bucket chose: renew (and trust the lease) by the shorter of the two.
-        self._kv = await open_bucket(self.js, LEASE_BUCKET, self.seconds)
+        self._kv = await open_bucket(self.js, LEASE_BUCKET, self.seconds, self.replicas)
         with contextlib.suppress(Exception):
             ttl = (await self._kv.status()).ttl
             if ttl and ttl < self.seconds:
@@ -286,10 +287,10 @@ class StartCount:
     starts: int
 
 
-async def count_start(js: JetStreamContext, durable: str, floor: int) -> int:
+async def count_start(js: JetStreamContext, durable: str, floor: int, replicas: int = 1) -> int:
     """How many starts in a row found `durable` at this ack floor with messages in flight
     (this one included)."""
-    kv = await open_bucket(js, STARTS_BUCKET, STARTS_KEEP)
+    kv = await open_bucket(js, STARTS_BUCKET, STARTS_KEEP, replicas)
     starts = 1
     with contextlib.suppress(KeyNotFoundError):
         last = _decode_start((await kv.get(durable)).value)
@@ -299,11 +300,13 @@ async def count_start(js: JetStreamContext, durable: str, floor: int) -> int:
     return starts
 
 
-async def carry_start_count(js: JetStreamContext, durable: str, floor: int, starts: int) -> None:
+async def carry_start_count(
+    js: JetStreamContext, durable: str, floor: int, starts: int, replicas: int = 1
+) -> None:
     """Record `starts` at `floor`. A careful start moves the count along with the ack floor
     past a message that did not kill it, so the next start that dies on the next message adds
     to it."""
-    await _write_start(await open_bucket(js, STARTS_BUCKET, STARTS_KEEP), durable, floor, starts)
+    await _write_start(await open_bucket(js, STARTS_BUCKET, STARTS_KEEP, replicas), durable, floor, starts)
 
 
 async def _write_start(kv: KeyValue, durable: str, floor: int, starts: int) -> None:

@@ -70,6 +70,7 @@ class NatsBus:
         self.on_reconnect: list[Callable[[], None]] = []  # e.g. reconcile: we may have missed things
         self._acks: AckCollector | None = None
         self.signer: EventSigner | None = None  # signs what this bus stores in EVENTS
+        self.replicas = 1  # of the streams and KV buckets this bus creates (STREAM_REPLICAS)
 
     @classmethod
     async def connect(
@@ -98,7 +99,7 @@ class NatsBus:
 
         connecting = asyncio.ensure_future(
             nats.connect(
-                url,
+                [one.strip() for one in url.split(",") if one.strip()],  # a cluster: any of them
                 name=name,
                 max_reconnect_attempts=-1,
                 reconnect_time_wait=0.5,
@@ -138,6 +139,7 @@ class NatsBus:
                 name=SIGNALS_STREAM,
                 subjects=SIGNAL_SUBJECTS,
                 storage=StorageType.FILE,
+                num_replicas=self.replicas,
                 duplicate_window=300.0,
                 max_age=30 * DAY,
             ),
@@ -145,6 +147,7 @@ class NatsBus:
                 name=EVENTS_STREAM,
                 subjects=EVENT_SUBJECTS,
                 storage=StorageType.FILE,
+                num_replicas=self.replicas,
                 duplicate_window=900.0,
             ),
             # Halt, resume and flatten wait here for the worker, even while none runs.
@@ -152,6 +155,7 @@ class NatsBus:
                 name=CONTROL_STREAM,
                 subjects=CONTROL_SUBJECTS,
                 storage=StorageType.FILE,
+                num_replicas=self.replicas,
                 duplicate_window=300.0,
                 max_age=7 * DAY,
             ),
@@ -163,10 +167,11 @@ class NatsBus:
             except NotFoundError:
                 await self.js.add_stream(config)
                 continue
-            if (current.subjects, current.duplicate_window, current.max_age) != (
+            if (current.subjects, current.duplicate_window, current.max_age, current.num_replicas or 1) != (
                 config.subjects,
                 config.duplicate_window,
                 config.max_age or current.max_age,
+                config.num_replicas,
             ):
                 await self.js.update_stream(config)
 

@@ -115,7 +115,7 @@ class Prices:
         reference for pre-trade checks at once (a stale one is replaced by the venue's mark);
         never a trigger for TP/SL, which wait for a new tick."""
         try:
-            self.price_store = await LastPrices.open(self.rt.bus.js)
+            self.price_store = await LastPrices.open(self.rt.bus.js, replicas=self.rt.bus.replicas)
             stored = await self.price_store.read_all()
         except Exception as exc:
             log.warning("prices.restore_failed", error=repr(exc)[:300])

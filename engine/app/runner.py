@@ -139,6 +139,7 @@ async def run_roles(settings: Settings, roles: frozenset[str]) -> None:
             cleanups.append(gateway.close)
         bus = await NatsBus.connect(url, "tradeengine", settings.nats_connect_timeout, settings.nats_auth())
         bus.signer = settings.event_signer()
+        bus.replicas = settings.stream_replicas
         cleanups.append(bus.close)
         if gateway is not None:
             from engine.app.worker import Worker

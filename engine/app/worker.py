@@ -182,7 +182,9 @@ class Worker:
         run until stopped; a lost lease stops the worker before it stores or places anything
         more."""
         await self.bus.ensure_streams()
-        lease = Lease(self.bus.js, self.settings.worker_durable, self.settings.worker_lease_seconds)
+        lease = Lease(
+            self.bus.js, self.settings.worker_durable, self.settings.worker_lease_seconds, self.bus.replicas
+        )
         if not await lease.acquire(self.settings.worker_standby, self.stopping, self._on_standby):
             return
         self.lease = lease
@@ -339,7 +341,9 @@ class Worker:
         sequence = jetstream_sequences(msg)[0]
         if suspects.starts is None:
             try:
-                starts = await count_start(self.bus.js, self.settings.worker_durable, suspects.floor)
+                starts = await count_start(
+                    self.bus.js, self.settings.worker_durable, suspects.floor, self.bus.replicas
+                )
             except Exception as exc:  # the breaker is a safety net: never a reason to stop
                 log.warning("worker.start_count_failed", error=repr(exc))
                 starts = 1
@@ -370,7 +374,9 @@ class Worker:
         if sequence >= suspects.until:
             return None, []
         with contextlib.suppress(Exception):  # a safety net: never a reason to stop
-            await carry_start_count(self.bus.js, self.settings.worker_durable, sequence, suspects.starts or 1)
+            await carry_start_count(
+                self.bus.js, self.settings.worker_durable, sequence, suspects.starts or 1, self.bus.replicas
+            )
         return dataclasses.replace(suspects, first=False), []
 
     async def checks(self) -> dict[str, bool]:

@@ -92,8 +92,10 @@ class Pipeline:
         self.attribution_bus: NatsBus | None = None
 
     async def __aenter__(self) -> Pipeline:
-        self.client = await nats.connect(self.settings.nats_url)
+        assert self.settings.nats_url
+        self.client = await nats.connect(self.settings.nats_url.split(","))
         bootstrap = NatsBus(self.client)
+        bootstrap.replicas = self.settings.stream_replicas
         await bootstrap.ensure_streams()
         # One ordered consumer over the whole stream: events arrive in stream order, so a test
         # that has seen a decision has seen the positions stored before it.
@@ -122,6 +124,7 @@ class Pipeline:
         assert self.settings.nats_url
         self.worker_bus = await NatsBus.connect(self.settings.nats_url, "test-worker")
         self.worker_bus.signer = self.settings.event_signer()
+        self.worker_bus.replicas = self.settings.stream_replicas
         self.gateway = gateway = build_gateway(self.settings)
         self.worker = Worker(self.settings, self.worker_bus, gateway)
         self.worker_task = asyncio.create_task(self.worker.run())
@@ -143,6 +146,7 @@ class Pipeline:
         assert self.settings.nats_url and self.settings.mysql_url
         self.attribution_bus = await NatsBus.connect(self.settings.nats_url, "test-attribution")
         self.attribution_bus.signer = self.settings.event_signer()
+        self.attribution_bus.replicas = self.settings.stream_replicas
         self.store = await MysqlStore.open(
             MysqlTarget.parse(self.settings.mysql_url),
             connect_timeout=self.settings.mysql_connect_timeout,

@@ -49,7 +49,11 @@ def test_deployments_are_locked_down_and_probed() -> None:
 
 
 def test_configmap_carries_the_design_variables() -> None:
-    (config,) = [doc for _, doc in manifests() if doc["kind"] == "ConfigMap"]
+    (config,) = [
+        doc
+        for _, doc in manifests()
+        if doc["kind"] == "ConfigMap" and doc["metadata"]["name"] == "tradeengine"
+    ]  # type: ignore[index]
     data = config["data"]  # type: ignore[index]
     for name in ("POSITION_MODE", "POSITION_MODE_AWARE_CONFLICTS", "SAME_DIRECTION_CONFLICT_RESOLUTION",
                  "NATS_URL", "EXCHANGE", "HTTP_PORT", "LOG_FORMAT"):  # fmt: skip
@@ -83,3 +87,19 @@ def test_compose_and_dashboards_are_well_formed() -> None:
         "tradeengine / Hedge Mode",
         "tradeengine / Multi-Strategy",
     } <= titles
+
+
+def test_the_cluster_files_replicate_three_times() -> None:
+    compose = yaml.safe_load((DEPLOY / "compose.cluster.yaml").read_text())
+    nodes = [name for name in compose["services"] if name.startswith("nats")]
+    assert len(nodes) == 3
+    for name in nodes:
+        routes = compose["services"][name]["command"][-1].split(",")
+        assert sorted(r.split("//")[1].split(":")[0] for r in routes) == sorted(set(nodes) - {name})
+    for role in ("worker", "attribution"):
+        assert compose["services"][role]["environment"]["STREAM_REPLICAS"] == "3"
+    (stateful,) = [doc for _, doc in manifests() if doc["kind"] == "StatefulSet"]
+    assert stateful["spec"]["replicas"] == 3  # type: ignore[index]
+    streams = [doc for _, doc in manifests() if doc["kind"] == "Stream"]
+    assert {s["spec"]["name"] for s in streams} == {"SIGNALS", "EVENTS", "CONTROL"}  # type: ignore[index]
+    assert all(s["spec"]["replicas"] == 3 for s in streams)  # type: ignore[index]
