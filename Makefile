@@ -21,8 +21,9 @@ lock: $(STAMP)
 	$(BIN)/uv pip compile --quiet --generate-hashes --extra dev --python-version 3.11 -o requirements-dev.lock pyproject.toml
 	$(BIN)/uv pip compile --quiet --generate-hashes --python-version 3.11 -o requirements-build.lock requirements-build.in
 
+# /metrics, /healthz and /readyz on 127.0.0.1:8080 unless HTTP_PORT says otherwise.
 run: $(STAMP)
-	$(BIN)/tradeengine run
+	HTTP_PORT=$${HTTP_PORT:-8080} $(BIN)/tradeengine run
 
 lint: $(STAMP)
 	$(BIN)/ruff check engine tests bench

@@ -12,6 +12,7 @@ from typing import Any
 
 import uvloop
 
+import engine
 from engine.config import ConfigError, Settings, load_settings
 from engine.logs import configure_logging
 
@@ -21,13 +22,20 @@ ROLES = {"worker": frozenset({"worker"}), "attribution": frozenset({"attribution
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tradeengine", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"tradeengine {engine.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("worker", help="consume signals, execute, publish events")
     sub.add_parser("attribution", help="persist events into MySQL")
     sub.add_parser("run", help="all roles in one process (starts a bundled NATS when NATS_URL is unset)")
     sub.add_parser("migrate", help="create the database and apply migrations/")
 
-    pub = sub.add_parser("publish", help="publish a signal")
+    pub = sub.add_parser(
+        "publish",
+        help="publish a signal and wait for its decision",
+        description="Exit codes: 0 accepted (or ignored), 3 rejected, 4 dead-lettered, 5 duplicate, "
+        "6 no decision within --timeout; 1 NATS unreachable, 2 bad arguments or settings. "
+        "Reads NATS_URL and the NATS_* credentials. confidence defaults to 1.0 (MIN_CONFIDENCE is 0.6).",
+    )
     pub.add_argument("strategy_id")
     pub.add_argument("symbol")
     pub.add_argument("action", choices=["buy", "sell", "close", "hold"])
@@ -42,6 +50,10 @@ def _parser() -> argparse.ArgumentParser:
     pub.add_argument("--position-side", choices=["LONG", "SHORT"])
     pub.add_argument("--signal-id")
     pub.add_argument("--raw", help="publish this JSON payload as it is")
+    pub.add_argument(
+        "--timeout", type=float, default=5.0, help="seconds to wait for the decision (default 5)"
+    )
+    pub.add_argument("--no-wait", action="store_true", help="exit once JetStream has stored the signal")
 
     price = sub.add_parser("price", help="publish a price tick on prices.<symbol>")
     price.add_argument("symbol")
@@ -125,7 +137,7 @@ async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "migrate":
         return await commands.migrate(settings)
     if args.command == "publish":
-        return await commands.publish(settings, _signal_payload(args))
+        return await commands.publish(settings, _signal_payload(args), args.timeout, args.no_wait)
     if args.command == "price":
         return await commands.publish_price(settings, args.symbol, args.price)
     if args.command == "tail":

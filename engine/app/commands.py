@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import nats.errors
+import nats.js.errors
 from nats.js.api import DeliverPolicy
 from nats.js.errors import NotFoundError
 from rich.console import Console
@@ -63,7 +64,17 @@ async def connect_client(settings: Settings, name: str) -> NatsBus:
     )
 
 
-async def publish(settings: Settings, payload: dict[str, Any], wait: float = 5.0) -> int:
+# `tradeengine publish` exit codes: scripts can tell what became of the signal.
+EXIT_ACCEPTED = 0  # accepted, or ignored (hold, nothing to close)
+EXIT_REJECTED = 3
+EXIT_DEAD_LETTER = 4
+EXIT_DUPLICATE = 5  # the same signal id within the stream's 5-minute window, or decided before
+EXIT_NO_ANSWER = 6  # no decision within --timeout: is a worker running?
+
+
+async def publish(
+    settings: Settings, payload: dict[str, Any], wait: float = 5.0, no_wait: bool = False
+) -> int:
     payload.setdefault("signal_id", str(uuid.uuid4()))
     subject = f"signals.{payload.get('strategy_id')}.{payload.get('symbol')}"
     bus = await connect_client(settings, "tradeengine-publish")
@@ -84,21 +95,36 @@ async def publish(settings: Settings, payload: dict[str, Any], wait: float = 5.0
         msg_id = signal_msg_id(str(payload.get("strategy_id")), str(payload["signal_id"]))
         try:
             fresh = await bus.publish_signal(subject, body, msg_id)
-        except nats.errors.NoRespondersError:
+        except (nats.errors.NoRespondersError, nats.js.errors.NoStreamResponseError):
             # No SIGNALS stream yet (a fresh server): create the streams as a worker would. A
             # strategy's own credentials need no stream rights while the stream exists.
             await bus.ensure_streams()
             fresh = await bus.publish_signal(subject, body, msg_id)
-        console.print(f"published {payload['signal_id']} to {subject}" + ("" if fresh else " (duplicate)"))
+        if not fresh:
+            console.print(
+                f"duplicate: {payload['signal_id']} was published to {subject} within the last 5 minutes;"
+                " JetStream kept the first, which is decided once"
+            )
+            return EXIT_DUPLICATE
+        console.print(f"published {payload['signal_id']} to {subject}")
+        if no_wait:
+            return EXIT_ACCEPTED
         try:
-            console.print(describe(await asyncio.wait_for(verdict, timeout=wait)))
+            event = await asyncio.wait_for(verdict, timeout=wait)
         except TimeoutError:
-            console.print(f"no decision within {wait:.0f}s: is a worker running?")
-        for sub in subs:
-            await sub.unsubscribe()
+            console.print(f"no decision within {wait:g}s: is a worker running? (--timeout)")
+            return EXIT_NO_ANSWER
+        finally:
+            for sub in subs:
+                await sub.unsubscribe()
+        console.print(describe(event))
+        if isinstance(event, SignalDead):
+            return EXIT_DEAD_LETTER
+        return {"rejected": EXIT_REJECTED, "duplicate": EXIT_DUPLICATE}.get(
+            event.outcome.value, EXIT_ACCEPTED
+        )
     finally:
         await bus.close()
-    return 0
 
 
 async def publish_price(settings: Settings, symbol: str, price: str) -> int:
@@ -150,7 +176,7 @@ async def control(
         sub = await bus.nc.subscribe(f"risk.{command}", cb=on_event)
         try:
             await bus.js.publish(f"control.{command}", body, headers={MSG_ID: payload["command_id"]})
-        except nats.errors.NoRespondersError:
+        except (nats.errors.NoRespondersError, nats.js.errors.NoStreamResponseError):
             print("tradeengine: no CONTROL stream yet: a worker creates it when it starts", file=sys.stderr)
             return 1
         console.print(f"sent {command} for {problem.scope} ({payload['command_id']})")

@@ -172,8 +172,14 @@ async def run_roles(settings: Settings, roles: frozenset[str]) -> None:
                     found |= role.details()
                 return found
 
-            runner = await start_http(settings.http_host, settings.http_port, readiness, details)
-            cleanups.append(runner.cleanup)
+            where = f"http://{settings.http_host}:{settings.http_port}"
+            try:
+                runner = await start_http(settings.http_host, settings.http_port, readiness, details)
+            except OSError as exc:  # the port is taken: the roles run on, without their probes
+                log.error("http.unavailable", address=where, error=str(exc), fix="set HTTP_PORT")
+            else:
+                cleanups.append(runner.cleanup)
+                log.info("http.listening", metrics=f"{where}/metrics", readyz=f"{where}/readyz")
         await _run_until_signalled(running)
     finally:
         for cleanup in reversed(cleanups):

@@ -11,6 +11,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -59,8 +60,9 @@ def readyz(port: int) -> int:
         return 0
 
 
-def cli(env: dict[str, str], *args: str) -> str:
-    out = subprocess.run([*CLI, *args], env=env, capture_output=True, timeout=60, check=True)
+def cli(env: dict[str, str], *args: str, code: int = 0) -> str:
+    out = subprocess.run([*CLI, *args], env=env, capture_output=True, timeout=60)
+    assert out.returncode == code, (out.returncode, out.stdout, out.stderr)
     return out.stdout.decode()
 
 
@@ -86,8 +88,14 @@ def test_run_publish_tp_hit_and_clean_shutdown(
         "buy",
         "--raw",
         '{"strategy_id":"x","symbol":"ETHUSDT","action":"buy"}',
+        code=4,  # dead-lettered
     )
     assert "DEAD" in out and "quote_quantity or position_size_pct" in out, out
+    out = cli(env, "publish", "x", "ETHUSDT", "buy", "--quantity", "0.1", "--confidence", "0.1", code=3)
+    assert "low_confidence" in out, out
+    again = ("publish", "y", "ETHUSDT", "hold", "--signal-id", "same-id-1")
+    cli(env, *again)  # ignored: exit 0
+    assert "duplicate" in cli(env, *again, code=5)
     cli(env, "price", "ETHUSDT", "3150")
 
     def tp_counted() -> bool:
@@ -146,3 +154,10 @@ def test_careless_input_gets_one_line_and_exit_code_2(
     err = result.stderr.decode()
     assert result.returncode == 2, (result.returncode, err)
     assert says in err and "Traceback" not in err, err
+
+
+def test_publish_says_when_nobody_answers(nats_server: Any) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NATS_")} | {"NATS_URL": nats_server.url}
+    out = cli(env, "publish", "s1", "BTCUSDT", "buy", "--quantity", "0.01", "--timeout", "1", code=6)
+    assert "no decision within 1s" in out
+    assert "published" in cli(env, "publish", "s1", "BTCUSDT", "buy", "--quantity", "0.01", "--no-wait")
