@@ -84,7 +84,15 @@ def _parser() -> argparse.ArgumentParser:
         ctl.add_argument(
             "--wait", type=float, default=15.0, help="seconds to wait for the worker (default 15)"
         )
-    sub.add_parser("status", help="what is halted")
+    status = sub.add_parser("status", help="what is halted, the streams, the roles' consumer lag")
+    status.add_argument("--json", action="store_true", help="one JSON document, for scripts")
+    pos = sub.add_parser(
+        "positions",
+        help="open positions per key with their strategy slices, at the last price (from NATS alone)",
+    )
+    pos.add_argument("--strategy")
+    pos.add_argument("--symbol")
+    pos.add_argument("--json", action="store_true", help="one JSON document, for scripts")
 
     emu = sub.add_parser("emulator", help="serve the Binance USD-M emulator on 127.0.0.1 (tests, rehearsals)")
     emu.add_argument("--port", type=int, default=8099)
@@ -147,7 +155,9 @@ async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
             settings, args.command, args.strategy, args.symbol, args.reason, args.wait
         )
     if args.command == "status":
-        return await commands.status(settings)
+        return await commands.status(settings, args.json)
+    if args.command == "positions":
+        return await commands.positions(settings, args.strategy, args.symbol, args.json)
     if args.command == "report":
         from engine.app.report import ReportFilter
 

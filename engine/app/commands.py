@@ -8,7 +8,9 @@ import json
 import socket
 import sys
 import uuid
+from dataclasses import asdict
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ from rich.console import Console
 
 from engine.adapters.mysql_store import MysqlStore
 from engine.adapters.nats_bus import EVENT_SUBJECTS, EVENTS_STREAM, MSG_ID, NatsBus, signal_msg_id
+from engine.app import desk
 from engine.app.report import ReportFilter, gather, render_html, render_terminal
 from engine.app.runner import client_nats_url, mysql_target
 from engine.config import Settings
@@ -39,6 +42,7 @@ from engine.domain.events import (
     decode_event,
     parse_tick,
 )
+from engine.domain.model import amount
 from engine.domain.risk import Scope
 
 console = Console(highlight=False)
@@ -197,8 +201,9 @@ async def control(
         await bus.close()
 
 
-async def status(settings: Settings) -> int:
-    """What is halted, from the last control event the worker stored."""
+async def status(settings: Settings, as_json: bool = False) -> int:
+    """What is halted (from the last control event the worker stored), the streams and the
+    roles' consumer lag."""
     bus = await connect_client(settings, "tradeengine-status")
     try:
         latest: tuple[int, ControlApplied] | None = None
@@ -212,12 +217,79 @@ async def status(settings: Settings) -> int:
             if isinstance(event, ControlApplied):  # a refused command's event lists the halts too
                 if latest is None or seq > latest[0]:
                     latest = (seq, event)
+        lag = await desk.streams_view(
+            bus, {"worker": settings.worker_durable, "attribution": settings.attribution_durable}
+        )
     finally:
         await bus.close()
+    now = datetime.now(UTC)
+    halts = [h for h in latest[1].halted if h.until is None or h.until > now] if latest else []
+    if as_json:
+        print(desk.to_json({"halted": [asdict(h) for h in halts], **lag}))
+        return 0
     if latest is None:
         console.print("nothing is halted (no control command has been applied)")
+    else:
+        _print_halts(latest[1], now)
+    for name, stream in lag["streams"].items():
+        console.print(
+            f"stream {name}: "
+            + (f"{stream['messages']} messages, {stream['bytes']} bytes" if stream else "missing")
+        )
+    for role, consumer in lag["consumers"].items():
+        console.print(
+            f"{role}: "
+            + (
+                f"{consumer['pending']} pending, {consumer['ack_pending']} being handled"
+                if consumer
+                else "no consumer"
+            )
+        )
+    return 0
+
+
+async def positions(settings: Settings, strategy: str | None, symbol: str | None, as_json: bool) -> int:
+    """Open exchange positions per key with their strategy slices, valued at the last price."""
+    bus = await connect_client(settings, "tradeengine-positions")
+    try:
+        state = await desk.fold_events(
+            bus, lambda n, total: print(f"  read {n:,} of {total:,} events", file=sys.stderr)
+        )
+        prices = await desk.last_prices(bus)
+    finally:
+        await bus.close()
+    view = desk.positions_view(state, prices, strategy, symbol)
+    if as_json:
+        print(desk.to_json(view))
         return 0
-    _print_halts(latest[1], datetime.now(UTC))
+    if not view["positions"]:
+        console.print("no open positions" + (" in this selection" if strategy or symbol else ""))
+        return 0
+    for key in view["positions"]:
+        last = "-" if key["last_price"] is None else amount(key["last_price"])
+        console.print(
+            f"[bold]{key['key']}[/] {amount(key['quantity'])} @ {amount(key['avg_entry_price'])}  last {last}"
+        )
+        for row in key["slices"]:
+            pnl = (
+                "-"
+                if row["unrealized_pnl"] is None
+                else amount(row["unrealized_pnl"].quantize(Decimal("0.01")))
+            )
+            levels = " ".join(
+                f"{name} {amount(row[field])}"
+                for name, field in (("tp", "take_profit"), ("sl", "stop_loss"))
+                if row[field]
+            )
+            console.print(
+                f"  {row['strategy_id']:<20} {amount(row['quantity']):>12} @ {amount(row['entry_price']):<12} "
+                f"uPnL {pnl:>10}  {levels}"
+            )
+    for strategy_id, figures in sorted(view["exposure"].items()):
+        console.print(
+            f"exposure {strategy_id}: notional {amount(figures['notional'].quantize(Decimal('0.01')))}, "
+            f"uPnL {amount(figures['unrealized_pnl'].quantize(Decimal('0.01')))}"
+        )
     return 0
 
 

@@ -15,7 +15,7 @@ from nats.aio.msg import Msg
 
 from engine import metrics
 from engine.adapters.gateway import OrderRejected, OrderUncertain
-from engine.adapters.last_prices import LastPrices
+from engine.adapters.last_prices import WRITE_EVERY, LastPrices
 from engine.app.orders import OrderDesk
 from engine.app.price_feed import PriceFeed
 from engine.app.runtime import Runtime
@@ -46,6 +46,7 @@ class Prices:
         self.ticks: defaultdict[str, deque[Decimal]] = defaultdict(deque)
         self.tick_runners: dict[str, asyncio.Task[None]] = {}
         self.background: set[asyncio.Task[Any]] = set()
+        self.trailing_writes: set[str] = set()  # symbols with a write of their last price pending
 
     async def on_price_message(self, msg: Msg) -> None:
         """Queue the tick for its symbol: a symbol whose order waits on the venue must not hold
@@ -94,8 +95,24 @@ class Prices:
         self.last_prices[symbol] = price
         now = self.price_seen_at[symbol] = time.monotonic()
         self.rt.gateway.on_price(symbol, price)
-        if self.price_store is not None and self.price_store.due(symbol, now):
-            self.in_background(self.price_store.write(symbol, price, time.time()))
+        store = self.price_store
+        if store is None:
+            return
+        if store.due(symbol, now):
+            self.in_background(store.write(symbol, price, time.time()))
+        elif symbol not in self.trailing_writes:
+            # Written at most every WRITE_EVERY seconds, and the last price of a burst too: the
+            # desk view and a restart see where a quiet market stopped.
+            self.trailing_writes.add(symbol)
+            self.in_background(self._write_later(store, symbol))
+
+    async def _write_later(self, store: LastPrices, symbol: str) -> None:
+        try:
+            await asyncio.sleep(WRITE_EVERY)
+        finally:
+            self.trailing_writes.discard(symbol)
+        if store.due(symbol, time.monotonic()):
+            await store.write(symbol, self.last_prices[symbol], time.time())
 
     def in_background(self, work: Coroutine[Any, Any, None]) -> None:
         """Work nobody waits for (a failure is logged, never raised)."""

@@ -302,7 +302,10 @@ class Worker:
             if self._price_sub is not None:
                 with contextlib.suppress(Exception):
                     await self._price_sub.unsubscribe()
-            runners = [t for t in self.prices.tick_runners.values() if not t.done()]
+            # Tick runners, and price writes waiting for their turn: nothing outlives the worker.
+            runners = [
+                t for t in (*self.prices.tick_runners.values(), *self.prices.background) if not t.done()
+            ]
             for runner in runners:
                 runner.cancel()
             await asyncio.gather(*runners, return_exceptions=True)

@@ -201,6 +201,15 @@ async def test_each_role_does_its_job_and_nothing_else(
         )  # fmt: skip
         out, err = await asyncio.wait_for(status.communicate(), 60)
         assert status.returncode == 0 and b"HALTED strategy strat-alpha" in out, (out + err).decode()
+        # The desk view under the ops user: positions folded from the events, priced from KV.
+        shown = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "engine.cli", "positions", "--json", env=_env(server, certs, "ops", "ops-pw"),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(shown.communicate(), 60)
+        assert shown.returncode == 0, (out + err).decode()
+        (key,) = json.loads(out)["positions"]
+        assert key["key"] == "BTCUSDT_LONG" and key["slices"][0]["strategy_id"] == "strat-alpha"
     finally:
         await analyst.close()
         await alpha.close()

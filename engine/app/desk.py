@@ -1,0 +1,134 @@
+"""The desk view (`tradeengine positions`, `tradeengine status`): what the engine holds, read
+from NATS alone, so it answers while a worker is down. Positions are the fold of the EVENTS
+stream by the worker's own state (`EngineState`), valued at the last prices the worker keeps
+(KV), with unrealized PnL before fees."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from decimal import Decimal
+from typing import Any
+
+from nats.js.api import DeliverPolicy
+
+from engine.adapters.last_prices import PRICES_BUCKET
+from engine.adapters.nats_bus import CONTROL_STREAM, EVENTS_STREAM, SIGNALS_STREAM, NatsBus
+from engine.domain.events import decode_event
+from engine.domain.model import amount
+from engine.domain.pnl import gross_pnl
+from engine.domain.state import EngineState
+
+
+async def fold_events(bus: NatsBus, progress: Callable[[int, int], None] | None = None) -> EngineState:
+    """Every stored event, folded as a restarting worker would (an ordered consumer: no durable
+    is left behind, and a reader's permissions suffice)."""
+    state = EngineState()
+    info = await bus.js.stream_info(EVENTS_STREAM)
+    last = info.state.last_seq
+    if not info.state.messages:
+        return state
+    done = asyncio.Event()
+    seen = 0
+
+    async def on_msg(msg: Any) -> None:
+        nonlocal seen
+        state.apply(decode_event(msg.data), replay=True)
+        seen += 1
+        if progress is not None and seen % 10_000 == 0:
+            progress(seen, info.state.messages)
+        if msg.metadata.sequence.stream >= last:
+            done.set()
+
+    sub = await bus.js.subscribe(
+        "", stream=EVENTS_STREAM, cb=on_msg, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
+    )
+    try:
+        await done.wait()
+    finally:
+        await sub.unsubscribe()
+    state.end_replay()
+    return state
+
+
+async def last_prices(bus: NatsBus) -> dict[str, tuple[Decimal, float]]:
+    """symbol -> (last price, its age in seconds), as the worker stored them; {} if unreadable."""
+    try:
+        kv = await bus.js.key_value(PRICES_BUCKET)
+        found: dict[str, tuple[Decimal, float]] = {}
+        for key in await kv.keys():
+            entry = await kv.get(key)
+            fields = json.loads(entry.value or b"")
+            found[key] = (Decimal(str(fields["price"])), max(time.time() - float(fields["at"]), 0.0))
+        return found
+    except Exception:
+        return {}
+
+
+def positions_view(
+    state: EngineState, prices: dict[str, tuple[Decimal, float]], strategy: str | None, symbol: str | None
+) -> dict[str, Any]:
+    """Exchange positions per key with their slices, and exposure per strategy."""
+    keys: list[dict[str, Any]] = []
+    exposure: dict[str, dict[str, Decimal]] = {}
+    for key, slices in state.book.by_key.items():
+        if symbol and key.symbol != symbol:
+            continue
+        shown = [sp for sp in slices.values() if not strategy or sp.strategy_id == strategy]
+        if not shown:
+            continue
+        ep = state.book.exchange[key]
+        last = prices.get(key.symbol)
+        rows = []
+        for sp in shown:
+            unrealized = gross_pnl(sp.side, sp.entry_price, last[0], sp.remaining) if last else None
+            rows.append({
+                "strategy_position_id": sp.id, "strategy_id": sp.strategy_id, "quantity": sp.remaining,
+                "entry_price": sp.entry_price, "take_profit": sp.take_profit, "stop_loss": sp.stop_loss,
+                "unrealized_pnl": unrealized, "opened_at": sp.opened_at.isoformat(),
+            })  # fmt: skip
+            own = exposure.setdefault(sp.strategy_id, {"notional": Decimal(0), "unrealized_pnl": Decimal(0)})
+            own["notional"] += sp.entry_price * sp.remaining
+            if unrealized is not None:
+                own["unrealized_pnl"] += unrealized
+        keys.append({
+            "key": str(key), "symbol": key.symbol, "side": key.side.value, "quantity": ep.quantity,
+            "avg_entry_price": ep.avg_entry_price, "last_price": last[0] if last else None,
+            "last_price_age_seconds": round(last[1], 1) if last else None, "slices": rows,
+        })  # fmt: skip
+    return {"positions": keys, "exposure": exposure}
+
+
+async def streams_view(bus: NatsBus, durables: dict[str, str]) -> dict[str, Any]:
+    """Each stream's size, and each role's consumer lag (role -> durable)."""
+    streams: dict[str, Any] = {}
+    for name in (SIGNALS_STREAM, EVENTS_STREAM, CONTROL_STREAM):
+        try:
+            info = await bus.js.stream_info(name)
+        except Exception:
+            streams[name] = None
+            continue
+        streams[name] = {
+            "messages": info.state.messages,
+            "bytes": info.state.bytes,
+            "last_seq": info.state.last_seq,
+        }
+    consumers: dict[str, Any] = {}
+    for role, (stream, durable) in {
+        "worker": (SIGNALS_STREAM, durables["worker"]),
+        "attribution": (EVENTS_STREAM, durables["attribution"]),
+    }.items():
+        try:
+            info = await bus.js.consumer_info(stream, durable)
+        except Exception:
+            consumers[role] = None
+            continue
+        consumers[role] = {"pending": info.num_pending, "ack_pending": info.num_ack_pending,
+                           "redelivered": info.num_redelivered}  # fmt: skip
+    return {"streams": streams, "consumers": consumers}
+
+
+def to_json(value: Any) -> str:
+    return json.dumps(value, default=lambda v: amount(v) if isinstance(v, Decimal) else str(v), indent=2)

@@ -1,0 +1,52 @@
+"""The desk view from NATS alone: `tradeengine positions` folds the events as a worker would and
+values the slices at the worker's last prices; `tradeengine status --json` adds the streams and
+the roles' lag to the halts."""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from tests.integration.harness import Pipeline, eventually_async
+from tests.integration.test_risk import cli
+
+pytestmark = pytest.mark.integration
+D = Decimal
+
+
+async def test_positions_and_status_as_a_desk_sees_them(pipeline: Pipeline) -> None:
+    url = pipeline.settings.nats_url
+    assert url
+    await pipeline.tick("BTCUSDT", "45000")
+    for strategy, qty in (("alpha", "0.01"), ("beta", "0.02")):
+        await pipeline.decision(
+            await pipeline.publish(
+                strategy, "BTCUSDT", "buy", quantity=qty, take_profit="50000", stop_loss="40000"
+            )
+        )
+    await pipeline.tick("BTCUSDT", "46000")
+
+    async def price_stored() -> bool:
+        shown = json.loads((await cli(url, "positions", "--json")).stdout)
+        return bool(shown["positions"]) and shown["positions"][0]["last_price"] == "46000"
+
+    await eventually_async(price_stored, timeout=20, what="the last price in KV")
+    shown: dict[str, Any] = json.loads((await cli(url, "positions", "--json")).stdout)
+    (key,) = shown["positions"]
+    assert (key["key"], key["quantity"], key["avg_entry_price"]) == ("BTCUSDT_LONG", "0.03", "45000")
+    assert [(s["strategy_id"], s["quantity"], s["unrealized_pnl"], s["take_profit"]) for s in key["slices"]] == [
+        ("alpha", "0.01", "10", "50000"), ("beta", "0.02", "20", "50000"),
+    ]  # fmt: skip
+    assert shown["exposure"]["beta"] == {"notional": "900", "unrealized_pnl": "20"}
+    only = json.loads((await cli(url, "positions", "--json", "--strategy", "alpha")).stdout)
+    assert [s["strategy_id"] for s in only["positions"][0]["slices"]] == ["alpha"]
+    text = (await cli(url, "positions")).stdout
+    assert "BTCUSDT_LONG" in text and "uPnL" in text
+
+    status = json.loads((await cli(url, "status", "--json")).stdout)
+    assert status["halted"] == []
+    assert status["streams"]["SIGNALS"]["messages"] == 2
+    assert status["consumers"]["worker"]["pending"] == 0
