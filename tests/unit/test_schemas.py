@@ -90,3 +90,70 @@ def test_amounts_are_written_in_plain_notation_whatever_their_exponent(value: De
     from engine.domain.events import _encode_default
 
     assert _encode_default(value) == format(value, "f")
+
+
+GOOD = {"strategy_id": "s1", "symbol": "BTCUSDT", "action": "buy", "quantity": "0.01"}
+BAD_FIELDS: list[dict[str, object]] = [
+    {"quantity": -1},
+    {"quantity": 0},
+    {"quantity": "-1"},
+    {"quantity": "0"},
+    {"quantity": "abc"},
+    {"quantity": True},
+    {"quantity": "NaN"},
+    {"quantity": 1e12},
+    {"quantity": "Infinity"},
+    {"confidence": 5},
+    {"confidence": -0.1},
+    {"confidence": "2"},
+    {"confidence": "1.5"},
+    {"take_profit_pct": 1.5},
+    {"take_profit_pct": 0},
+    {"stop_loss_pct": "1"},
+    {"position_size_pct": 2},
+    {"stop_loss": -5},
+    {"price": 0},
+    {"take_profit": "0.0"},
+    {"quote_quantity": "-3"},
+    {"strategy_id": "a.b"},
+    {"strategy_id": "x" * 65},
+    {"symbol": ""},
+    {"signal_id": "has space"},
+    {"action": "buyy"},
+    {"position_side": "UP"},
+    {"timeframe": "x" * 17},
+]
+GOOD_FIELDS: list[dict[str, object]] = [
+    {},
+    {"quantity": 0.5},
+    {"quantity": "1e-3"},
+    {"confidence": "0.75"},
+    {"confidence": 1},
+    {"confidence": "1"},
+    {"take_profit_pct": "0.05", "stop_loss_pct": 0.02},
+    {"price": "45000.5"},
+    {"timestamp": 1764590400},
+    {"timestamp": "2026-12-01T12:00:00Z"},
+    {"position_side": "LONG"},
+    {"signal_id": "abc-1"},
+]
+
+
+def test_the_signal_schema_refuses_what_the_worker_refuses() -> None:
+    """A standard validator enforces the schema: every golden bad field fails it exactly as it
+    fails the worker, and good payloads pass both."""
+    from engine.domain.signals import MalformedSignal, parse_signal
+
+    schema = json.loads((SCHEMA_DIR / "signal.json").read_text())
+    validator = jsonschema.Draft202012Validator(schema, format_checker=jsonschema.FormatChecker())
+    for fields in BAD_FIELDS:
+        payload = GOOD | fields
+        subject = f"signals.{payload.get('strategy_id')}.{payload.get('symbol')}"
+        assert isinstance(parse_signal(subject, json.dumps(payload).encode()), MalformedSignal), fields
+        assert not validator.is_valid(payload), fields
+    for fields in GOOD_FIELDS:
+        payload = GOOD | fields
+        assert not isinstance(
+            parse_signal("signals.s1.BTCUSDT", json.dumps(payload).encode()), MalformedSignal
+        )
+        assert validator.is_valid(payload), (fields, [e.message for e in validator.iter_errors(payload)])
