@@ -31,3 +31,7 @@ GRANT SELECT ON `${DB}`.strategy_risk TO 'te_analyst'@'%';
 GRANT SELECT ON `${DB}`.strategy_symbol_side_performance TO 'te_analyst'@'%';
 GRANT SELECT ON `${DB}`.strategy_trades TO 'te_analyst'@'%';
 GRANT SELECT ON `${DB}`.tp_sl_hit_rates TO 'te_analyst'@'%';
+-- Optional: the original system's attribution query and PnL check read two tables
+-- (docs/analytics.md). Uncomment to allow them.
+-- GRANT SELECT ON `${DB}`.position_contributions TO 'te_analyst'@'%';
+-- GRANT SELECT ON `${DB}`.exchange_positions TO 'te_analyst'@'%';

@@ -537,6 +537,17 @@ def _projection(
         for f in funded:
             totals[f.strategy_id] = totals.get(f.strategy_id, ZERO) + f.amount
         statements += yield from _ADD_STRATEGY_FUNDING.statement_steps(literals, totals.items())
+    if closed:
+        # The original attribution query's columns on the contribution (migration 008).
+        ids = sorted({e.strategy_position_id for e in closed})
+        yield
+        statements.append(
+            "UPDATE position_contributions c JOIN strategy_positions sp"
+            " ON sp.strategy_position_id = c.strategy_position_id"
+            " SET c.status = sp.status, c.contribution_pnl = sp.realized_pnl,"
+            " c.exit_price = IF(sp.closed_quantity > 0, sp.exit_notional / sp.closed_quantity, NULL)"
+            f" WHERE c.strategy_position_id IN {literals.row(ids)}"
+        )
     positional = [e for e, _ in fresh if isinstance(e, PositionOpened | PositionClosed)]
     if positional:
         statements += yield from _UPSERT_EXCHANGE_POSITION.statement_steps(

@@ -264,3 +264,38 @@ async def test_seed_era_signals_without_a_quantity_are_sized_by_the_rules(
         quantities = {e.strategy_id: e.quantity for e in pipeline.opened()}
         # 900 / 45,000; then 10 % of what the wallet has left (45,000 - 900 - fees) / 45,000
         assert quantities == {"seed_v1": Decimal("0.02"), "share_v1": Decimal("0.097")}
+
+
+ORIGINAL_ATTRIBUTION_QUERY = """
+SELECT exchange_position_key, strategy_id, contribution_quantity, contribution_entry_price,
+       exit_price, contribution_pnl, status
+FROM position_contributions
+WHERE exchange_position_key = %s
+ORDER BY created_at
+"""
+ORIGINAL_PNL_CHECK = """
+SELECT ep.position_key, ep.realized_pnl, SUM(pc.contribution_pnl) AS contributions_pnl
+FROM exchange_positions ep
+JOIN position_contributions pc ON pc.exchange_position_id = ep.exchange_position_id
+GROUP BY ep.exchange_position_id, ep.position_key, ep.realized_pnl
+HAVING ABS(ep.realized_pnl - SUM(pc.contribution_pnl)) > 0.000000001
+"""
+
+
+async def test_the_original_systems_attribution_query_and_pnl_check_run(pipeline: Pipeline) -> None:
+    await pipeline.tick("ETHUSDT", "3000")
+    for strategy, qty, tp in (("momentum_v1", "0.1", "3150"), ("breakout_v1", "0.2", None)):
+        fields = {"quantity": qty, "confidence": 0.9} | ({"take_profit": tp} if tp else {})
+        await pipeline.decision(await pipeline.publish(strategy, "ETHUSDT", "buy", **fields))
+    await pipeline.tick("ETHUSDT", "3150")  # momentum's TP
+    await pipeline.wait_events(lambda _: len(pipeline.closed()) == 1, "the TP close")
+    await pipeline.mysql_caught_up()
+    rows = await pipeline.query(ORIGINAL_ATTRIBUTION_QUERY, "ETHUSDT_LONG")
+    momentum, breakout = rows
+    (tp,) = pipeline.closed()
+    assert (momentum["strategy_id"], momentum["status"], momentum["contribution_pnl"], momentum["exit_price"]) == (
+        "momentum_v1", "closed", tp.realized_pnl, D("3150"),
+    )  # fmt: skip
+    assert (momentum["contribution_quantity"], momentum["contribution_entry_price"]) == (D("0.1"), D("3000"))
+    assert (breakout["status"], breakout["contribution_pnl"], breakout["exit_price"]) == ("open", 0, None)
+    assert await pipeline.query(ORIGINAL_PNL_CHECK) == []
