@@ -57,6 +57,7 @@ from engine.domain.signals import MalformedSignal, Signal
 from engine.domain.state import EngineState
 
 log = structlog.get_logger(__name__)
+REPLAY_PROGRESS_EVERY = 50_000  # events between progress lines while recovering
 ORDER_HISTORY_REACH = timedelta(days=6, hours=20)
 STALE_PRICE_LIMIT = 600.0  # seconds: a tick this old still stands in when the venue gives no price
 LATE_LOOKUP_EVERY = 1.0  # seconds between lookups of an order whose request may still arrive
@@ -417,10 +418,13 @@ class Worker:
 
     async def recover(self) -> None:
         """Rebuild the book and the dedupe ledger from our own events (DESIGN §2)."""
-        count = 0
+        count, started = 0, time.monotonic()
+        apply = self.state.apply
         async for event in self.bus.replay_events():
-            self.remember(event, replay=True)
+            apply(event, True)
             count += 1
+            if not count % REPLAY_PROGRESS_EVERY:  # a long history: say how far it has got
+                log.info("worker.recovering", events=count, seconds=round(time.monotonic() - started, 1))
         self.state.end_replay()
         self._halt_on_losses(self.risk.today.by_strategy)  # a crash may have come between a loss and its halt
         self.kill_switch.report()
