@@ -71,6 +71,9 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--since", type=_utc_time, help="ISO-8601, UTC if naive")
     rep.add_argument("--until", type=_utc_time, help="ISO-8601, UTC if naive")
     rep.add_argument("--html", metavar="FILE", help="also write a self-contained HTML report with charts")
+    shape = rep.add_mutually_exclusive_group()
+    shape.add_argument("--json", action="store_true", help="the rows as one JSON document")
+    shape.add_argument("--csv", action="store_true", help="the performance rows as CSV")
 
     for name, text in (
         ("halt", "stop new positions: everything, a strategy, a symbol (TP/SL and closes go on)"),
@@ -162,7 +165,8 @@ async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         from engine.app.report import ReportFilter
 
         flt = ReportFilter(args.strategy, args.symbol, args.since, args.until)
-        return await commands.report(settings, flt, args.html)
+        output = "json" if args.json else "csv" if args.csv else "table"
+        return await commands.report(settings, flt, args.html, output)
     raise AssertionError(args.command)
 
 

@@ -542,7 +542,7 @@ def _projection(
         ids = sorted({e.strategy_position_id for e in closed})
         yield
         statements.append(
-            "UPDATE position_contributions c JOIN strategy_positions sp"
+            "UPDATE position_contributions c JOIN strategy_positions sp"  # nosec B608  # ids rendered by SqlLiterals (asyncmy escaping, tested)
             " ON sp.strategy_position_id = c.strategy_position_id"
             " SET c.status = sp.status, c.contribution_pnl = sp.realized_pnl,"
             " c.exit_price = IF(sp.closed_quantity > 0, sp.exit_notional / sp.closed_quantity, NULL)"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import csv
 import getpass
 import json
 import socket
@@ -23,7 +24,7 @@ from rich.console import Console
 from engine.adapters.mysql_store import MysqlStore
 from engine.adapters.nats_bus import EVENT_SUBJECTS, EVENTS_STREAM, MSG_ID, NatsBus, signal_msg_id
 from engine.app import desk
-from engine.app.report import ReportFilter, gather, render_html, render_terminal
+from engine.app.report import ReportFilter, as_records, gather, render_html, render_terminal
 from engine.app.runner import client_nats_url, mysql_target
 from engine.config import Settings
 from engine.domain.control import COMMANDS, BadCommand, parse_command
@@ -385,7 +386,7 @@ async def tail(
         await bus.close()
 
 
-async def report(settings: Settings, flt: ReportFilter, html_file: str | None) -> int:
+async def report(settings: Settings, flt: ReportFilter, html_file: str | None, output: str = "table") -> int:
     store = await MysqlStore.open(
         mysql_target(settings),
         create_database=False,
@@ -396,8 +397,34 @@ async def report(settings: Settings, flt: ReportFilter, html_file: str | None) -
         data = await gather(store, flt)
     finally:
         await store.close()
-    render_terminal(data, console)
+    if data.open_positions:
+        data.value_open_positions(await _report_prices(settings))
+    if output == "json":
+        print(desk.to_json(as_records(data)))
+    elif output == "csv":
+        writer = csv.writer(sys.stdout)
+        rows = as_records(data)["performance"]
+        writer.writerow(rows[0].keys() if rows else ["strategy_id"])
+        for row in rows:
+            writer.writerow(
+                "" if v is None else amount(v) if isinstance(v, Decimal) else v for v in row.values()
+            )
+    else:
+        render_terminal(data, console)
     if html_file:
         await asyncio.to_thread(Path(html_file).write_text, render_html(data, datetime.now(UTC)))
-        console.print(f"wrote {html_file}")
+        if output == "table":
+            console.print(f"wrote {html_file}")
     return 0
+
+
+async def _report_prices(settings: Settings) -> dict[str, Decimal]:
+    """The worker's last prices, for unrealized PnL; none (shown as -) if NATS does not answer."""
+    try:
+        bus = await connect_client(settings, "tradeengine-report")
+    except Exception:
+        return {}
+    try:
+        return {symbol: price for symbol, (price, _) in (await desk.last_prices(bus)).items()}
+    finally:
+        await bus.close()

@@ -13,6 +13,8 @@ from rich.console import Console
 from rich.table import Table
 
 from engine.adapters.mysql_store import MysqlStore
+from engine.domain.model import PositionSide
+from engine.domain.pnl import gross_pnl
 
 # Strategy colours stay clear of the TP green, SL red and drawdown pink.
 PALETTE = ["#1f77b4", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f"]
@@ -50,6 +52,20 @@ class ReportData:
     performance: list[dict[str, Any]] = field(default_factory=list)
     equity: dict[str, list[tuple[datetime, Decimal, Decimal]]] = field(default_factory=dict)
     attribution: list[dict[str, Any]] = field(default_factory=list)
+    open_positions: list[dict[str, Any]] = field(default_factory=list)
+
+    def value_open_positions(self, prices: dict[str, Decimal]) -> None:
+        """Unrealized PnL (before fees) of each strategy's open positions at these prices."""
+        for row in self.performance:
+            mine = [p for p in self.open_positions if p["strategy_id"] == row["strategy_id"]]
+            if mine and all(p["symbol"] in prices for p in mine):
+                row["unrealized_pnl"] = sum(
+                    (gross_pnl(PositionSide(p["position_side"]), p["entry_price"], prices[p["symbol"]],
+                               p["remaining_quantity"]) for p in mine),
+                    Decimal(0),
+                )  # fmt: skip
+            elif not mine:
+                row["unrealized_pnl"] = Decimal(0)
 
 
 async def gather(store: MysqlStore, flt: ReportFilter, max_positions: int = 20) -> ReportData:
@@ -79,6 +95,32 @@ async def gather(store: MysqlStore, flt: ReportFilter, max_positions: int = 20) 
     }
     for row in data.performance:
         row["funding"] = funding.get(row["strategy_id"], Decimal(0))
+    # Open positions now, whatever the time window: a strategy with only open ones is shown too.
+    open_where, open_params = ReportFilter(flt.strategy, flt.symbol).where("opened_at")
+    data.open_positions = await _rows(
+        store,
+        "SELECT strategy_id, symbol, position_side, entry_price, remaining_quantity FROM strategy_positions"  # nosec B608  # fixed column names and %(name)s placeholders
+        f" WHERE status = 'open' AND {open_where}",
+        open_params,
+    )
+    shown = {row["strategy_id"] for row in data.performance}
+    for strategy_id in sorted({row["strategy_id"] for row in data.open_positions} - shown):
+        data.performance.append(
+            {"strategy_id": strategy_id, "trades": 0, "wins": 0, "win_rate": None, "total_pnl": Decimal(0),
+             "fees": Decimal(0), "tp_rate": None, "sl_rate": None, "profit_factor": None,
+             "avg_duration_seconds": None, "funding": funding.get(strategy_id, Decimal(0))}
+        )  # fmt: skip
+    for row in data.performance:
+        row["open_positions"] = sum(1 for p in data.open_positions if p["strategy_id"] == row["strategy_id"])
+        row["open_notional"] = sum(
+            (
+                p["entry_price"] * p["remaining_quantity"]
+                for p in data.open_positions
+                if p["strategy_id"] == row["strategy_id"]
+            ),
+            Decimal(0),
+        )
+        row["unrealized_pnl"] = None
     closes = await _rows(
         store,
         f"SELECT strategy_id, closed_at, realized_pnl FROM position_closes WHERE {where}"  # nosec B608  # fixed column names and %(name)s placeholders
@@ -130,24 +172,51 @@ PERFORMANCE_COLUMNS = [
 ]  # fmt: skip
 
 
+# Two tables, so each fits 80 columns without cutting a number (money to the cent).
+TERMINAL_TABLES = [
+    ("Strategy performance", [("strategy_id", "strategy"), ("trades", "trades"), ("win_rate", "win rate"),
+                              ("total_pnl", "PnL"), ("fees", "fees"), ("funding", "funding")]),
+    ("Exits and open positions", [("strategy_id", "strategy"), ("tp_rate", "TP rate"), ("sl_rate", "SL rate"),
+                                  ("profit_factor", "profit f."), ("open_positions", "open"),
+                                  ("open_notional", "notional"), ("unrealized_pnl", "uPnL")]),
+]  # fmt: skip
+MONEY = {"total_pnl", "fees", "funding", "open_notional", "unrealized_pnl"}
+
+
 def render_terminal(data: ReportData, console: Console) -> None:
-    table = Table(title=f"Strategy performance {_describe(data.filter)}".strip())
-    for _, title in PERFORMANCE_COLUMNS:
-        table.add_column(title, justify="left" if title == "strategy" else "right")
-    for row in data.performance:
-        table.add_row(*(fmt(row[key]) for key, _ in PERFORMANCE_COLUMNS))
-    console.print(table)
+    if not data.performance:
+        console.print(f"no trades and no open positions {_describe(data.filter)}".strip())
+    for title, columns in TERMINAL_TABLES if data.performance else ():
+        table = Table(title=f"{title} {_describe(data.filter)}".strip())
+        for key, heading in columns:
+            cells = [fmt(row[key], 2 if key in MONEY else 4) for row in data.performance]
+            width = max([len(c) for c in cells] + [len(heading)]) if key != "strategy_id" else None
+            table.add_column(heading, justify="left" if key == "strategy_id" else "right",
+                             min_width=width, no_wrap=key != "strategy_id", overflow="fold")  # fmt: skip
+        for row in data.performance:
+            table.add_row(*(fmt(row[key], 2 if key in MONEY else 4) for key, _ in columns))
+        console.print(table)
+    if not data.attribution:
+        return
     attribution = Table(title="Attribution per exchange position")
-    for title in ("exchange position", "key", "strategy", "quantity", "share", "PnL"):
-        attribution.add_column(
-            title, justify="left" if title in ("exchange position", "key", "strategy") else "right"
-        )
+    for title in ("position", "key", "strategy", "quantity", "share", "PnL"):
+        attribution.add_column(title, justify="left" if title in ("position", "key", "strategy") else "right",
+                               no_wrap=title not in ("key", "strategy"), overflow="fold")  # fmt: skip
     for row in data.attribution:
         attribution.add_row(
             row["exchange_position_id"][:8], row["position_key"], row["strategy_id"],
-            fmt(row["contributed_quantity"]), fmt(row["quantity_share"]), fmt(row["realized_pnl"]),
+            fmt(row["contributed_quantity"]), fmt(row["quantity_share"]), fmt(row["realized_pnl"], 2),
         )  # fmt: skip
     console.print(attribution)
+
+
+def as_records(data: ReportData) -> dict[str, list[dict[str, Any]]]:
+    """The report's rows for --json / --csv, every figure in full."""
+    keys = [key for key, _ in PERFORMANCE_COLUMNS] + ["open_positions", "open_notional", "unrealized_pnl"]
+    return {
+        "performance": [{key: row.get(key) for key in keys} for row in data.performance],
+        "attribution": data.attribution,
+    }
 
 
 def _describe(flt: ReportFilter) -> str:
@@ -187,7 +256,7 @@ figure{{display:inline-block;margin:8px}} figcaption{{font-size:13px;color:#555}
 <h2>Equity curve and drawdown per strategy</h2>
 <div id="equity">{curves or "<p>No closed trades.</p>"}</div>
 <h2>TP vs SL rates</h2>
-<div id="tpsl">{tp_sl_svg(data.performance)}</div>
+<div id="tpsl">{tp_sl_svg([r for r in data.performance if r["trades"]])}</div>
 <h2>PnL attribution per exchange position</h2>
 <div id="attribution">{attribution_svg(data.attribution, colours)}</div>
 <p class="legend">{legend}</p>

@@ -386,15 +386,19 @@ async def test_report_terminal_tables_and_filters(db: Db) -> None:
     render_terminal(data, console)
     text = console.export_text()
     assert "Strategy performance" in text and "Attribution per exchange position" in text
-    assert [r["strategy_id"] for r in data.performance] == ["C", "A", "E", "B"]
-    assert "167.175" in text and "-53.95" in text
+    # F has only an open position: shown, after those with trades (issue #17)
+    assert [r["strategy_id"] for r in data.performance] == ["C", "A", "E", "B", "F"]
+    assert "167.18" in text and "-53.95" in text  # money to the cent on a terminal
+    f = data.performance[-1]
+    assert (f["trades"], f["open_positions"], f["unrealized_pnl"]) == (0, 1, None)  # no price known here
 
     only_b = await gather(db.store, ReportFilter(strategy="B"))
     assert [r["strategy_id"] for r in only_b.performance] == ["B"] and set(only_b.equity) == {"B"}
     day_two = await gather(db.store, ReportFilter(since=T1))
-    assert {r["strategy_id"] for r in day_two.performance} == {"C", "E"}
+    assert {r["strategy_id"] for r in day_two.performance if r["trades"]} == {"C", "E"}
+    assert {r["strategy_id"] for r in day_two.performance if not r["trades"]} == {"A", "F"}  # open now
     btc = await gather(db.store, ReportFilter(symbol="BTCUSDT"))
-    assert [r["strategy_id"] for r in btc.performance] == ["E"]
+    assert [(r["strategy_id"], r["trades"]) for r in btc.performance] == [("E", 1), ("F", 0)]
     assert {r["position_key"] for r in btc.attribution} == {"BTCUSDT_LONG", "BTCUSDT_SHORT"}
 
 
@@ -513,3 +517,22 @@ async def test_a_batch_rendered_before_part_of_it_was_stored_is_rendered_again(
         async with store.pool.acquire() as conn, conn.cursor() as cur:
             await cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
         await store.close()
+
+
+async def test_report_fits_80_columns_and_exports(db: Db) -> None:
+    """At 80 columns no number is cut (rich's ellipsis never appears); --json keeps every figure
+    in full and values open positions at the prices given."""
+    from rich.console import Console
+
+    from engine.app.report import ReportFilter, as_records, gather, render_terminal
+
+    data = await gather(db.store, ReportFilter())
+    console = Console(record=True, width=80)
+    render_terminal(data, console)
+    text = console.export_text()
+    assert "…" not in text and max(len(line) for line in text.splitlines()) <= 80
+    data.value_open_positions({p["symbol"]: p["entry_price"] * 2 for p in data.open_positions})
+    records = as_records(data)["performance"]
+    f = next(r for r in records if r["strategy_id"] == "F")
+    assert f["open_positions"] == 1 and f["unrealized_pnl"] != 0
+    assert next(r for r in records if r["strategy_id"] == "C")["total_pnl"] == D("167.175")
