@@ -10,6 +10,7 @@ COPY requirements-build.lock ./
 RUN pip install --no-cache-dir --require-hashes --only-binary=:all: -r requirements-build.lock
 COPY pyproject.toml README.md ./
 COPY engine ./engine
+COPY migrations ./migrations
 RUN pip wheel --no-cache-dir --no-deps --no-build-isolation --wheel-dir /wheels .
 
 FROM ${BASE}
@@ -20,10 +21,9 @@ RUN pip install --no-cache-dir --require-hashes --only-binary=:all: -r /tmp/requ
     && rm /tmp/requirements.lock
 COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir --no-deps /wheels/*.whl && rm -rf /wheels
-COPY migrations /app/migrations
 # The image writes nothing outside /tmp: run it with a read-only root filesystem
 # (k8s readOnlyRootFilesystem, compose read_only) and a tmpfs on /tmp.
-ENV MIGRATIONS_DIR=/app/migrations LOG_FORMAT=json HTTP_HOST=0.0.0.0 HTTP_PORT=8080 \
+ENV LOG_FORMAT=json HTTP_HOST=0.0.0.0 HTTP_PORT=8080 \
     PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 WORKDIR /app
 USER 10001

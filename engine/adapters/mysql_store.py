@@ -43,8 +43,10 @@ ALREADY_DONE_ERRORS = {1050, 1060, 1061, 1826}
 
 
 def migrations_dir() -> Path:
+    """MIGRATIONS_DIR, else the package's own (a link to migrations/ in the repository, the
+    files themselves in an installed wheel)."""
     configured = os.environ.get("MIGRATIONS_DIR")
-    return Path(configured) if configured else Path(__file__).resolve().parents[2] / "migrations"
+    return Path(configured) if configured else Path(__file__).resolve().parents[1] / "migrations"
 
 
 def _utc(value: datetime) -> datetime:
