@@ -24,18 +24,45 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tradeengine", description=__doc__)
     parser.add_argument("--version", action="version", version=f"tradeengine {engine.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("worker", help="consume signals, execute, publish events")
-    sub.add_parser("attribution", help="persist events into MySQL")
-    sub.add_parser("run", help="all roles in one process (starts a bundled NATS when NATS_URL is unset)")
-    sub.add_parser("migrate", help="create the database and apply migrations/")
 
-    pub = sub.add_parser(
-        "publish",
-        help="publish a signal and wait for its decision",
-        description="Exit codes: 0 accepted (or ignored), 3 rejected, 4 dead-lettered, 5 duplicate, "
-        "6 no decision within --timeout; 1 NATS unreachable, 2 bad arguments or settings. "
-        "Reads NATS_URL and the NATS_* credentials. confidence defaults to 1.0 (MIN_CONFIDENCE is 0.6).",
+    def command(name: str, text: str, reads: str, more: str = "") -> argparse.ArgumentParser:
+        """A subcommand whose --help says what it does and which variables it reads."""
+        return sub.add_parser(
+            name, help=text, description=f"{text[0].upper()}{text[1:]}. {more}".strip(),
+            epilog=f"Reads {reads}. Every variable: docs/configuration.md.",
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        )  # fmt: skip
+
+    nats_vars = "NATS_URL (else the URL a local `run` wrote), NATS_USER/NATS_PASSWORD, NATS_TOKEN, NATS_NKEY_SEED_FILE, NATS_CREDS_FILE, NATS_TLS_*, NATS_CONNECT_TIMEOUT (seconds)"
+    command(
+        "worker",
+        "consume signals, execute, publish events",
+        f"{nats_vars}, EXCHANGE and EXCHANGE_*, the risk and conflict settings, HTTP_HOST/HTTP_PORT",
+        "Exits 2 on a bad setting, 1 when NATS or the venue cannot be reached at start.",
     )
+    command(
+        "attribution",
+        "persist events into MySQL",
+        f"{nats_vars}, MYSQL_URL, MYSQL_CONNECT_TIMEOUT, MYSQL_READ_TIMEOUT (seconds), MIGRATE_ON_START, HTTP_HOST/HTTP_PORT",
+    )
+    command(
+        "run",
+        "all roles in one process (starts a bundled NATS when NATS_URL is unset)",
+        f"{nats_vars}, MYSQL_URL, EMBEDDED_NATS_PORT, DATA_DIR and every worker setting",
+    )
+    command(
+        "migrate",
+        "create the database and apply migrations/",
+        "MYSQL_URL, MYSQL_CONNECT_TIMEOUT (seconds), MIGRATIONS_DIR",
+    )
+
+    pub = command(
+        "publish", "publish a signal and wait for its decision", nats_vars,
+        "Exit codes: 0 accepted (or ignored), 3 rejected, 4 dead-lettered, 5 duplicate, 6 no decision "
+        "within --timeout; 1 NATS unreachable, 2 bad arguments or settings. Amounts are decimals in the "
+        "symbol's units (quantity: base asset, quote-quantity and prices: quote asset); percentages are "
+        "fractions (0.05 = 5 %%). confidence defaults to 1.0 (the worker's MIN_CONFIDENCE is 0.6).",
+    )  # fmt: skip
     pub.add_argument("strategy_id")
     pub.add_argument("symbol")
     pub.add_argument("action", choices=["buy", "sell", "close", "hold"])
@@ -50,22 +77,34 @@ def _parser() -> argparse.ArgumentParser:
     pub.add_argument("--position-side", choices=["LONG", "SHORT"])
     pub.add_argument("--signal-id")
     pub.add_argument("--raw", help="publish this JSON payload as it is")
-    pub.add_argument(
-        "--timeout", type=float, default=5.0, help="seconds to wait for the decision (default 5)"
-    )
+    pub.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the decision")
     pub.add_argument("--no-wait", action="store_true", help="exit once JetStream has stored the signal")
 
-    price = sub.add_parser("price", help="publish a price tick on prices.<symbol>")
+    price = command(
+        "price",
+        "publish a price tick on prices.<symbol>",
+        nats_vars,
+        "Checked by the worker's own rules first (exit 2).",
+    )
     price.add_argument("symbol")
     price.add_argument("price")
 
-    tail = sub.add_parser("tail", help="follow decisions, positions and dead letters")
+    tail = command(
+        "tail",
+        "follow decisions, positions and dead letters",
+        nats_vars,
+        "One line an event; --json for every field.",
+    )
     tail.add_argument("--json", action="store_true", help="one JSON event per line")
     tail.add_argument("--strategy")
     tail.add_argument("--symbol")
     tail.add_argument("--all", action="store_true", help="from the start of the stream")
 
-    rep = sub.add_parser("report", help="strategy performance and attribution from MySQL")
+    rep = command(
+        "report",
+        "strategy performance and attribution from MySQL",
+        f"MYSQL_URL, MYSQL_CONNECT_TIMEOUT, MYSQL_READ_TIMEOUT (seconds); {nats_vars} for the last prices (optional)",
+    )
     rep.add_argument("--strategy")
     rep.add_argument("--symbol")
     rep.add_argument("--since", type=_utc_time, help="ISO-8601, UTC if naive")
@@ -80,30 +119,42 @@ def _parser() -> argparse.ArgumentParser:
         ("resume", "lift halts within the scope"),
         ("flatten", "halt the scope and close its positions at market (reason manual)"),
     ):
-        ctl = sub.add_parser(name, help=text)
+        ctl = command(
+            name,
+            text,
+            nats_vars,
+            "Waits for the worker's answer; exit 1 without one, 2 for a bad scope (docs/risk.md).",
+        )
         ctl.add_argument("--strategy", help="a strategy id; none: every strategy")
         ctl.add_argument("--symbol", help="a symbol; none: every symbol")
         ctl.add_argument("--reason", help="recorded with the command")
-        ctl.add_argument(
-            "--wait", type=float, default=15.0, help="seconds to wait for the worker (default 15)"
-        )
-    status = sub.add_parser("status", help="what is halted, the streams, the roles' consumer lag")
-    status.add_argument("--json", action="store_true", help="one JSON document, for scripts")
-    pos = sub.add_parser(
-        "positions",
-        help="open positions per key with their strategy slices, at the last price (from NATS alone)",
+        ctl.add_argument("--wait", type=float, default=15.0, help="seconds to wait for the worker")
+    status = command(
+        "status",
+        "what is halted, the streams, the roles' consumer lag",
+        f"{nats_vars}, WORKER_DURABLE, ATTRIBUTION_DURABLE",
     )
+    status.add_argument("--json", action="store_true", help="one JSON document, for scripts")
+    pos = command(
+        "positions", "open positions per key with their strategy slices, at the last price (from NATS alone)",
+        nats_vars, "Folds the EVENTS stream as a restarting worker would; unrealized PnL is before fees.",
+    )  # fmt: skip
     pos.add_argument("--strategy")
     pos.add_argument("--symbol")
     pos.add_argument("--json", action="store_true", help="one JSON document, for scripts")
 
-    emu = sub.add_parser("emulator", help="serve the Binance USD-M emulator on 127.0.0.1 (tests, rehearsals)")
+    emu = command(
+        "emulator",
+        "serve the Binance USD-M emulator on 127.0.0.1 (tests, rehearsals)",
+        "nothing (its options)",
+        "docs/venues.md lists what it models.",
+    )
     emu.add_argument("--port", type=int, default=8099)
     emu.add_argument("--hedge", action="store_true", help="start in hedge mode (dual side position)")
     emu.add_argument("--api-key", default="emulator-key")
     emu.add_argument("--api-secret", default="emulator-secret")
     emu.add_argument(
-        "--taker-fee", default="0.0004", help="the account's taker commission rate (default 0.0004 = 0.04 %%)"
+        "--taker-fee", default="0.0004", help="the account's taker commission rate (0.0004 = 0.04 %%)"
     )
     return parser
 

@@ -381,7 +381,9 @@ async def tail(
             if as_json:
                 print(msg.data.decode(), flush=True)
             else:
-                console.print(describe(event))
+                console.print(
+                    describe(event), no_wrap=True, overflow="ellipsis", crop=True
+                )  # one line an event
     finally:
         await bus.close()
 
