@@ -135,6 +135,9 @@ def _parser() -> argparse.ArgumentParser:
         f"{nats_vars}, WORKER_DURABLE, ATTRIBUTION_DURABLE",
     )
     status.add_argument("--json", action="store_true", help="one JSON document, for scripts")
+    status.add_argument(
+        "--watch", type=float, metavar="SECONDS", help="show it again every SECONDS until Ctrl-C"
+    )
     pos = command(
         "positions", "open positions per key with their strategy slices, at the last price (from NATS alone)",
         nats_vars, "Folds the EVENTS stream as a restarting worker would; unrealized PnL is before fees.",
@@ -142,6 +145,9 @@ def _parser() -> argparse.ArgumentParser:
     pos.add_argument("--strategy")
     pos.add_argument("--symbol")
     pos.add_argument("--json", action="store_true", help="one JSON document, for scripts")
+    pos.add_argument(
+        "--watch", type=float, metavar="SECONDS", help="show it again every SECONDS until Ctrl-C"
+    )
 
     emu = command(
         "emulator",
@@ -209,9 +215,11 @@ async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
             settings, args.command, args.strategy, args.symbol, args.reason, args.wait
         )
     if args.command == "status":
-        return await commands.status(settings, args.json)
+        return await commands.watching(args.watch, lambda: commands.status(settings, args.json))
     if args.command == "positions":
-        return await commands.positions(settings, args.strategy, args.symbol, args.json)
+        return await commands.watching(
+            args.watch, lambda: commands.positions(settings, args.strategy, args.symbol, args.json)
+        )
     if args.command == "report":
         from engine.app.report import ReportFilter
 

@@ -9,6 +9,7 @@ import json
 import socket
 import sys
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -247,6 +248,19 @@ async def status(settings: Settings, as_json: bool = False) -> int:
             )
         )
     return 0
+
+
+async def watching(every: float | None, show: Callable[[], Awaitable[int]]) -> int:
+    """Once, or again every `every` seconds (the screen cleared first) until interrupted."""
+    if not every:
+        return await show()
+    while True:
+        console.clear()
+        console.print(f"[dim]{datetime.now(UTC):%Y-%m-%d %H:%M:%S} UTC, every {every:g}s (Ctrl-C ends)[/]")
+        code = await show()
+        if code:
+            return code
+        await asyncio.sleep(every)
 
 
 async def positions(settings: Settings, strategy: str | None, symbol: str | None, as_json: bool) -> int:
