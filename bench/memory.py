@@ -22,6 +22,7 @@ from bench.common import machine, rss_mb
 from bench.worker_throughput import worker_env
 from engine.adapters.embedded_nats import EmbeddedNats, free_port
 from engine.adapters.nats_bus import NatsBus
+from engine.adapters.snapshots import SnapshotStore
 from engine.domain.events import ContributionRef, ExchangePositionRef, PositionOpened, SignalDecided
 from engine.domain.model import Action, Outcome, PositionSide, derive_client_order_id, derive_id
 from tests.helpers import NOW
@@ -65,8 +66,9 @@ def events(n: int) -> list[PositionOpened | SignalDecided]:
     return out
 
 
-async def worker_rss(url: str) -> tuple[float, float]:
-    """(RSS in MB once ready, seconds from spawn to ready)."""
+async def worker_rss(url: str, until_snapshot: bool = False) -> tuple[float, float]:
+    """(RSS in MB once ready, seconds from spawn to ready); with `until_snapshot`, the worker
+    runs on until its snapshot of the state is stored."""
     port = free_port()
     started = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "worker"], env={**worker_env(url), "HTTP_PORT": str(port)},
@@ -76,10 +78,23 @@ async def worker_rss(url: str) -> tuple[float, float]:
             await asyncio.sleep(0.05)
         ready = time.perf_counter() - started
         await asyncio.sleep(0.5)  # let the allocator settle after recovery
-        return rss_mb(proc.pid), ready
+        rss = rss_mb(proc.pid)
+        if until_snapshot:
+            await _snapshot_stored(url)
+        return rss, ready
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+async def _snapshot_stored(url: str) -> None:
+    bus = await NatsBus.connect(url, "bench-snapshot")
+    try:
+        store = SnapshotStore(bus.js, "tradeengine-worker", None)
+        while await store.load() is None:
+            await asyncio.sleep(0.2)
+    finally:
+        await bus.close()
 
 
 def _ready(port: int) -> bool:
@@ -105,13 +120,17 @@ async def main() -> None:
             for i in range(0, len(history), 2000):
                 await bus.publish_events(history[i : i + 2000])
             await bus.close()
-            loaded, recovery = await worker_rss(server.url)
+            loaded, recovery = await worker_rss(server.url, until_snapshot=True)
+            _, from_snapshot = await worker_rss(server.url)
         finally:
             server.stop()
     print(f"  empty worker                 : {empty:6.0f} MB RSS")
     print(f"  {args.positions:,} open positions : {loaded:6.0f} MB RSS   (target < 150 MB)")
     print(f"  per position                 : {(loaded - empty) * 1024 * 1024 / args.positions:6.0f} bytes")
     print(f"  recovery ({len(history):,} events)  : {recovery:6.1f} s from spawn to ready")
+    print(
+        f"  recovery from a snapshot     : {from_snapshot:6.1f} s from spawn to ready (SNAPSHOT_EVERY_EVENTS)"
+    )
 
 
 if __name__ == "__main__":

@@ -158,6 +158,8 @@ class Settings(BaseSettings):
     attribution_stall_seconds: Annotated[float, Field(gt=0)] = 60.0
 
     worker_durable: str = "tradeengine-worker"
+    # Events stored between snapshots of the worker's state (0: none; every start replays all).
+    snapshot_every_events: Annotated[int, Field(ge=0)] = 100_000
     worker_lease_seconds: Annotated[float, Field(ge=2, le=600)] = 10.0
     worker_standby: bool = True
     max_deliver: Annotated[int, Field(ge=1, le=100)] = 5

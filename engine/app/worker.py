@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import ctypes
 import dataclasses
 import gc
@@ -27,8 +28,15 @@ from nats.aio.msg import Msg
 from engine import metrics
 from engine.adapters.gateway import ExchangeGateway
 from engine.adapters.leases import Holder, Lease, LeaseLost, carry_start_count, count_start
-from engine.adapters.nats_bus import SIGNALS_STREAM, DurableConsumer, NatsBus, jetstream_sequences
+from engine.adapters.nats_bus import (
+    EVENTS_STREAM,
+    SIGNALS_STREAM,
+    DurableConsumer,
+    NatsBus,
+    jetstream_sequences,
+)
 from engine.adapters.paper import PaperExchange
+from engine.adapters.snapshots import SnapshotStore
 from engine.app.decisions import Decisions
 from engine.app.kill_switch import KillSwitch
 from engine.app.orders import OrderDesk
@@ -38,6 +46,7 @@ from engine.app.protective_stops import ProtectiveStops
 from engine.app.reconciler import Reconciler
 from engine.app.signal_handler import SignalHandler
 from engine.config import Settings, Switch
+from engine.domain import snapshot
 from engine.domain.book import PositionBook
 from engine.domain.control import control_event, daily_loss_command_id
 from engine.domain.events import (
@@ -58,6 +67,7 @@ from engine.domain.state import EngineState
 
 log = structlog.get_logger(__name__)
 REPLAY_PROGRESS_EVERY = 50_000  # events between progress lines while recovering
+SNAPSHOT_AFTER_START_SECONDS = 30.0
 ORDER_HISTORY_REACH = timedelta(days=6, hours=20)
 STALE_PRICE_LIMIT = 600.0  # seconds: a tick this old still stands in when the venue gives no price
 LATE_LOOKUP_EVERY = 1.0  # seconds between lookups of an order whose request may still arrive
@@ -131,6 +141,10 @@ class Worker:
         self._price_sub: Any = None
         self._background_flush: asyncio.Task[None] | None = None
         self._abandoned_events = False
+        self._snapshots: SnapshotStore | None = None
+        self._snapshotting: asyncio.Task[None] | None = None
+        self._events_since_snapshot = 0
+        self.recovered: tuple[int, int] = (0, 0)
         self.lease: Lease | None = None
         self.standby = False  # waiting for another worker's lease on the durable
         self._fenced = False  # the lease was lost: nothing more is placed or stored
@@ -317,6 +331,8 @@ class Worker:
                 await self.flush()
             finally:
                 await asyncio.gather(gauges, upkeep, funding, return_exceptions=True)
+                if self._snapshotting is not None:
+                    await asyncio.gather(self._snapshotting, return_exceptions=True)
                 log.info("worker.stopped")
 
     def stop(self) -> None:
@@ -419,8 +435,9 @@ class Worker:
     async def recover(self) -> None:
         """Rebuild the book and the dedupe ledger from our own events (DESIGN §2)."""
         count, started = 0, time.monotonic()
+        after = await self._load_snapshot() if self.settings.snapshot_every_events else 0
         apply = self.state.apply
-        async for event in self.bus.replay_events():
+        async for event in self.bus.replay_events(after=after):
             apply(event, True)
             count += 1
             if not count % REPLAY_PROGRESS_EVERY:  # a long history: say how far it has got
@@ -431,12 +448,79 @@ class Worker:
         if isinstance(self.gateway, PaperExchange):
             self.gateway.restore(self.book, self.state.replayed_cash)
         metrics.OPEN_STRATEGY_POSITIONS.set_function(lambda: len(self.book.positions))  # read when scraped
+        self._events_since_snapshot = count
+        self.recovered = (after, count)  # (the snapshot's stream sequence, events replayed after it)
+        if self.settings.snapshot_every_events and count >= self.settings.snapshot_every_events:
+            # A long replay is worth a snapshot, once the start's own work (journal lookups,
+            # reconciliation, the backlog of signals) is done.
+            self._events_since_snapshot = 0
+            self._snapshotting = asyncio.create_task(
+                self._snapshot_later(SNAPSHOT_AFTER_START_SECONDS), context=contextvars.Context()
+            )
         log.info(
             "worker.recovered",
+            snapshot_seq=after or None,
             events=count,
             open_positions=len(self.book.positions),
             orders_to_look_up=len(self.journal.pending),
         )
+
+    # --- snapshots (issue #16: a start independent of history) -----------------------------
+    def _snapshot_store(self) -> SnapshotStore:
+        if self._snapshots is None:
+            self._snapshots = SnapshotStore(
+                self.bus.js, self.settings.worker_durable, self.bus.signer, self.bus.replicas
+            )
+        return self._snapshots
+
+    async def _load_snapshot(self) -> int:
+        """Take the last snapshot's state; the stream sequence it covers (0: none usable)."""
+        try:
+            found = await self._snapshot_store().load()
+            if found is None:
+                return 0
+            seq, data = found
+            self.state.adopt(snapshot.load(data, self.state.risk.limits, self.state.started_at))
+        except Exception as exc:  # unreadable, foreign or of another format: the whole stream
+            log.warning("worker.snapshot_unusable", error=repr(exc)[:300])
+            return 0  # the state is untouched: adopt runs only on a snapshot that loaded whole
+        log.info("worker.snapshot_loaded", seq=seq, open_positions=len(self.book.positions))
+        return seq
+
+    def _count_stored(self, stored: int) -> None:
+        every = self.settings.snapshot_every_events
+        self._events_since_snapshot += stored
+        if (
+            every
+            and self._events_since_snapshot >= every
+            and (self._snapshotting is None or self._snapshotting.done())
+        ):
+            self._events_since_snapshot = 0
+            # Its own context: the signal being handled now is not the snapshot's.
+            self._snapshotting = asyncio.create_task(self.take_snapshot(), context=contextvars.Context())
+
+    async def _snapshot_later(self, delay: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stopping.wait(), delay)
+        if not self.stopping.is_set():
+            await self.take_snapshot()
+
+    async def take_snapshot(self) -> None:
+        """The state with every event of it stored, and the stream sequence that covers: taken
+        under the flush lock with the outbox empty (each change of the state comes with its
+        event in the outbox), then written in the background."""
+        try:
+            async with self._flush_lock:
+                await self._flush_locked()
+                # No await between the empty outbox and this: the state is what is stored.
+                body = SnapshotStore.compress(snapshot.json_pieces(self.state))
+                seq = (await self.bus.js.stream_info(EVENTS_STREAM)).state.last_seq  # no flush meanwhile
+            size = await self._snapshot_store().save(seq, body)
+            log.info("worker.snapshot_saved", seq=seq, bytes=size, open_positions=len(self.book.positions))
+            del body
+            release_free_memory()  # the snapshot's buffers go back to the OS
+        except Exception as exc:  # a snapshot is an optimisation: the next one comes
+            log.warning("worker.snapshot_failed", error=repr(exc)[:300])
 
     # --- orders at the venue -------------------------------------------------------------
     # --- signals -------------------------------------------------------------------------
@@ -577,6 +661,7 @@ class Worker:
             pending, self._outbox = self._outbox, []
             try:
                 await self.bus.publish_events(pending)
+                self._count_stored(len(pending))
             except BaseException as exc:
                 self._outbox[:0] = pending  # kept, in order; a later flush sends them (ids deduplicate)
                 if not isinstance(exc, nats.errors.Error | TimeoutError | RuntimeError) or isinstance(

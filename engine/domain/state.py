@@ -64,9 +64,44 @@ class EngineState:
         self.started_at = started_at
         self.replayed_cash = ZERO  # closed PnL less every fee, over the replayed trades
         self._replayed_opens: set[str] = set()  # during replay only
+        # Loaded from a snapshot: the slices it saw close in its last day (an open of one stored
+        # again after it must not reopen it; the full replay knows that from _replayed_opens).
+        self._closed_before_snapshot: set[str] = set()
+
+    def adopt(self, other: EngineState) -> None:
+        """Take `other`'s contents into this state's own objects (the worker's parts hold them)."""
+        book, ledger, journal = self.book, self.ledger, self.journal
+        book.positions, book.exchange, book.by_key = (
+            other.book.positions,
+            other.book.exchange,
+            other.book.by_key,
+        )
+        book.triggers, book.strategy_cost, book.strategy_open = (
+            other.book.triggers,
+            other.book.strategy_cost,
+            other.book.strategy_open,
+        )
+        ledger._signals, ledger._closed = other.ledger._signals, other.ledger._closed
+        journal.pending, journal.booked, journal.closing = (
+            other.journal.pending,
+            other.journal.booked,
+            other.journal.closing,
+        )
+        self.risk.halts, self.risk.today = other.risk.halts, other.risk.today
+        self.slice_history.changes = other.slice_history.changes
+        self.attributed_orders, self.funding_refs = other.attributed_orders, other.funding_refs
+        self.funding_parts, self.funded_through = other.funding_parts, other.funded_through
+        self.last_event_at, self.replayed_cash = other.last_event_at, other.replayed_cash
+        self._closed_before_snapshot = {
+            change[2]
+            for changes in self.slice_history.changes.values()
+            for change in changes
+            if change[1] < 0
+        }
 
     def end_replay(self) -> None:
         self._replayed_opens = set()
+        self._closed_before_snapshot = set()
 
     def apply(self, event: Event, replay: bool = False) -> None:
         """Fold an event in. On replay the book is rebuilt from it too (live, the book applied
@@ -97,7 +132,11 @@ class EngineState:
         self.slice_history.record(event, self.started_at if replay and self.started_at else event.occurred_at)
         if not replay:
             self.risk.book(event.strategy_id, event.occurred_at, -event.fee)
-        elif event.strategy_position_id not in self._replayed_opens:
+        elif (
+            event.strategy_position_id not in self._replayed_opens
+            # an open stored again after a snapshot, of a slice it had seen close
+            and event.strategy_position_id not in self._closed_before_snapshot
+        ):
             self._replayed_opens.add(event.strategy_position_id)
             self.book.apply(event)  # a re-stored open of a slice closed since is not reopened
             self.replayed_cash -= event.fee

@@ -98,6 +98,7 @@ def processes(tmp_path: Path, nats_server: EmbeddedNats) -> Iterator[Processes]:
         MAX_SIGNAL_AGE_SECONDS="3600",
         MIN_CONFIDENCE="0.5",
         FETCH_BATCH="16",
+        SNAPSHOT_EVERY_EVENTS="400",  # restarts load snapshots; kills fall while they are written
         EXCHANGE_RECV_WINDOW_MS="1000",
         ORDER_SEND_SPAN_SECONDS="3",  # an order lost in a kill is known unplaced 6 s after it
         EXCHANGE_RATE_LIMIT_MS="1",  # the emulator has no limit; Binance's weights would pace us at ~0.4 s/order
