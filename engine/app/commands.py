@@ -11,14 +11,14 @@ import sys
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import nats.errors
 import nats.js.errors
-from nats.js.api import DeliverPolicy
+from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 from rich.console import Console
 
@@ -111,6 +111,8 @@ async def publish(
                 f"duplicate: {payload['signal_id']} was published to {subject} within the last 5 minutes;"
                 " JetStream kept the first, which is decided once"
             )
+            earlier = await _earlier_decision(bus, str(payload.get("symbol")), str(payload["signal_id"]))
+            console.print(describe(earlier) if earlier else "the first is not decided yet")
             return EXIT_DUPLICATE
         console.print(f"published {payload['signal_id']} to {subject}")
         if no_wait:
@@ -131,6 +133,32 @@ async def publish(
         )
     finally:
         await bus.close()
+
+
+async def _earlier_decision(bus: NatsBus, symbol: str, signal_id: str) -> SignalDecided | SignalDead | None:
+    """The decision of a signal published in the last minutes (the dedupe window): the
+    decisions on its symbol and the dead letters since then, read once."""
+    since = datetime.now(UTC) - timedelta(minutes=6)
+    found: SignalDecided | SignalDead | None = None
+    for subject in (f"decisions.{symbol}", "deadletter.signals"):
+        config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_TIME, opt_start_time=since)
+        sub = await bus.js.subscribe(subject, stream=EVENTS_STREAM, ordered_consumer=True, config=config)
+        try:
+            while True:
+                try:
+                    msg = await sub.next_msg(timeout=1.0)
+                except TimeoutError:
+                    break  # caught up
+                event = decode_event(msg.data)
+                if isinstance(event, SignalDecided | SignalDead) and event.signal_id == signal_id:
+                    found = event
+                if msg.metadata.num_pending == 0:
+                    break
+        finally:
+            await sub.unsubscribe()
+        if found is not None:
+            return found
+    return None
 
 
 async def publish_price(settings: Settings, symbol: str, price: str) -> int:

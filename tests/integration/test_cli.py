@@ -95,7 +95,8 @@ def test_run_publish_tp_hit_and_clean_shutdown(
     assert "low_confidence" in out, out
     again = ("publish", "y", "ETHUSDT", "hold", "--signal-id", "same-id-1")
     cli(env, *again)  # ignored: exit 0
-    assert "duplicate" in cli(env, *again, code=5)
+    out = cli(env, *again, code=5)
+    assert "duplicate" in out and "DECIDED ignored" in out and "hold" in out, out  # the earlier decision
     cli(env, "price", "ETHUSDT", "3150")
 
     def tp_counted() -> bool:
