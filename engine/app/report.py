@@ -157,8 +157,11 @@ async def _rows(store: MysqlStore, sql: str, params: dict[str, Any]) -> list[dic
 
 
 def fmt(value: Any, places: int = 4) -> str:
+    """One way to write a figure everywhere (terminal, tables, charts): no trailing zeros."""
     if value is None:
         return "-"
+    if isinstance(value, float):
+        value = Decimal(repr(value))
     if isinstance(value, Decimal):
         text = f"{value:.{places}f}"
         return text.rstrip("0").rstrip(".") if "." in text else text
@@ -228,11 +231,28 @@ def _describe(flt: ReportFilter) -> str:
 # --- HTML ------------------------------------------------------------------------------------
 def render_html(data: ReportData, generated_at: datetime) -> str:
     e = html.escape
+    columns = [*PERFORMANCE_COLUMNS, ("open_positions", "open"), ("open_notional", "open notional"),
+               ("unrealized_pnl", "uPnL")]  # fmt: skip
+    # The same figures as the terminal and the charts: money to the cent, rates to 4 places.
     rows = "".join(
-        "<tr>" + "".join(f"<td>{e(fmt(r[key]))}</td>" for key, _ in PERFORMANCE_COLUMNS) + "</tr>"
+        "<tr>"
+        + "".join(f"<td>{e(fmt(r.get(key), 2 if key in MONEY else 4))}</td>" for key, _ in columns)
+        + "</tr>"
         for r in data.performance
     )
-    head = "".join(f"<th>{e(title)}</th>" for _, title in PERFORMANCE_COLUMNS)
+    head = "".join(f"<th>{e(title)}</th>" for _, title in columns)
+    attribution_rows = "".join(
+        f"<tr><td>{e(r['exchange_position_id'][:8])}</td><td>{e(r['position_key'])}</td><td>{e(r['strategy_id'])}</td>"
+        f"<td>{e(fmt(r['contributed_quantity']))}</td><td>{e(fmt(r['quantity_share']))}</td>"
+        f"<td>{e(fmt(r['realized_pnl'], 2))}</td></tr>"
+        for r in data.attribution
+    )
+    attribution_table = (
+        '<table id="attribution-table"><thead><tr><th>position</th><th>key</th><th>strategy</th><th>quantity</th>'
+        f"<th>share</th><th>PnL</th></tr></thead><tbody>{attribution_rows}</tbody></table>"
+        if data.attribution
+        else "<p>No exchange position in this selection.</p>"
+    )
     colours = {s: PALETTE[i % len(PALETTE)] for i, s in enumerate(sorted(data.equity))}
     curves = "".join(
         f"<figure><figcaption>{e(strategy)}: equity and drawdown</figcaption>"
@@ -252,13 +272,24 @@ figure{{display:inline-block;margin:8px}} figcaption{{font-size:13px;color:#555}
 <h1>tradeengine report {e(_describe(data.filter))}</h1>
 <p>Generated {e(generated_at.isoformat())}. PnL is net of fees.</p>
 <h2>Strategy performance</h2>
-<table id="performance"><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>
+{
+        f'<table id="performance"><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>'
+        if data.performance
+        else "<p>No trades and no open positions in this selection.</p>"
+    }
 <h2>Equity curve and drawdown per strategy</h2>
-<div id="equity">{curves or "<p>No closed trades.</p>"}</div>
+<p>Cumulative net PnL in the quote currency (the line) and drawdown from its peak (the shaded
+area below zero), one chart per strategy; time runs left to right, from the first close to the last.</p>
+<div id="equity">{curves or "<p>No closed trades in this selection.</p>"}</div>
 <h2>TP vs SL rates</h2>
-<div id="tpsl">{tp_sl_svg([r for r in data.performance if r["trades"]])}</div>
+<div id="tpsl">{
+        tp_sl_svg([r for r in data.performance if r["trades"]])
+        if any(r["trades"] for r in data.performance)
+        else "<p>No closed trades in this selection.</p>"
+    }</div>
 <h2>PnL attribution per exchange position</h2>
-<div id="attribution">{attribution_svg(data.attribution, colours)}</div>
+<div id="attribution">{attribution_svg(data.attribution, colours) if data.attribution else ""}</div>
+{attribution_table}
 <p class="legend">{legend}</p>
 </body></html>
 """
@@ -286,7 +317,10 @@ def equity_svg(
         f'<polygon class="drawdown" points="{area}" fill="{DRAWDOWN_COLOUR}"/>'
         f'<polyline class="equity-line" points="{equity}" fill="none" stroke="{colour}" stroke-width="3"/>'
         f'<text x="2" y="14" font-size="11">{fmt(max(values), 2)}</text>'
-        f'<text x="2" y="{h - 6}" font-size="11">{fmt(min(values), 2)}</text></svg>'
+        f'<text x="2" y="{h - 22}" font-size="11">{fmt(min(values), 2)}</text>'
+        f'<text x="40" y="{h - 4}" font-size="10" fill="#555">{points[1][0]:%Y-%m-%d %H:%M}</text>'
+        f'<text x="{w - 10}" y="{h - 4}" font-size="10" fill="#555" text-anchor="end">'
+        f"{points[-1][0]:%Y-%m-%d %H:%M} UTC</text></svg>"
     )
 
 

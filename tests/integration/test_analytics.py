@@ -536,3 +536,16 @@ async def test_report_fits_80_columns_and_exports(db: Db) -> None:
     f = next(r for r in records if r["strategy_id"] == "F")
     assert f["open_positions"] == 1 and f["unrealized_pnl"] != 0
     assert next(r for r in records if r["strategy_id"] == "C")["total_pnl"] == D("167.175")
+
+
+async def test_report_html_says_what_an_empty_selection_holds_and_tables_the_attribution(db: Db) -> None:
+    from engine.app.report import ReportFilter, gather, render_html
+
+    empty = render_html(await gather(db.store, ReportFilter(strategy="nobody")), T1)
+    assert "No trades and no open positions in this selection." in empty
+    assert (
+        "No closed trades in this selection." in empty and "No exchange position in this selection." in empty
+    )
+    page = render_html(await gather(db.store, ReportFilter()), T1)
+    assert page.count("<tr><td>") >= 6 + 5  # the attribution table's rows beside the performance table's
+    assert "167.18" in page and "167.175" not in page  # money to the cent, as on the terminal
