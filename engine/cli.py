@@ -148,6 +148,9 @@ def _parser() -> argparse.ArgumentParser:
     pos.add_argument(
         "--watch", type=float, metavar="SECONDS", help="show it again every SECONDS until Ctrl-C"
     )
+    pos.add_argument(
+        "--venue", action="store_true", help="also ask the venue what it holds (EXCHANGE, read only)"
+    )
 
     emu = command(
         "emulator",
@@ -218,7 +221,8 @@ async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         return await commands.watching(args.watch, lambda: commands.status(settings, args.json))
     if args.command == "positions":
         return await commands.watching(
-            args.watch, lambda: commands.positions(settings, args.strategy, args.symbol, args.json)
+            args.watch,
+            lambda: commands.positions(settings, args.strategy, args.symbol, args.json, args.venue),
         )
     if args.command == "report":
         from engine.app.report import ReportFilter

@@ -288,7 +288,9 @@ class CcxtGateway:
         self.exchange.fetch = fetch
 
     # --- start-up ------------------------------------------------------------------------
-    async def start(self) -> None:
+    async def start(self, read_only: bool = False) -> None:
+        """Load the markets; unless `read_only` (a desk view), check the position mode and set
+        the account settings configured by symbol."""
         await self._call(self.exchange.load_markets)
         for unified, m in self.exchange.markets.items():
             if not m.get("swap") or not m.get("linear") or not m.get("active", True):
@@ -305,6 +307,8 @@ class CcxtGateway:
                 max_quantity=_max_market_quantity(m["limits"]),
             )
         self._record_clock_offset()
+        if read_only:
+            return
         await self._check_position_mode()
         for symbol in sorted(self.account.overridden()):  # the symbols configured by name: now
             await self.configure(symbol)

@@ -38,8 +38,9 @@ class ExchangeGateway(Protocol):
     # No request of one order is sent later than this after it was journaled.
     send_span_seconds: float
 
-    async def start(self) -> None:
-        """Load markets and check (or set) the position mode; before the first order."""
+    async def start(self, read_only: bool = False) -> None:
+        """Load markets and check (or set) the position mode; before the first order. With
+        `read_only` (a desk view): markets only, nothing about the account checked or set."""
         ...
 
     def market(self, symbol: str) -> Market | None: ...

@@ -119,7 +119,7 @@ class PaperExchange:
             )
         )  # fmt: skip
 
-    async def start(self) -> None:
+    async def start(self, read_only: bool = False) -> None:
         return None
 
     async def reference_price(self, symbol: str) -> Decimal | None:

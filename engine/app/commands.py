@@ -27,7 +27,7 @@ from engine.adapters.nats_bus import EVENT_SUBJECTS, EVENTS_STREAM, MSG_ID, Nats
 from engine.app import desk
 from engine.app.report import ReportFilter, as_records, gather, render_html, render_terminal
 from engine.app.runner import client_nats_url, mysql_target
-from engine.config import Settings
+from engine.config import ConfigError, Settings
 from engine.domain.control import COMMANDS, BadCommand, parse_command
 from engine.domain.events import (
     ControlApplied,
@@ -291,8 +291,11 @@ async def watching(every: float | None, show: Callable[[], Awaitable[int]]) -> i
         await asyncio.sleep(every)
 
 
-async def positions(settings: Settings, strategy: str | None, symbol: str | None, as_json: bool) -> int:
-    """Open exchange positions per key with their strategy slices, valued at the last price."""
+async def positions(
+    settings: Settings, strategy: str | None, symbol: str | None, as_json: bool, venue: bool = False
+) -> int:
+    """Open exchange positions per key with their strategy slices, valued at the last price;
+    with `venue`, what the venue itself holds beside each key (read only)."""
     bus = await connect_client(settings, "tradeengine-positions")
     try:
         state = await desk.fold_events(
@@ -302,6 +305,11 @@ async def positions(settings: Settings, strategy: str | None, symbol: str | None
     finally:
         await bus.close()
     view = desk.positions_view(state, prices, strategy, symbol)
+    if venue:
+        held = await _venue_positions(settings)
+        view["venue"] = {str(k): q for k, q in sorted(held.items()) if not symbol or k.symbol == symbol}
+        for key in view["positions"]:
+            key["venue_quantity"] = view["venue"].get(key["key"], Decimal(0))
     if as_json:
         print(desk.to_json(view))
         return 0
@@ -310,8 +318,9 @@ async def positions(settings: Settings, strategy: str | None, symbol: str | None
         return 0
     for key in view["positions"]:
         last = "-" if key["last_price"] is None else amount(key["last_price"])
+        at_venue = f"  venue {amount(key['venue_quantity'])}" if "venue_quantity" in key else ""
         console.print(
-            f"[bold]{key['key']}[/] {amount(key['quantity'])} @ {amount(key['avg_entry_price'])}  last {last}"
+            f"[bold]{key['key']}[/] {amount(key['quantity'])} @ {amount(key['avg_entry_price'])}  last {last}{at_venue}"
         )
         for row in key["slices"]:
             pnl = (
@@ -460,6 +469,20 @@ async def report(settings: Settings, flt: ReportFilter, html_file: str | None, o
         if output == "table":
             console.print(f"wrote {html_file}")
     return 0
+
+
+async def _venue_positions(settings: Settings) -> dict[Any, Decimal]:
+    """What the venue holds per key, asked read only (nothing about the account is set)."""
+    from engine.app.runner import build_gateway
+
+    if settings.exchange == "paper":
+        raise ConfigError("--venue: the paper venue lives inside the worker; set EXCHANGE to a ccxt venue")
+    gateway = build_gateway(settings)
+    try:
+        await gateway.start(read_only=True)
+        return {key: held.quantity for key, held in (await gateway.positions()).items()}
+    finally:
+        await gateway.close()
 
 
 async def _report_prices(settings: Settings) -> dict[str, Decimal]:

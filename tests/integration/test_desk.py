@@ -50,3 +50,32 @@ async def test_positions_and_status_as_a_desk_sees_them(pipeline: Pipeline) -> N
     assert status["halted"] == []
     assert status["streams"]["SIGNALS"]["messages"] == 2
     assert status["consumers"]["worker"]["pending"] == 0
+
+
+async def test_positions_beside_what_the_venue_holds(nats_server: Any, mysql_url: str, emulator: Any) -> None:
+    import asyncio
+    import os
+    import sys
+
+    from tests.integration.harness import Pipeline
+
+    settings = emulator.venue_settings()
+    async with Pipeline(nats_server.url, mysql_url, emulator.exchange, **settings) as pipeline:
+        await pipeline.tick("ETHUSDT", "3000")
+        await pipeline.decision(
+            await pipeline.publish("s1", "ETHUSDT", "buy", quantity="0.2", confidence="0.9")
+        )
+        emulator.exchange.by_hand("ETHUSDT", "LONG", "SELL", D("0.05"), False)  # someone reduces it by hand
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("NATS_", "EXCHANGE"))}
+        env |= {"NATS_URL": nats_server.url} | {
+            k: str(v) for k, v in settings.items() if k.startswith("EXCHANGE")
+        }
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "engine.cli", "positions", "--json", "--venue", env=env,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(process.communicate(), 60)
+        assert process.returncode == 0, err.decode()
+        shown = json.loads(out)
+        (key,) = shown["positions"]
+        assert (key["key"], key["quantity"], key["venue_quantity"]) == ("ETHUSDT_LONG", "0.2", "0.15")
