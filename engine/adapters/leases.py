@@ -121,11 +121,24 @@ class LeaseTaken(RuntimeError):
     """The lease is held by a live process and this one was told not to wait."""
 
 
+async def with_replicas(js: JetStreamContext, stream: str, replicas: int) -> None:
+    """A bucket's stream (KV_<name>, OBJ_<name>) made before STREAM_REPLICAS changed gets the
+    new count: losing a node must not lose a lease or a snapshot."""
+    with contextlib.suppress(Exception):  # a server that cannot (one node): left as it is
+        config = (await js.stream_info(stream)).config
+        if (config.num_replicas or 1) != replicas:
+            config.num_replicas = replicas
+            await js.update_stream(config)
+
+
 async def open_bucket(js: JetStreamContext, name: str, ttl: float | None, replicas: int = 1) -> KeyValue:
     """The KV bucket `name`, created (with entries expiring after `ttl` seconds, on `replicas`
     servers of a cluster) if missing."""
     try:
-        return await js.key_value(name)
+        found = await js.key_value(name)
+        if replicas > 1:
+            await with_replicas(js, f"KV_{name}", replicas)
+        return found
     except (NotFoundError, Exception):
         with contextlib.suppress(Exception):  # another process may have created it meanwhile
             return await js.create_key_value(

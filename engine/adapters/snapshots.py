@@ -14,6 +14,7 @@ from nats.js.errors import NotFoundError
 from nats.js.object_store import ObjectStore
 
 from engine.adapters.event_signing import EventSigner
+from engine.adapters.leases import with_replicas
 
 BUCKET = "tradeengine_snapshots"
 MAGIC = b"tradeengine-snapshot"
@@ -30,6 +31,8 @@ class SnapshotStore:
         if self._store is None:
             try:
                 self._store = await self.js.object_store(BUCKET)
+                if self.replicas > 1:
+                    await with_replicas(self.js, f"OBJ_{BUCKET}", self.replicas)
             except NotFoundError:
                 from nats.js.api import ObjectStoreConfig, StorageType
 
@@ -38,37 +41,43 @@ class SnapshotStore:
                 )
         return self._store
 
-    def _signature(self, seq: int, body: bytes) -> str:
-        return "-" if self.signer is None else self.signer.sign(f"snapshot.{self.name}.{seq}", body)
+    def _signature(self, seq: int, stream: str, body: bytes) -> str:
+        return "-" if self.signer is None else self.signer.sign(f"snapshot.{self.name}.{seq}.{stream}", body)
 
     @staticmethod
     def compress(pieces: Iterable[bytes]) -> bytes:
         compressor = zlib.compressobj(1)
         return b"".join(compressor.compress(piece) for piece in pieces) + compressor.flush()
 
-    def encode(self, seq: int, body: bytes) -> bytes:
-        return b"%s %d %s\n" % (MAGIC, seq, self._signature(seq, body).encode()) + body
+    def encode(self, seq: int, stream: str, body: bytes) -> bytes:
+        """`stream`: the EVENTS stream's creation time, so a snapshot of another stream (deleted
+        and made again) is told apart."""
+        return (
+            b"%s %d %s %s\n" % (MAGIC, seq, stream.encode(), self._signature(seq, stream, body).encode())
+            + body
+        )
 
-    def decode(self, blob: bytes) -> tuple[int, dict[str, Any]]:
+    def decode(self, blob: bytes) -> tuple[int, str, dict[str, Any]]:
         head, _, body = blob.partition(b"\n")
-        magic, seq_text, signature = head.split(b" ")
+        magic, seq_text, stream_bytes, signature = head.split(b" ")
         if magic != MAGIC:
             raise ValueError("not a tradeengine snapshot")
-        seq = int(seq_text)
-        if self.signer is not None and signature.decode() != self._signature(seq, body):
+        seq, stream = int(seq_text), stream_bytes.decode()
+        if self.signer is not None and signature.decode() != self._signature(seq, stream, body):
             raise ValueError("the snapshot's signature is not the worker's")
         data: dict[str, Any] = orjson.loads(zlib.decompress(body))
-        return seq, data
+        return seq, stream, data
 
-    async def load(self) -> tuple[int, dict[str, Any]] | None:
-        """(stream sequence it covers, the state as data), or None if there is none yet."""
+    async def load(self) -> tuple[int, str, dict[str, Any]] | None:
+        """(stream sequence it covers, the stream's creation time, the state as data), or None
+        if there is none yet."""
         try:
             found = await (await self._bucket()).get(self.name)
         except NotFoundError:
             return None
         return self.decode(found.data or b"")
 
-    async def save(self, seq: int, body: bytes) -> int:
-        blob = self.encode(seq, body)
+    async def save(self, seq: int, body: bytes, stream: str) -> int:
+        blob = self.encode(seq, stream, body)
         await (await self._bucket()).put(self.name, blob)
         return len(blob)

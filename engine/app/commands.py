@@ -299,7 +299,9 @@ async def positions(
     bus = await connect_client(settings, "tradeengine-positions")
     try:
         state = await desk.fold_events(
-            bus, lambda n, total: print(f"  read {n:,} of {total:,} events", file=sys.stderr)
+            bus,
+            lambda n, total: print(f"  read {n:,} of {total:,} events", file=sys.stderr),
+            settings.event_signer(),
         )
         prices = await desk.last_prices(bus)
     finally:

@@ -14,6 +14,7 @@ from typing import Any
 
 from nats.js.api import DeliverPolicy
 
+from engine.adapters.event_signing import EventSigner
 from engine.adapters.last_prices import PRICES_BUCKET
 from engine.adapters.nats_bus import CONTROL_STREAM, EVENTS_STREAM, SIGNALS_STREAM, NatsBus
 from engine.domain.events import decode_event
@@ -22,9 +23,16 @@ from engine.domain.pnl import gross_pnl
 from engine.domain.state import EngineState
 
 
-async def fold_events(bus: NatsBus, progress: Callable[[int, int], None] | None = None) -> EngineState:
+async def fold_events(
+    bus: NatsBus,
+    progress: Callable[[int, int], None] | None = None,
+    signer: EventSigner | None = None,
+    timeout: float = 600.0,
+) -> EngineState:
     """Every stored event, folded as a restarting worker would (an ordered consumer: no durable
-    is left behind, and a reader's permissions suffice)."""
+    is left behind, and a reader's permissions suffice). Like the worker's replay it skips an
+    event without the worker's signature (with `signer`) and one it cannot read, and it ends
+    when nothing is pending, whatever became of the last message."""
     state = EngineState()
     info = await bus.js.stream_info(EVENTS_STREAM)
     last = info.state.last_seq
@@ -35,18 +43,22 @@ async def fold_events(bus: NatsBus, progress: Callable[[int, int], None] | None 
 
     async def on_msg(msg: Any) -> None:
         nonlocal seen
-        state.apply(decode_event(msg.data), replay=True)
         seen += 1
+        try:
+            if signer is None or signer.trusts(msg.subject, msg.data, msg.headers):
+                state.apply(decode_event(msg.data), replay=True)
+        except Exception:
+            pass  # not an event of ours: the worker's replay would not fold it either
         if progress is not None and seen % 10_000 == 0:
             progress(seen, info.state.messages)
-        if msg.metadata.sequence.stream >= last:
+        if msg.metadata.sequence.stream >= last or msg.metadata.num_pending == 0:
             done.set()
 
     sub = await bus.js.subscribe(
         "", stream=EVENTS_STREAM, cb=on_msg, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
     )
     try:
-        await done.wait()
+        await asyncio.wait_for(done.wait(), timeout)
     finally:
         await sub.unsubscribe()
     state.end_replay()

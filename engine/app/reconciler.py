@@ -32,6 +32,8 @@ class Reconciler:
         self.state = rt.state
         self.book, self.journal = rt.state.book, rt.state.journal
         self.reconciled_at: dict[str, datetime] = {}
+        # The last event known at start: the venue's orders since then are what was missed.
+        self.known_until: datetime | None = None
 
     async def keep_reconciling(self) -> None:
         """Periodically, and after a NATS reconnect: settle open orders, then reconcile."""
@@ -118,7 +120,7 @@ class Reconciler:
         if {k: v.quantity for k, v in venue.items()} == held:
             self.reconciled_at[symbol] = now
             return
-        since = self.reconciled_at.get(symbol) or self.state.last_event_at or now - timedelta(days=1)
+        since = self.reconciled_at.get(symbol) or self.known_until or now - timedelta(days=1)
         # Venues keep a limited order history (Binance: 7 days); older is out of reach anyway.
         since = max(since - timedelta(seconds=60), now - ORDER_HISTORY_REACH)
         listed = await self.rt.gateway.orders_since(symbol, since)

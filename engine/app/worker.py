@@ -443,6 +443,7 @@ class Worker:
             if not count % REPLAY_PROGRESS_EVERY:  # a long history: say how far it has got
                 log.info("worker.recovering", events=count, seconds=round(time.monotonic() - started, 1))
         self.state.end_replay()
+        self.reconciler.known_until = self.state.last_event_at
         self._halt_on_losses(self.risk.today.by_strategy)  # a crash may have come between a loss and its halt
         self.kill_switch.report()
         if isinstance(self.gateway, PaperExchange):
@@ -479,7 +480,15 @@ class Worker:
             found = await self._snapshot_store().load()
             if found is None:
                 return 0
-            seq, data = found
+            seq, stream, data = found
+            info = await self.bus.js.stream_info(EVENTS_STREAM)
+            created = info.created.isoformat() if info.created else "-"
+            if stream != created or seq > info.state.last_seq or info.state.first_seq > seq + 1:
+                # Another stream (deleted and made again), or events gone past the snapshot.
+                raise ValueError(
+                    f"snapshot of stream {stream} at {seq}; EVENTS is {created}, {info.state.first_seq}"
+                    f"..{info.state.last_seq}"
+                )
             self.state.adopt(snapshot.load(data, self.state.risk.limits, self.state.started_at))
         except Exception as exc:  # unreadable, foreign or of another format: the whole stream
             log.warning("worker.snapshot_unusable", error=repr(exc)[:300])
@@ -511,11 +520,18 @@ class Worker:
         event in the outbox), then written in the background."""
         try:
             async with self._flush_lock:
+                # A fenced worker, or one that dropped events on its way out, holds a state that
+                # is not the stream's: no snapshot of it.
+                self.check_lease()
+                if self._abandoned_events:
+                    return
                 await self._flush_locked()
                 # No await between the empty outbox and this: the state is what is stored.
                 body = SnapshotStore.compress(snapshot.json_pieces(self.state))
-                seq = (await self.bus.js.stream_info(EVENTS_STREAM)).state.last_seq  # no flush meanwhile
-            size = await self._snapshot_store().save(seq, body)
+                info = await self.bus.js.stream_info(EVENTS_STREAM)  # no flush meanwhile
+                seq, created = info.state.last_seq, info.created.isoformat() if info.created else "-"
+            self.check_lease()
+            size = await self._snapshot_store().save(seq, body, created)
             log.info("worker.snapshot_saved", seq=seq, bytes=size, open_positions=len(self.book.positions))
             del body
             release_free_memory()  # the snapshot's buffers go back to the OS

@@ -120,6 +120,9 @@ def dump(state: EngineState, with_positions: bool = True) -> dict[str, Any]:
         "funded_through": dict(state.funded_through),
         "last_event_at": state.last_event_at,
         "replayed_cash": state.replayed_cash,
+        # The day's tally is kept only under a day's-loss limit: a start with one needs a
+        # snapshot that kept it.
+        "tally_kept": state.risk.limits.watches_daily_loss,
     }  # fmt: skip
 
 
@@ -129,6 +132,8 @@ def load(
     """The state a snapshot holds; ValueError if it is not one this version reads."""
     if data.get("format") != FORMAT:
         raise ValueError(f"snapshot format {data.get('format')!r}, this version reads {FORMAT}")
+    if limits is not None and limits.watches_daily_loss and not data.get("tally_kept"):
+        raise ValueError("the snapshot kept no day's tally, and a day's-loss limit needs one")
     state = EngineState(limits, started_at)
     book = state.book
     for row in data["exchange"]:

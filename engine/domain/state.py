@@ -62,7 +62,7 @@ class EngineState:
         self.funded_through: dict[str, datetime] = {}  # per symbol: the last funding time booked
         self.last_event_at: datetime | None = None
         self.started_at = started_at
-        self.replayed_cash = ZERO  # closed PnL less every fee, over the replayed trades
+        self.replayed_cash = ZERO  # closed PnL less every fee plus funding, over every trade folded in
         self._replayed_opens: set[str] = set()  # during replay only
         # Loaded from a snapshot: the slices it saw close in its last day (an open of one stored
         # again after it must not reopen it; the full replay knows that from _replayed_opens).
@@ -106,8 +106,7 @@ class EngineState:
     def apply(self, event: Event, replay: bool = False) -> None:
         """Fold an event in. On replay the book is rebuilt from it too (live, the book applied
         it already when it made it)."""
-        if replay:
-            self.last_event_at = event.occurred_at
+        self.last_event_at = event.occurred_at  # live too: a snapshot covers up to its last event
         match event:
             case SignalDecided():
                 self.ledger.apply(event)
@@ -132,9 +131,11 @@ class EngineState:
         self.slice_history.record(event, self.started_at if replay and self.started_at else event.occurred_at)
         if not replay:
             self.risk.book(event.strategy_id, event.occurred_at, -event.fee)
+            self.replayed_cash -= event.fee
         elif (
             event.strategy_position_id not in self._replayed_opens
-            # an open stored again after a snapshot, of a slice it had seen close
+            and event.strategy_position_id not in self.book.positions  # stored again, still open
+            # stored again after a snapshot, of a slice it saw close in its last day
             and event.strategy_position_id not in self._closed_before_snapshot
         ):
             self._replayed_opens.add(event.strategy_position_id)
@@ -153,10 +154,11 @@ class EngineState:
             closing = self.book.positions.get(StrategyPositionId(event.strategy_position_id))
             if closing is not None and event.event_id == self.book.next_close_event_id(closing):
                 self.risk.book(event.strategy_id, event.occurred_at, cash)  # once, as the book
+                self.replayed_cash += cash
             self.book.apply(event)
-            self.replayed_cash += cash
         else:
             self.risk.book(event.strategy_id, event.occurred_at, cash)
+            self.replayed_cash += cash
         self.ledger.apply(event)
         self.journal.apply(event)
         if event.close_reason in (CloseReason.MANUAL, CloseReason.LIQUIDATION):
@@ -174,8 +176,7 @@ class EngineState:
             if booked is None or event.funding_time > booked:
                 self.funded_through[event.symbol] = event.funding_time
         self.risk.book(event.strategy_id, event.occurred_at, event.amount)
-        if replay:
-            self.replayed_cash += event.amount
+        self.replayed_cash += event.amount
 
     def admit(self, signal: Signal, sequence: int) -> Admission:
         """What to do with a signal before deciding it, from what the events say of it."""

@@ -79,3 +79,22 @@ async def test_positions_beside_what_the_venue_holds(nats_server: Any, mysql_url
         shown = json.loads(out)
         (key,) = shown["positions"]
         assert (key["key"], key["quantity"], key["venue_quantity"]) == ("ETHUSDT_LONG", "0.2", "0.15")
+
+
+async def test_the_desk_fold_ends_when_the_last_event_is_gone_or_not_ours(pipeline: Pipeline) -> None:
+    import asyncio
+
+    from engine.adapters.nats_bus import NatsBus
+    from engine.app.desk import fold_events
+
+    assert pipeline.client is not None
+    await pipeline.tick("BTCUSDT", "45000")
+    await pipeline.decision(await pipeline.publish("a", "BTCUSDT", "buy", quantity="0.01"))
+    js = pipeline.client.jetstream()
+    await js.publish("positions.closed.BTCUSDT.LONG", b"not an event")  # unreadable, and last
+    state = await asyncio.wait_for(fold_events(NatsBus(pipeline.client)), 10)
+    assert [sp.strategy_id for sp in state.book.positions.values()] == ["a"]
+    last = (await js.stream_info("EVENTS")).state.last_seq
+    await js.delete_msg("EVENTS", last)  # the last message gone: the fold still ends
+    state = await asyncio.wait_for(fold_events(NatsBus(pipeline.client)), 10)
+    assert len(state.book.positions) == 1

@@ -38,7 +38,7 @@ async def test_a_restart_loads_the_snapshot_and_replays_only_the_tail(make_pipel
             return await store.load() is not None
 
         await eventually_async(snapshot_taken, timeout=20, what="a snapshot")
-        seq, _ = await store.load() or (0, {})
+        seq, _, _ = await store.load() or (0, "", {})
         total = await pipeline.stored_event_count()
         assert 0 < seq <= total
         await pipeline.stop_worker()
@@ -70,8 +70,33 @@ async def test_a_snapshot_without_the_workers_signature_is_not_loaded(make_pipel
         forger = SnapshotStore(
             pipeline.client.jetstream(), pipeline.settings.worker_durable, EventSigner("x" * 20)
         )
-        await forger.save(total, SnapshotStore.compress(snapshot.json_pieces(EngineState())))
+        created = (await pipeline.client.jetstream().stream_info("EVENTS")).created
+        assert created is not None
+        await forger.save(
+            total, SnapshotStore.compress(snapshot.json_pieces(EngineState())), created.isoformat()
+        )
         await pipeline.stop_worker()
         await pipeline.start_worker()
         assert pipeline.worker.recovered == (0, total)  # not the forged empty book
         assert len(pipeline.worker.book.positions) == 1
+
+
+async def test_a_snapshot_of_another_stream_is_not_loaded(make_pipeline: Any) -> None:
+    """EVENTS deleted and made again: the snapshot of the old stream is not this stream's."""
+    async with make_pipeline(SNAPSHOT_EVERY_EVENTS="3") as pipeline:
+        assert pipeline.client is not None and pipeline.worker is not None
+        await pipeline.tick("ETHUSDT", "3000")
+        for n in range(2):  # four events: a snapshot
+            await pipeline.decision(
+                await pipeline.publish(f"s{n}", "ETHUSDT", "buy", quantity="0.1", confidence="0.9")
+            )
+        store = SnapshotStore(pipeline.client.jetstream(), pipeline.settings.worker_durable, None)
+
+        async def snapshot_taken() -> bool:
+            return await store.load() is not None
+
+        await eventually_async(snapshot_taken, timeout=20, what="a snapshot")
+        await pipeline.stop_worker()
+        await pipeline.client.jetstream().delete_stream("EVENTS")
+        await pipeline.start_worker()
+        assert pipeline.worker.recovered == (0, 0) and not pipeline.worker.book.positions

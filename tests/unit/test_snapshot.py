@@ -123,3 +123,27 @@ async def test_the_snapshot_written_in_pieces_is_the_same_document() -> None:
         state.apply(event, replay=True)
     whole = orjson.loads(snapshot.to_json(snapshot.dump(state)))
     assert orjson.loads(b"".join(snapshot.json_pieces(state, chunk=2))) == whole
+
+
+async def test_cash_and_the_last_event_are_kept_live_as_on_replay() -> None:
+    """A snapshot taken while the worker runs holds the trades' cash and the last event time of
+    everything folded in, live or replayed, and a re-stored open counts once."""
+    h = await history()
+    replayed, live = EngineState(), EngineState()
+    for event in h.events:
+        replayed.apply(event, replay=True)
+        live.apply(event, replay=False)
+    replayed.apply(h.events[0], replay=True)  # an open stored twice
+    assert live.replayed_cash == replayed.replayed_cash != 0
+    assert live.last_event_at == replayed.last_event_at == h.events[-1].occurred_at
+
+
+def test_a_snapshot_that_kept_no_days_tally_is_refused_under_a_days_loss_limit() -> None:
+    data = orjson.loads(snapshot.to_json(snapshot.dump(EngineState())))
+    assert snapshot.load(data, RiskLimits()) is not None
+    try:
+        snapshot.load(data, RiskLimits(StrategyLimits(daily_loss=D(10))))
+    except ValueError as exc:
+        assert "day's tally" in str(exc)
+    else:
+        raise AssertionError("loaded a snapshot without the tally a limit needs")
