@@ -20,7 +20,8 @@ import asyncmy
 
 from bench.common import machine
 from engine.adapters.embedded_nats import EmbeddedNats, free_port
-from engine.adapters.mysql_store import MultiRowInsert, MysqlStore
+from engine.adapters.mysql_sql import MultiRowInsert
+from engine.adapters.mysql_store import MysqlStore
 from engine.adapters.nats_bus import NatsBus
 from engine.app.attribution import AttributionConsumer
 from engine.config import MysqlTarget, load_settings

@@ -13,13 +13,9 @@ import structlog
 from nats.aio.msg import Msg
 
 from engine import metrics
-from engine.adapters.mysql_store import (
-    PAUSE_EVERY,
-    ConcurrentWrite,
-    MysqlStore,
-    ProjectedBatch,
-    project_cooperatively,
-)
+from engine.adapters.mysql_projection import ProjectedBatch, project_cooperatively
+from engine.adapters.mysql_sql import PAUSE_EVERY
+from engine.adapters.mysql_store import ConcurrentWrite, MysqlStore
 from engine.adapters.nats_bus import EVENTS_STREAM, DurableConsumer, NatsBus, jetstream_sequences
 from engine.config import Settings
 from engine.domain.events import Event, decode_event

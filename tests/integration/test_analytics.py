@@ -15,7 +15,8 @@ import pytest
 import pytest_asyncio
 
 from engine.adapters.embedded_nats import EmbeddedNats, free_port
-from engine.adapters.mysql_store import MysqlStore, project
+from engine.adapters.mysql_projection import project
+from engine.adapters.mysql_store import MysqlStore
 from engine.adapters.nats_bus import NatsBus
 from engine.app.attribution import AttributionConsumer
 from engine.config import MysqlTarget, load_settings

@@ -18,14 +18,9 @@ from hypothesis import strategies as st
 
 from engine.adapters import mysql_store
 from engine.adapters.embedded_nats import EmbeddedNats
-from engine.adapters.mysql_store import (
-    ConcurrentWrite,
-    MultiRowInsert,
-    MysqlStore,
-    SqlLiterals,
-    no_backslash_escapes,
-    project,
-)
+from engine.adapters.mysql_projection import project
+from engine.adapters.mysql_sql import MultiRowInsert, SqlLiterals, no_backslash_escapes
+from engine.adapters.mysql_store import ConcurrentWrite, MysqlStore
 from engine.adapters.nats_bus import NatsBus
 from engine.app.attribution import AttributionConsumer
 from engine.config import MysqlTarget, load_settings

@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 from decimal import Decimal
 
-from engine.adapters.mysql_store import PAUSE_EVERY, project, project_cooperatively
+from engine.adapters.mysql_projection import project, project_cooperatively
+from engine.adapters.mysql_sql import PAUSE_EVERY
 from engine.domain.events import Event
 from tests.helpers import Harness
 
