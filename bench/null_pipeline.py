@@ -22,7 +22,8 @@ from decimal import Decimal
 
 import uvloop
 
-from engine.adapters.nats_bus import SIGNALS_STREAM, NatsBus, jetstream_sequences
+from engine.adapters.nats_bus import SIGNALS_STREAM, NatsBus
+from engine.adapters.nats_consumers import jetstream_sequences
 from engine.domain.events import SignalDecided, encode_event, event_subject
 from engine.domain.model import Outcome, derive_id
 from engine.domain.signals import Signal, parse_signal

@@ -16,7 +16,8 @@ from engine import metrics
 from engine.adapters.mysql_projection import ProjectedBatch, project_cooperatively
 from engine.adapters.mysql_sql import PAUSE_EVERY
 from engine.adapters.mysql_store import ConcurrentWrite, MysqlStore
-from engine.adapters.nats_bus import EVENTS_STREAM, DurableConsumer, NatsBus, jetstream_sequences
+from engine.adapters.nats_bus import EVENTS_STREAM, NatsBus
+from engine.adapters.nats_consumers import DurableConsumer, jetstream_sequences
 from engine.config import Settings
 from engine.domain.events import Event, decode_event
 

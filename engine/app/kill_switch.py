@@ -17,7 +17,8 @@ from nats.aio.msg import Msg
 
 from engine import metrics
 from engine.adapters.leases import LeaseLost
-from engine.adapters.nats_bus import CONTROL_STREAM, NatsBus, jetstream_sequences
+from engine.adapters.nats_bus import CONTROL_STREAM, NatsBus
+from engine.adapters.nats_consumers import jetstream_sequences
 from engine.domain.control import (
     COMMANDS,
     BadCommand,

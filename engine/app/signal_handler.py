@@ -10,7 +10,7 @@ from nats.aio.msg import Msg
 
 from engine import metrics
 from engine.adapters.gateway import OrderRejected, OrderUncertain
-from engine.adapters.nats_bus import jetstream_sequences
+from engine.adapters.nats_consumers import jetstream_sequences
 from engine.app.decisions import Decisions
 from engine.app.orders import OrderDesk
 from engine.app.prices import Prices

@@ -28,13 +28,8 @@ from nats.aio.msg import Msg
 from engine import metrics
 from engine.adapters.gateway import ExchangeGateway
 from engine.adapters.leases import Holder, Lease, LeaseLost, carry_start_count, count_start
-from engine.adapters.nats_bus import (
-    EVENTS_STREAM,
-    SIGNALS_STREAM,
-    DurableConsumer,
-    NatsBus,
-    jetstream_sequences,
-)
+from engine.adapters.nats_bus import EVENTS_STREAM, SIGNALS_STREAM, NatsBus
+from engine.adapters.nats_consumers import DurableConsumer, jetstream_sequences
 from engine.adapters.paper import PaperExchange
 from engine.adapters.snapshots import SnapshotStore
 from engine.app.decisions import Decisions

@@ -9,14 +9,10 @@ from typing import Any
 import pytest
 from nats.aio.msg import Msg
 
+from engine.adapters import nats_consumers
 from engine.adapters.embedded_nats import EmbeddedNats
-from engine.adapters.nats_bus import (
-    EVENTS_STREAM,
-    SIGNALS_STREAM,
-    DurableConsumer,
-    NatsBus,
-    jetstream_sequences,
-)
+from engine.adapters.nats_bus import EVENTS_STREAM, SIGNALS_STREAM, NatsBus
+from engine.adapters.nats_consumers import DurableConsumer, jetstream_sequences
 from engine.domain.events import SignalDecided
 from engine.domain.model import Action, Outcome, derive_id
 from tests.helpers import NOW
@@ -34,7 +30,7 @@ def decision(n: int) -> SignalDecided:
 def lose_once(monkeypatch: pytest.MonkeyPatch, stream_seq: int) -> list[int]:
     """The client loses the delivery of `stream_seq` once, if it is the last of what arrived
     (as a slow consumer or a reconnect can); returns the list it records the loss in."""
-    taken = NatsBus.next_batch
+    taken = nats_consumers.next_batch
     lost: list[int] = []
 
     async def losing(sub: Any, batch: int, idle_wait: float, linger: float = 0.0) -> list[Msg]:
@@ -43,7 +39,7 @@ def lose_once(monkeypatch: pytest.MonkeyPatch, stream_seq: int) -> list[int]:
             lost.append(jetstream_sequences(msgs.pop())[0])
         return msgs
 
-    monkeypatch.setattr(NatsBus, "next_batch", staticmethod(losing))
+    monkeypatch.setattr(nats_consumers, "next_batch", losing)
     return lost
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from nats.aio.msg import Msg
 
-from engine.adapters.nats_bus import jetstream_position, jetstream_sequences
+from engine.adapters.nats_consumers import jetstream_position, jetstream_sequences
 
 
 def delivery(reply: str) -> Msg:
