@@ -25,7 +25,7 @@ import nats.errors
 import structlog
 from nats.aio.msg import Msg
 
-from engine import metrics
+from engine import logs, metrics
 from engine.adapters.gateway import ExchangeGateway
 from engine.adapters.leases import Holder, Lease, LeaseLost, carry_start_count, count_start
 from engine.adapters.nats_bus import EVENTS_STREAM, SIGNALS_STREAM, NatsBus
@@ -579,12 +579,16 @@ class Worker:
         if kind is PositionOpened:
             assert isinstance(event, PositionOpened)
             # The original system's operators grep for these two lines.
-            log.info(
-                f"Strategy position {event.strategy_position_id} created",
-                strategy_id=event.strategy_id, symbol=event.symbol, side=event.side.value,
-                quantity=str(event.quantity), entry_price=str(event.entry_price),
-                exchange_position=event.exchange_position.key,
-            )  # fmt: skip
+            if logs.INFO:
+                log.info(
+                    f"Strategy position {event.strategy_position_id} created",
+                    strategy_id=event.strategy_id,
+                    symbol=event.symbol,
+                    side=event.side.value,
+                    quantity=str(event.quantity),
+                    entry_price=str(event.entry_price),
+                    exchange_position=event.exchange_position.key,
+                )
             if self.stops is not None:
                 self.stops.touch(PositionKey(event.symbol, event.side))
             metrics.child(metrics.STRATEGY_POSITIONS_OPENED, event.strategy_id).inc()
@@ -592,12 +596,17 @@ class Worker:
                 metrics.child(metrics.EXCHANGE_POSITIONS_OPENED, event.side.value).inc()
         elif kind is PositionClosed:
             assert isinstance(event, PositionClosed)
-            log.info(
-                f"Closed strategy position {event.strategy_position_id}",
-                strategy_id=event.strategy_id, symbol=event.symbol, side=event.side.value,
-                quantity=str(event.closed_quantity), exit_price=str(event.exit_price),
-                reason=event.close_reason.value, pnl=str(event.realized_pnl),
-            )  # fmt: skip
+            if logs.INFO:
+                log.info(
+                    f"Closed strategy position {event.strategy_position_id}",
+                    strategy_id=event.strategy_id,
+                    symbol=event.symbol,
+                    side=event.side.value,
+                    quantity=str(event.closed_quantity),
+                    exit_price=str(event.exit_price),
+                    reason=event.close_reason.value,
+                    pnl=str(event.realized_pnl),
+                )
             if self.stops is not None:
                 self.stops.touch(PositionKey(event.symbol, event.side))
             metrics.child(
