@@ -152,6 +152,19 @@ def _parser() -> argparse.ArgumentParser:
         "--venue", action="store_true", help="also ask the venue what it holds (EXCHANGE, read only)"
     )
 
+    rp = command(
+        "replay", "recorded signals and ticks through a grid of configurations, side by side (no venue)",
+        "the worker's settings as the base configuration",
+        "A JSON-lines recording: {\"at\": ISO time, \"signal\": payload} or {\"at\": ..., \"tick\": "
+        "{\"symbol\": S, \"price\": P}}. Runs the real worker parts on the paper venue, once per "
+        "configuration; nothing reaches NATS, a venue or MySQL.",
+    )  # fmt: skip
+    rp.add_argument("recording", help="JSON lines, in order")
+    rp.add_argument("--policies", default="accumulate,strongest_wins,reject_duplicates")
+    rp.add_argument("--modes", default="hedge,one-way")
+    rp.add_argument("--min-confidence", default="0.6", help="comma-separated values")
+    rp.add_argument("--json", action="store_true", help="one JSON document, for scripts")
+
     emu = command(
         "emulator",
         "serve the Binance USD-M emulator on 127.0.0.1 (tests, rehearsals)",
@@ -224,6 +237,8 @@ async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
             args.watch,
             lambda: commands.positions(settings, args.strategy, args.symbol, args.json, args.venue),
         )
+    if args.command == "replay":
+        return await commands.replay(settings, args)
     if args.command == "report":
         from engine.app.report import ReportFilter
 

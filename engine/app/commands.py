@@ -497,3 +497,53 @@ async def _report_prices(settings: Settings) -> dict[str, Decimal]:
         return {symbol: price for symbol, (price, _) in (await desk.last_prices(bus)).items()}
     finally:
         await bus.close()
+
+
+async def replay(settings: Settings, args: Any) -> int:
+    """`tradeengine replay`: the grid's figures side by side."""
+    from engine.app import replay as replaying
+
+    try:
+        records = replaying.load_recording(args.recording)
+        configs = replaying.grid(
+            [p.strip() for p in args.policies.split(",")],
+            [m.strip() for m in args.modes.split(",")],
+            [c.strip() for c in args.min_confidence.split(",")],
+        )
+    except (OSError, ValueError, ArithmeticError) as exc:
+        print(f"tradeengine: replay: {exc}", file=sys.stderr)
+        return 2
+    results = await replaying.replay(records, configs, settings)
+    if args.json:
+        print(desk.to_json(results))
+        return 0
+    from rich.table import Table
+
+    console.print(f"Replay of {len(records):,} records ({args.recording}), one table per configuration")
+    for label, result in results.items():
+        # One table a configuration: each fits 80 columns, no number cut.
+        table = Table(title=("* " if result["in_force"] else "") + label)
+        for heading in (
+            "strategy",
+            "trades",
+            "win rate",
+            "TP",
+            "SL",
+            "net PnL",
+            "fees",
+            "max DD",
+            "rejected",
+        ):
+            table.add_column(heading, justify="left" if heading == "strategy" else "right",
+                             overflow="fold", no_wrap=heading != "strategy")  # fmt: skip
+        for strategy, f in result["strategies"].items():
+            table.add_row(
+                strategy, str(f["trades"]),
+                "-" if f["win_rate"] is None else amount(f["win_rate"].quantize(Decimal("0.01"))),
+                str(f["tp_hits"]), str(f["sl_hits"]), amount(f["net_pnl"].quantize(Decimal("0.01"))),
+                amount(f["fees"].quantize(Decimal("0.01"))), amount(f["max_drawdown"].quantize(Decimal("0.01"))),
+                str(sum(f["rejected"].values())),
+            )  # fmt: skip
+        console.print(table)
+    console.print("* the configuration in force (the worker's settings)")
+    return 0
