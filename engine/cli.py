@@ -163,7 +163,10 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("--policies", default="accumulate,strongest_wins,reject_duplicates")
     rp.add_argument("--modes", default="hedge,one-way")
     rp.add_argument("--min-confidence", default="0.6", help="comma-separated values")
-    rp.add_argument("--json", action="store_true", help="one JSON document, for scripts")
+    rp.add_argument("--risk-files", help="comma-separated RISK_FILE paths to compare (default: the worker's)")
+    rp_shape = rp.add_mutually_exclusive_group()
+    rp_shape.add_argument("--json", action="store_true", help="one JSON document, for scripts")
+    rp_shape.add_argument("--csv", action="store_true", help="one row a configuration and strategy")
 
     emu = command(
         "emulator",

@@ -509,13 +509,20 @@ async def replay(settings: Settings, args: Any) -> int:
             [p.strip() for p in args.policies.split(",")],
             [m.strip() for m in args.modes.split(",")],
             [c.strip() for c in args.min_confidence.split(",")],
+            [r.strip() for r in args.risk_files.split(",")] if args.risk_files else None,
         )
-    except (OSError, ValueError, ArithmeticError) as exc:
+        for config in configs:  # each risk file read now: a bad one is one clear error, not a traceback
+            if config.risk_file:
+                settings.model_copy(update={"risk_file": config.risk_file}).risk()
+    except (OSError, ValueError, ArithmeticError) as exc:  # ConfigError too: a bad RISK_FILE
         print(f"tradeengine: replay: {exc}", file=sys.stderr)
         return 2
     results = await replaying.replay(records, configs, settings)
     if args.json:
         print(desk.to_json(results))
+        return 0
+    if args.csv:
+        csv.writer(sys.stdout).writerows(replaying.csv_rows(results))
         return 0
     from rich.table import Table
 

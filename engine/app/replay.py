@@ -25,7 +25,7 @@ from engine.app.worker import Worker
 from engine.config import Settings, load_settings
 from engine.domain.dead_letters import dead_letter
 from engine.domain.events import Event, PositionClosed, PositionOpened, SignalDead, SignalDecided, parse_tick
-from engine.domain.model import ZERO, CloseReason, PositionMode, SameDirectionPolicy
+from engine.domain.model import ZERO, CloseReason, PositionMode, SameDirectionPolicy, amount
 from engine.domain.signals import MalformedSignal, parse_signal
 from engine.logs import SIGNAL_CONTEXT
 
@@ -44,9 +44,11 @@ class Config:
     policy: SameDirectionPolicy
     mode: PositionMode
     min_confidence: Decimal
+    risk_file: str | None = None  # RISK_FILE under this configuration (None: the base's)
 
     def __str__(self) -> str:
-        return f"{self.policy.value}/{self.mode.value}/conf>={self.min_confidence}"
+        risk = f"/risk={Path(self.risk_file).name}" if self.risk_file else ""
+        return f"{self.policy.value}/{self.mode.value}/conf>={self.min_confidence}{risk}"
 
 
 @dataclass
@@ -85,6 +87,22 @@ class Figures:
         }  # fmt: skip
 
 
+def csv_rows(results: dict[str, Any]) -> list[list[str]]:
+    """The results flat: one row a configuration and strategy, every figure in full."""
+    head = ["configuration", "in_force", "strategy", "trades", "wins", "win_rate", "tp_hits", "sl_hits", "net_pnl",
+            "fees", "max_drawdown", "opened", "rejected"]  # fmt: skip
+    rows = [head]
+    for label, result in results.items():
+        for strategy, f in result["strategies"].items():
+            rows.append([
+                label, str(result["in_force"]).lower(), strategy,
+                *(("" if f[k] is None else amount(f[k]) if isinstance(f[k], Decimal) else str(f[k]))
+                  for k in head[3:-1]),
+                ";".join(f"{code}={n}" for code, n in f["rejected"].items()),
+            ])  # fmt: skip
+    return rows
+
+
 def load_recording(path: str) -> list[Record]:
     records: list[Record] = []
     for n, line in enumerate(Path(path).read_text().splitlines(), 1):
@@ -100,10 +118,12 @@ def load_recording(path: str) -> list[Record]:
     return records
 
 
-def grid(policies: list[str], modes: list[str], confidences: list[str]) -> list[Config]:
+def grid(
+    policies: list[str], modes: list[str], confidences: list[str], risk_files: list[str] | None = None
+) -> list[Config]:
     return [
-        Config(SameDirectionPolicy(p), PositionMode(m), Decimal(c))
-        for p, m, c in itertools.product(policies, modes, confidences)
+        Config(SameDirectionPolicy(p), PositionMode(m), Decimal(c), r)
+        for p, m, c, r in itertools.product(policies, modes, confidences, risk_files or [None])  # type: ignore[list-item]
     ]
 
 
@@ -127,6 +147,7 @@ async def run_one(records: list[Record], config: Config, base: Settings) -> dict
             "position_mode": config.mode,
             "min_confidence": config.min_confidence,
             "exchange": "paper",
+            **({"risk_file": config.risk_file} if config.risk_file else {}),
         }
     )
     now = [records[0].at if records else EPOCH]
@@ -178,7 +199,9 @@ async def replay(
 ) -> dict[str, Any]:
     """Every configuration's figures; the configuration in force (the settings') marked."""
     base = base or load_settings()
-    live = Config(base.same_direction_conflict_resolution, base.position_mode, base.min_confidence)
+    live = Config(
+        base.same_direction_conflict_resolution, base.position_mode, base.min_confidence, base.risk_file
+    )
     results: dict[str, Any] = {}
     for config in configs:
         figures = await run_one(records, config, base)

@@ -79,22 +79,8 @@ async def test_a_request_arriving_late_after_a_restart_makes_one_order(
     workers: list[subprocess.Popen[bytes]],
     tmp_path: Path,
 ) -> None:
-    nc = await nats.connect(nats_server.url)
-    js = nc.jetstream()
-    await NatsBus(nc).ensure_streams()
-    events: list[Any] = []
-
-    async def collect(msg: Any) -> None:
-        events.append(decode_event(msg.data))
-
-    await js.subscribe(
-        ">", stream="EVENTS", cb=collect, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
-    )
+    nc, js, events = await first_worker_running(nats_server, worker_env, tmp_path, workers)
     try:
-        start_worker(worker_env, tmp_path, workers)
-        await eventually_async(
-            lambda: _has_consumer(js), timeout=60, what="the first worker consuming signals"
-        )
         emulator.exchange.faults.append(Fault(kind="late", seconds=ARRIVES_AFTER))
         payload = {
             "strategy_id": "late_v1",
@@ -136,6 +122,29 @@ async def test_a_request_arriving_late_after_a_restart_makes_one_order(
     assert len(opened) == 1 and opened[0].quantity == Decimal("0.007")
 
 
+async def first_worker_running(
+    nats_server: EmbeddedNats,
+    worker_env: dict[str, str],
+    tmp_path: Path,
+    workers: list[subprocess.Popen[bytes]],
+) -> tuple[Any, Any, list[Any]]:
+    """A client following every event, and the first worker consuming signals."""
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream()
+    await NatsBus(nc).ensure_streams()
+    events: list[Any] = []
+
+    async def collect(msg: Any) -> None:
+        events.append(decode_event(msg.data))
+
+    await js.subscribe(
+        ">", stream="EVENTS", cb=collect, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
+    )
+    start_worker(worker_env, tmp_path, workers)
+    await eventually_async(lambda: _has_consumer(js), timeout=60, what="the first worker consuming signals")
+    return nc, js, events
+
+
 async def _has_consumer(js: Any) -> bool:
     try:
         await js.consumer_info("SIGNALS", "tradeengine-worker")
@@ -159,22 +168,8 @@ async def test_an_order_in_parts_with_a_late_part_after_a_restart_sends_each_par
     the book holds what the venue holds."""
     btc = emulator.exchange.markets["BTCUSDT"]
     emulator.exchange.markets["BTCUSDT"] = dataclasses.replace(btc, max_market_qty=Decimal("0.003"))
-    nc = await nats.connect(nats_server.url)
-    js = nc.jetstream()
-    await NatsBus(nc).ensure_streams()
-    events: list[Any] = []
-
-    async def collect(msg: Any) -> None:
-        events.append(decode_event(msg.data))
-
-    await js.subscribe(
-        ">", stream="EVENTS", cb=collect, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
-    )
+    nc, js, events = await first_worker_running(nats_server, worker_env, tmp_path, workers)
     try:
-        start_worker(worker_env, tmp_path, workers)
-        await eventually_async(
-            lambda: _has_consumer(js), timeout=60, what="the first worker consuming signals"
-        )
         emulator.exchange.faults.append(Fault(kind="late", seconds=ARRIVES_AFTER, after=1))
         payload = {"strategy_id": "parts_v1", "symbol": "BTCUSDT", "action": "buy", "quantity": "0.007",
                    "confidence": "0.9", "price": "45000", "signal_id": "parts-1"}  # fmt: skip

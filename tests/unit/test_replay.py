@@ -51,3 +51,24 @@ async def test_each_policy_gives_what_it_must(tmp_path: Path) -> None:
     assert not results["accumulate/hedge/conf>=0.8"]["in_force"]
     again = await replay(records, configs, load_settings())
     assert to_json(again) == to_json(results)  # deterministic, byte for byte
+
+
+async def test_risk_files_in_the_grid_and_csv(tmp_path: Path) -> None:
+    from engine.app.replay import csv_rows
+
+    records = load_recording(recording(tmp_path / "rec.jsonl"))
+    strict, loose = tmp_path / "strict.toml", tmp_path / "loose.toml"
+    strict.write_text('[strategies.B]\nsymbols = ["ETHUSDT"]\n')
+    loose.write_text("[default]\nmax_positions = 5\n")
+    results = await replay(
+        records, grid(["accumulate"], ["hedge"], ["0.6"], [str(strict), str(loose)]), load_settings()
+    )
+    by_file = {label.rsplit("=", 1)[1]: r["strategies"]["B"] for label, r in results.items()}
+    assert (
+        by_file["strict.toml"]["rejected"]["symbol_not_allowed"] == 1
+        and by_file["strict.toml"]["trades"] == 0
+    )
+    assert by_file["loose.toml"]["trades"] == 1
+    rows = csv_rows(results)
+    assert rows[0][:3] == ["configuration", "in_force", "strategy"] and len(rows) == 1 + 2 * 2
+    assert any(row[2] == "A" and row[8] == "9.545" for row in rows[1:])
