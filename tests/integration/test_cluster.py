@@ -107,7 +107,7 @@ async def test_a_node_killed_mid_run_loses_and_doubles_nothing(cluster: Cluster,
                 try:
                     await pipeline.publish(f"s{n % 4}", symbol, action, **fields)
                     break
-                except (nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.js.errors.APIError):
+                except nats.errors.Error:  # no responders, no stream answer, a timeout: a new leader comes
                     assert attempt < 49
                     await asyncio.sleep(0.2)
             sent.append(fields["signal_id"])
