@@ -5,7 +5,6 @@ from __future__ import annotations
 from decimal import Decimal
 
 import structlog
-from nats.aio.msg import Msg
 
 from engine import metrics
 from engine.app.runtime import Runtime
@@ -90,7 +89,9 @@ class Decisions:
         self.remember(decided)
         self.emit(decided)
 
-    def dead_letter(self, msg: Msg, bad: MalformedSignal, sequence: int) -> SignalDead:
+    def dead_letter(
+        self, subject: str, data: bytes, headers: dict[str, str] | None, bad: MalformedSignal, sequence: int
+    ) -> SignalDead:
         metrics.DEAD_LETTERS.labels(bad.reason_code).inc()
-        log.warning("signal.dead", subject=msg.subject, reason_code=bad.reason_code, errors=list(bad.errors))
-        return dead_letter(msg.subject, msg.data, msg.headers, bad, sequence, self.clock())
+        log.warning("signal.dead", subject=subject, reason_code=bad.reason_code, errors=list(bad.errors))
+        return dead_letter(subject, data, headers, bad, sequence, self.clock())

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
@@ -15,7 +14,7 @@ from typing import Any
 from nats.js.api import DeliverPolicy
 
 from engine.adapters.event_signing import EventSigner
-from engine.adapters.last_prices import PRICES_BUCKET
+from engine.adapters.last_prices import PRICES_BUCKET, LastPrices
 from engine.adapters.nats_bus import CONTROL_STREAM, EVENTS_STREAM, SIGNALS_STREAM, NatsBus
 from engine.domain.events import decode_event
 from engine.domain.model import amount
@@ -66,15 +65,10 @@ async def fold_events(
 
 
 async def last_prices(bus: NatsBus) -> dict[str, tuple[Decimal, float]]:
-    """symbol -> (last price, its age in seconds), as the worker stored them; {} if unreadable."""
+    """symbol -> (last price, its age in seconds), as the worker stored them; {} if unreadable.
+    The bucket is opened, never made: a reader may have no right to make it."""
     try:
-        kv = await bus.js.key_value(PRICES_BUCKET)
-        found: dict[str, tuple[Decimal, float]] = {}
-        for key in await kv.keys():
-            entry = await kv.get(key)
-            fields = json.loads(entry.value or b"")
-            found[key] = (Decimal(str(fields["price"])), max(time.time() - float(fields["at"]), 0.0))
-        return found
+        return await LastPrices(await bus.js.key_value(PRICES_BUCKET)).read_all()
     except Exception:
         return {}
 

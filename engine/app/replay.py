@@ -23,11 +23,8 @@ from typing import Any
 from engine.adapters.paper import PaperExchange
 from engine.app.worker import Worker
 from engine.config import Settings, load_settings
-from engine.domain.dead_letters import dead_letter
 from engine.domain.events import Event, PositionClosed, PositionOpened, SignalDead, SignalDecided, parse_tick
 from engine.domain.model import ZERO, CloseReason, PositionMode, SameDirectionPolicy, amount
-from engine.domain.signals import MalformedSignal, parse_signal
-from engine.logs import SIGNAL_CONTEXT
 
 EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
 
@@ -163,21 +160,10 @@ async def run_one(records: list[Record], config: Config, base: Settings) -> dict
             tick = parse_tick(f"prices.{symbol}", json.dumps(record.tick).encode())
             if not isinstance(tick, str) and venue.market(tick[0]) is not None:
                 await worker.prices.on_price(*tick)
-        if record.signal is not None:
+        if record.signal is not None:  # the worker's own path for a delivery, dead letters included
             payload = record.signal
             subject = f"signals.{payload.get('strategy_id')}.{payload.get('symbol')}"
-            signal = parse_signal(subject, json.dumps(payload).encode(), settings.max_signal_bytes,
-                                  settings.default_notional is not None)  # fmt: skip
-            if isinstance(signal, MalformedSignal):
-                data = json.dumps(payload).encode()
-                worker.emit(dead_letter(subject, data, None, signal, sequence, record.at))
-                continue
-            context = SIGNAL_CONTEXT.set({"signal_id": signal.signal_id, "strategy_id": signal.strategy_id})
-            try:
-                async with worker.locks[signal.symbol]:
-                    await worker.on_signal(signal, sequence)
-            finally:
-                SIGNAL_CONTEXT.reset(context)
+            await worker.signals.handle(subject, json.dumps(payload).encode(), None, sequence)
     await worker.flush()
     figures: dict[str, Figures] = {}
     for event in sink.events:

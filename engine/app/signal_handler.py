@@ -40,22 +40,25 @@ class SignalHandler:
         self.book, self.journal, self.ledger = rt.state.book, rt.state.journal, rt.state.ledger
 
     async def on_signal_message(self, msg: Msg) -> None:
-        """Decide one delivery. Nothing a publisher sends may stop the worker: whatever goes
-        wrong before the signal is known is a dead letter, whatever goes wrong after it is an
-        `internal_error` decision, and the batch is acked either way."""
-        sequence = jetstream_sequences(msg)[0]
+        await self.handle(msg.subject, msg.data, msg.headers, jetstream_sequences(msg)[0])
+
+    async def handle(self, subject: str, data: bytes, headers: dict[str, str] | None, sequence: int) -> None:
+        """Decide one delivery (a message, or a record of a replay). Nothing a publisher sends
+        may stop the worker: whatever goes wrong before the signal is known is a dead letter,
+        whatever goes wrong after it is an `internal_error` decision, and the batch is acked
+        either way."""
         try:
             parsed = parse_signal(
-                msg.subject,
-                msg.data,
+                subject,
+                data,
                 self.settings.max_signal_bytes,
                 self.settings.default_notional is not None,
             )
         except Exception as exc:  # parse_signal contains every error it knows of; this is a bug
-            log.exception("signal.parse_internal_error", subject=msg.subject)
+            log.exception("signal.parse_internal_error", subject=subject)
             parsed = MalformedSignal(Reason.INTERNAL_ERROR, (f"payload: {type(exc).__name__}",))
         if isinstance(parsed, MalformedSignal):
-            self.emit(self.decisions.dead_letter(msg, parsed, sequence))
+            self.emit(self.decisions.dead_letter(subject, data, headers, parsed, sequence))
             return
         side = parsed.opening_side or parsed.position_side
         context = SIGNAL_CONTEXT.set(

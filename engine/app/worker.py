@@ -381,7 +381,7 @@ class Worker:
                     f"(MAX_DELIVER={self.settings.max_deliver}); set aside unread",
                 ),
             )
-            self.emit(self.decisions.dead_letter(msg, poison, sequence))
+            self.emit(self.decisions.dead_letter(msg.subject, msg.data, msg.headers, poison, sequence))
             await self.store_and_ack([msg], time.perf_counter())
             suspects = dataclasses.replace(suspects, starts=1)  # the next suspect starts its own count
         else:

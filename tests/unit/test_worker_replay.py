@@ -103,6 +103,7 @@ async def test_log_lines_about_a_signal_carry_its_ids() -> None:
         subject="signals.s.ETHUSDT",
         data=b'{"strategy_id": "s", "symbol": "ETHUSDT", "action": "sell", "quantity": 1, "signal_id": "x1"}',
         reply="$JS.ACK.SIGNALS.tradeengine-worker.1.3.3.0.0",
+        headers=None,
     )
     await worker.on_signal_message(msg)  # type: ignore[arg-type]
     assert seen == [
