@@ -181,6 +181,12 @@ def _parser() -> argparse.ArgumentParser:
     emu.add_argument(
         "--taker-fee", default="0.0004", help="the account's taker commission rate (0.0004 = 0.04 %%)"
     )
+    emu.add_argument(
+        "--extra-markets",
+        type=int,
+        default=0,
+        help="list this many more markets (T000USDT, T001USDT, ... at 10 USDT) besides the five",
+    )
     return parser
 
 
@@ -217,7 +223,9 @@ async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "emulator":
         from engine.emulator import binanceusdm
 
-        await binanceusdm.main(args.port, args.hedge, args.api_key, args.api_secret, Decimal(args.taker_fee))
+        await binanceusdm.main(
+            args.port, args.hedge, args.api_key, args.api_secret, Decimal(args.taker_fee), args.extra_markets
+        )
         return 0
     from engine.app import commands
 

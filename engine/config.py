@@ -119,6 +119,7 @@ class Settings(BaseSettings):
     paper_slippage: Annotated[Decimal, Field(ge=0, lt=1)] = Decimal("0")
     paper_balance: Annotated[Decimal, Field(gt=0, le=Decimal(10) ** 12)] = Decimal("100000")
     paper_funding_rate: Annotated[Decimal, Field(ge=-1, le=1)] = Decimal("0.0001")
+    paper_extra_markets: Annotated[int, Field(ge=0, le=10_000)] = 0
     funding_poll_seconds: Annotated[float, Field(ge=0)] = 60.0
     default_notional: Annotated[Decimal, Field(gt=0, le=Decimal(10) ** 12)] | None = None
 
@@ -162,6 +163,10 @@ class Settings(BaseSettings):
     snapshot_every_events: Annotated[int, Field(ge=0)] = 100_000
     worker_lease_seconds: Annotated[float, Field(ge=2, le=600)] = 10.0
     worker_standby: bool = True
+    # Signals spread over this many partitions by symbol (1: one durable, as before); each
+    # partition is run by one worker at a time, under a lease of PARTITION_LEASE_SECONDS.
+    signal_partitions: Annotated[int, Field(ge=1, le=1024)] = 1
+    partition_lease_seconds: Annotated[float, Field(ge=2, le=600)] = 10.0
     max_deliver: Annotated[int, Field(ge=1, le=100)] = 5
     attribution_durable: str = "tradeengine-attribution"
     fetch_batch: Annotated[int, Field(ge=1, le=10_000)] = 256

@@ -52,6 +52,10 @@ PUBLISH_RETRIES = Counter("tradeengine_event_publish_retries_total", "Event publ
 PRICE_TICKS = Counter("tradeengine_price_ticks_total", "Price ticks applied")
 BAD_TICKS = Counter("tradeengine_bad_price_ticks_total", "Price ticks that could not be parsed")
 OPEN_STRATEGY_POSITIONS = Gauge("tradeengine_open_strategy_positions", "Open strategy positions")
+PARTITIONS_HELD = Gauge("tradeengine_partitions_held", "Signal partitions this worker process runs")
+SIGNAL_PARTITIONS = Gauge(
+    "tradeengine_signal_partitions", "SIGNAL_PARTITIONS this worker process is configured with"
+)
 CONSUMER_PENDING = Gauge("tradeengine_consumer_pending", "Messages not yet delivered", ["consumer"])
 REALIZED_PNL = Counter("tradeengine_realized_pnl_total", "Net realized PnL (positive part)", ["strategy_id"])
 REALIZED_LOSS = Counter(

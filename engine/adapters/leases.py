@@ -29,14 +29,18 @@ from typing import Any
 import structlog
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.client import JetStreamContext
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
+from nats.js.errors import KeyDeletedError, KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KeyValue
 
 log = structlog.get_logger(__name__)
 
 LEASE_BUCKET = "tradeengine_leases"
+PARTITIONS_BUCKET = "tradeengine_partitions"  # one lease a signal partition (SIGNAL_PARTITIONS > 1)
+MEMBERS_BUCKET = "tradeengine_members"  # the partitioned workers alive now, each renewing its entry
 STARTS_BUCKET = "tradeengine_starts"
 STARTS_KEEP = 7 * 86_400.0  # seconds a start record is kept
+# A key never written, and one deleted (a released lease): nats-py raises one or the other.
+NO_ENTRY = (KeyNotFoundError, KeyDeletedError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,9 +154,17 @@ async def open_bucket(js: JetStreamContext, name: str, ttl: float | None, replic
 class Lease:
     """The lease on one name (a durable), held by this process while it renews it."""
 
-    def __init__(self, js: JetStreamContext, name: str, seconds: float, replicas: int = 1) -> None:
-        self.js, self.name, self.seconds, self.replicas = js, name, seconds, replicas
-        self.holder = Holder.this_process()
+    def __init__(
+        self,
+        js: JetStreamContext,
+        name: str,
+        seconds: float,
+        replicas: int = 1,
+        bucket: str = LEASE_BUCKET,
+        holder: Holder | None = None,
+    ) -> None:
+        self.js, self.name, self.seconds, self.replicas, self.bucket = js, name, seconds, replicas, bucket
+        self.holder = holder or Holder.this_process()
         self.revision: int | None = None
         self._kv: KeyValue | None = None
         self._renewed_at = 0.0
@@ -178,7 +190,7 @@ class Lease:
         LeaseTaken). False if `stopping` was set before the lease came free."""
         # A holder that stopped renewing is gone from the bucket after its TTL, which whoever
         # created the bucket chose: renew (and trust the lease) by the shorter of the two.
-        self._kv = await open_bucket(self.js, LEASE_BUCKET, self.seconds, self.replicas)
+        self._kv = await open_bucket(self.js, self.bucket, self.seconds, self.replicas)
         with contextlib.suppress(Exception):
             ttl = (await self._kv.status()).ttl
             if ttl and ttl < self.seconds:
@@ -217,7 +229,7 @@ class Lease:
                 return None
             try:
                 entry = await kv.get(self.name)
-            except KeyNotFoundError:
+            except NO_ENTRY:
                 continue
             other = Holder.decode(entry.value)
             if other is not None and other.instance == self.holder.instance:
@@ -251,7 +263,11 @@ class Lease:
             self.revision = await self._kv.update(self.name, self.holder.encode(), last=self.revision)
         except KeyWrongLastSequenceError:
             # Our own earlier write may have gone through after its answer was given up on.
-            entry = await self._kv.get(self.name)
+            try:
+                entry = await self._kv.get(self.name)
+            except NO_ENTRY:  # expired, or released: not ours any more either way
+                self.revision = None
+                raise LeaseLost(f"the lease on {self.name!r} expired") from None
             holder = Holder.decode(entry.value)
             if holder is None or holder.instance != self.holder.instance:
                 self.revision = None
@@ -305,7 +321,7 @@ async def count_start(js: JetStreamContext, durable: str, floor: int, replicas: 
     (this one included)."""
     kv = await open_bucket(js, STARTS_BUCKET, STARTS_KEEP, replicas)
     starts = 1
-    with contextlib.suppress(KeyNotFoundError):
+    with contextlib.suppress(*NO_ENTRY):
         last = _decode_start((await kv.get(durable)).value)
         if last is not None and last.floor == floor:
             starts = last.starts + 1

@@ -14,7 +14,14 @@ import nats.errors
 import structlog
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    StorageType,
+    StreamConfig,
+    SubjectTransform,
+)
 from nats.js.client import JetStreamContext
 from nats.js.errors import NotFoundError
 
@@ -27,7 +34,9 @@ from engine.adapters.nats_consumers import (
     jetstream_sequences,
     next_batch,
 )
+from engine.config import ConfigError
 from engine.domain.events import Event, decode_event, encode_event, event_subject
+from engine.domain.partitions import signal_transform
 
 log = structlog.get_logger(__name__)
 
@@ -81,6 +90,20 @@ def redact_url(url: str) -> str:
     return ",".join(shown)
 
 
+class PartitionsUnsupported(ConfigError):
+    """The server cannot map signals to partitions."""
+
+
+def _version(nc: Client) -> str:
+    found = nc.connected_server_version
+    return f"{found.major}.{found.minor}.{found.patch}"
+
+
+def _transform(config: StreamConfig) -> tuple[str, str] | None:
+    found = config.subject_transform
+    return (found.src, found.dest) if found is not None else None
+
+
 class NatsBus:
     def __init__(self, nc: Client) -> None:
         self.nc = nc
@@ -91,6 +114,9 @@ class NatsBus:
         self._acks: AckCollector | None = None
         self.signer: EventSigner | None = None  # signs what this bus stores in EVENTS
         self.replicas = 1  # of the streams and KV buckets this bus creates (STREAM_REPLICAS)
+        # SIGNAL_PARTITIONS, set by a worker that has checked the layout may change
+        # (engine.app.layout); None: the SIGNALS stream's partition mapping is left as it is.
+        self.partitions: int | None = None
 
     @classmethod
     async def connect(
@@ -154,6 +180,7 @@ class NatsBus:
         """Create or update the streams (`only` these); safe to call from every process on every
         start. A stream already as configured is left alone: a role whose credentials may only
         read a stream (attribution under deploy/nats permissions) needs no right to change it."""
+        mapping = signal_transform(self.partitions or 1)
         for config in (
             StreamConfig(
                 name=SIGNALS_STREAM,
@@ -162,6 +189,7 @@ class NatsBus:
                 num_replicas=self.replicas,
                 duplicate_window=300.0,
                 max_age=30 * DAY,
+                subject_transform=SubjectTransform(*mapping) if mapping else None,
             ),
             StreamConfig(
                 name=EVENTS_STREAM,
@@ -187,13 +215,44 @@ class NatsBus:
             except NotFoundError:
                 await self.js.add_stream(config)
                 continue
-            if (current.subjects, current.duplicate_window, current.max_age, current.num_replicas or 1) != (
+            if config.name == SIGNALS_STREAM and self.partitions is None:
+                config.subject_transform = current.subject_transform  # not this process's to change
+            if (
+                current.subjects,
+                current.duplicate_window,
+                current.max_age,
+                current.num_replicas or 1,
+                _transform(current),
+            ) != (
                 config.subjects,
                 config.duplicate_window,
                 config.max_age or current.max_age,
                 config.num_replicas,
+                _transform(config),
             ):
                 await self.js.update_stream(config)
+        if mapping and (only is None or SIGNALS_STREAM in only):
+            kept = _transform((await self.js.stream_info(SIGNALS_STREAM)).config)
+            if kept != mapping:
+                # A server before 2.10 ignores the transform: signals would wait on subjects no
+                # partition reads.
+                raise PartitionsUnsupported(
+                    f"SIGNAL_PARTITIONS={self.partitions}: nats-server {_version(self.nc)} did not "
+                    "keep the SIGNALS stream's subject "
+                    "transform (needs 2.10 or newer); use SIGNAL_PARTITIONS=1 on this server"
+                )
+
+    async def signal_partitions(self) -> int | None:
+        """How many partitions the SIGNALS stream maps signals to now (1: none); None when the
+        stream does not exist yet."""
+        try:
+            found = _transform((await self.js.stream_info(SIGNALS_STREAM)).config)
+        except NotFoundError:
+            return None
+        if found is None:
+            return 1
+        count = found[1].rpartition("partition(")[2].split(",")[0]
+        return int(count) if count.isdigit() else 1
 
     async def publish_events(self, events: Sequence[Event], ack_timeout: float = 10.0) -> None:
         """Publish in order and return once JetStream has stored every one of them.
@@ -241,9 +300,14 @@ class NatsBus:
         return not ack.duplicate
 
     async def replay_events(
-        self, batch: int = 2000, idle_wait: float = 5.0, after: int = 0
+        self,
+        batch: int = 2000,
+        idle_wait: float = 5.0,
+        after: int = 0,
+        accept: Callable[[str], bool] | None = None,
     ) -> AsyncIterator[Event]:
-        """Every event stored so far (after stream sequence `after`), oldest first. A push
+        """Every event stored so far (after stream sequence `after`; with `accept`, those whose
+        subject it accepts, undecoded otherwise), oldest first. A push
         consumer of our own, deleted after: the same in-order batches as the roles' consumers,
         without a pull request and a `next_msg` task per message (recovery of 200k events:
         33 -> 17 s)."""
@@ -265,6 +329,8 @@ class NatsBus:
                     continue  # a slow server; or lost deliveries, which next_batch sees to
                 signer = self.signer
                 for msg in msgs:
+                    if accept is not None and not accept(msg.subject):
+                        continue
                     if signer is not None and not signer.trusts(msg.subject, msg.data, msg.headers):
                         # Not stored by a worker: a forged open must not come back into the book.
                         metrics.EVENTS_DISTRUSTED.labels("worker").inc()

@@ -47,6 +47,13 @@ BUILTIN_MARKETS: dict[str, Market] = {
 }
 
 
+def synthetic_markets(count: int) -> dict[str, Market]:
+    """The built-in markets and `count` more, T000USDT, T001USDT, ... (about 10 USDT each), for
+    rehearsals and benchmarks over many symbols (the emulator lists the same names)."""
+    extra = (Market(f"T{i:03d}USDT", D("0.1"), D("0.1"), D("5"), D("0.001")) for i in range(count))
+    return BUILTIN_MARKETS | {m.symbol: m for m in extra}
+
+
 @dataclass(slots=True)
 class PaperPosition:
     quantity: Decimal = ZERO  # signed in one-way mode, positive in hedge mode

@@ -45,6 +45,7 @@ from engine.domain.events import (
     parse_tick,
 )
 from engine.domain.model import amount
+from engine.domain.partitions import lane_name
 from engine.domain.risk import Scope
 
 console = Console(highlight=False)
@@ -247,15 +248,18 @@ async def status(settings: Settings, as_json: bool = False) -> int:
             if isinstance(event, ControlApplied):  # a refused command's event lists the halts too
                 if latest is None or seq > latest[0]:
                     latest = (seq, event)
-        lag = await desk.streams_view(
-            bus, {"worker": settings.worker_durable, "attribution": settings.attribution_durable}
-        )
+        lanes = [None] if settings.signal_partitions == 1 else list(range(settings.signal_partitions))
+        workers = {
+            "worker" if p is None else f"worker-p{p}": lane_name(settings.worker_durable, p) for p in lanes
+        }
+        lag = await desk.streams_view(bus, workers | {"attribution": settings.attribution_durable})
+        owners = await desk.owners_view(bus, settings.worker_durable, settings.signal_partitions)
     finally:
         await bus.close()
     now = datetime.now(UTC)
     halts = [h for h in latest[1].halted if h.until is None or h.until > now] if latest else []
     if as_json:
-        print(desk.to_json({"halted": [asdict(h) for h in halts], **lag}))
+        print(desk.to_json({"halted": [asdict(h) for h in halts], **lag, "owners": owners}))
         return 0
     if latest is None:
         console.print("nothing is halted (no control command has been applied)")
@@ -265,6 +269,18 @@ async def status(settings: Settings, as_json: bool = False) -> int:
         console.print(
             f"stream {name}: "
             + (f"{stream['messages']} messages, {stream['bytes']} bytes" if stream else "missing")
+        )
+    for owner in owners:
+        lease = "worker" if owner["partition"] is None else f"partition {owner['partition']}"
+        holder = owner["holder"]
+        console.print(
+            f"{lease}: "
+            + (
+                f"held by {holder['host']} pid {holder['pid']} (instance {holder['instance']}), "
+                f"renewed {owner['renewed_seconds_ago']}s ago"
+                if holder
+                else "[bold red]not held[/] (no worker runs it)"
+            )
         )
     for role, consumer in lag["consumers"].items():
         console.print(

@@ -6,7 +6,9 @@ stream by the worker's own state (`EngineState`), valued at the last prices the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import time
 from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
@@ -15,9 +17,11 @@ from nats.js.api import DeliverPolicy
 
 from engine.adapters.event_signing import EventSigner
 from engine.adapters.last_prices import PRICES_BUCKET, LastPrices
+from engine.adapters.leases import LEASE_BUCKET, PARTITIONS_BUCKET, Holder
 from engine.adapters.nats_bus import CONTROL_STREAM, EVENTS_STREAM, SIGNALS_STREAM, NatsBus
 from engine.domain.events import decode_event
 from engine.domain.model import amount
+from engine.domain.partitions import lane_name
 from engine.domain.pnl import gross_pnl
 from engine.domain.state import EngineState
 
@@ -122,10 +126,8 @@ async def streams_view(bus: NatsBus, durables: dict[str, str]) -> dict[str, Any]
             "last_seq": info.state.last_seq,
         }
     consumers: dict[str, Any] = {}
-    for role, (stream, durable) in {
-        "worker": (SIGNALS_STREAM, durables["worker"]),
-        "attribution": (EVENTS_STREAM, durables["attribution"]),
-    }.items():
+    for role, durable in durables.items():
+        stream = EVENTS_STREAM if role == "attribution" else SIGNALS_STREAM
         try:
             info = await bus.js.consumer_info(stream, durable)
         except Exception:
@@ -134,6 +136,32 @@ async def streams_view(bus: NatsBus, durables: dict[str, str]) -> dict[str, Any]
         consumers[role] = {"pending": info.num_pending, "ack_pending": info.num_ack_pending,
                            "redelivered": info.num_redelivered}  # fmt: skip
     return {"streams": streams, "consumers": consumers}
+
+
+async def owners_view(bus: NatsBus, durable: str, partitions: int) -> list[dict[str, Any]]:
+    """Who runs each partition (or the one durable) now: the lease's holder, and how long ago
+    it renewed; None where nobody holds it."""
+    bucket = PARTITIONS_BUCKET if partitions > 1 else LEASE_BUCKET
+    lanes = [None] if partitions == 1 else list(range(partitions))
+    try:
+        kv = await bus.js.key_value(bucket)
+    except Exception:
+        kv = None
+    found: list[dict[str, Any]] = []
+    now = time.time()
+    for partition in lanes:
+        name = lane_name(durable, partition)
+        holder = None
+        if kv is not None:
+            with contextlib.suppress(Exception):
+                holder = Holder.decode((await kv.get(name)).value)
+        found.append({
+            "partition": partition, "lease": name,
+            "holder": None if holder is None else {"host": holder.host, "pid": holder.pid,
+                                                   "instance": holder.instance, "since": holder.since},
+            "renewed_seconds_ago": None if holder is None else round(max(now - holder.renewed, 0.0), 1),
+        })  # fmt: skip
+    return found
 
 
 def to_json(value: Any) -> str:

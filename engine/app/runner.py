@@ -13,7 +13,7 @@ import structlog
 from engine.adapters.embedded_nats import EmbeddedNats
 from engine.adapters.gateway import ExchangeGateway
 from engine.adapters.nats_bus import NatsBus
-from engine.adapters.paper import PaperExchange
+from engine.adapters.paper import PaperExchange, synthetic_markets
 from engine.config import (
     DEFAULT_MYSQL_URL,
     DEFAULT_NATS_URL,
@@ -48,6 +48,7 @@ def build_gateway(settings: Settings) -> ExchangeGateway:
             settings.paper_slippage,
             balance=settings.paper_balance,
             funding_rate=settings.paper_funding_rate,
+            markets=synthetic_markets(settings.paper_extra_markets),
         )
     from engine.adapters.ccxt_gateway import (  # ccxt costs ~0.45 s, ~100 MB
         AccountSettings,
@@ -107,6 +108,21 @@ def build_gateway(settings: Settings) -> ExchangeGateway:
     return gateway
 
 
+def partitioned_worker(settings: Settings, bus: NatsBus, gateway: ExchangeGateway) -> Role:
+    """The worker over SIGNAL_PARTITIONS partitions: each partition on the one venue account
+    through its own view of it; on the paper venue, each partition with a paper account of its
+    own (rebuilt from its own events, as the one worker's is)."""
+    from engine.adapters.partition_venue import PartitionVenue
+    from engine.app.partitioned import PartitionedWorker
+
+    def lane_venue(owns: Callable[[str], bool]) -> ExchangeGateway:
+        if isinstance(gateway, PaperExchange):
+            return build_gateway(settings)
+        return PartitionVenue(gateway, owns)
+
+    return PartitionedWorker(settings, bus, lane_venue, gateway.start)
+
+
 def client_nats_url(settings: Settings) -> str:
     """For client commands: NATS_URL, else the URL a local `tradeengine run` wrote, else 4222."""
     if settings.nats_url:
@@ -141,7 +157,9 @@ async def run_roles(settings: Settings, roles: frozenset[str]) -> None:
         bus.signer = settings.event_signer()
         bus.replicas = settings.stream_replicas
         cleanups.append(bus.close)
-        if gateway is not None:
+        if gateway is not None and settings.signal_partitions > 1:
+            running.append(partitioned_worker(settings, bus, gateway))
+        elif gateway is not None:
             from engine.app.worker import Worker
 
             running.append(Worker(settings, bus, gateway))

@@ -53,6 +53,7 @@ class SignalHandler:
                 data,
                 self.settings.max_signal_bytes,
                 self.settings.default_notional is not None,
+                self.settings.signal_partitions,
             )
         except Exception as exc:  # parse_signal contains every error it knows of; this is a bug
             log.exception("signal.parse_internal_error", subject=subject)

@@ -34,6 +34,7 @@ from engine.adapters.paper import PaperExchange
 from engine.adapters.snapshots import SnapshotStore
 from engine.app.decisions import Decisions
 from engine.app.kill_switch import KillSwitch
+from engine.app.layout import claim_layout
 from engine.app.orders import OrderDesk
 from engine.app.price_feed import PriceFeed
 from engine.app.prices import Prices
@@ -55,6 +56,7 @@ from engine.domain.ledger import SignalLedger
 from engine.domain.model import (
     PositionKey,
 )
+from engine.domain.partitions import event_symbol, lane_name, partition_of, signal_filter
 from engine.domain.reasons import DeadLetter
 from engine.domain.risk import RiskBook
 from engine.domain.signals import MalformedSignal, Signal
@@ -99,8 +101,14 @@ class Worker:
         bus: NatsBus,
         gateway: ExchangeGateway,
         clock: Callable[[], datetime] = utc_now,
+        partition: int | None = None,
     ) -> None:
+        """`partition`: run that partition of the signals (SIGNAL_PARTITIONS > 1) and only its
+        symbols; None: every signal, as the one worker of the desk."""
         self.settings = settings
+        self.partition = partition
+        self.durable = lane_name(settings.worker_durable, partition)
+        self._role = "worker" if partition is None else self.durable
         self.bus = bus
         self.gateway = gateway
         self.clock = clock
@@ -123,7 +131,7 @@ class Worker:
         self.reconciler = Reconciler(self, self.desk)
         self.kill_switch = KillSwitch(
             bus,
-            f"{settings.worker_durable}-control",
+            f"{self.durable}-control",
             self.risk,
             clock,
             self.emit,
@@ -187,16 +195,26 @@ class Worker:
         await self.reconciler.book_funding()
 
     # --- lifecycle -----------------------------------------------------------------------
-    async def run(self) -> None:
-        """Take the durable's lease (waiting as a standby while another worker holds it), then
-        run until stopped; a lost lease stops the worker before it stores or places anything
-        more."""
-        await self.bus.ensure_streams()
-        lease = Lease(
-            self.bus.js, self.settings.worker_durable, self.settings.worker_lease_seconds, self.bus.replicas
+    def owns(self, symbol: str) -> bool:
+        return self.partition is None or (
+            partition_of(symbol, self.settings.signal_partitions) == self.partition
         )
-        if not await lease.acquire(self.settings.worker_standby, self.stopping, self._on_standby):
-            return
+
+    def _owns_event(self, subject: str) -> bool:
+        symbol = event_symbol(subject)
+        return symbol is None or self.owns(symbol)
+
+    async def run(self, lease: Lease | None = None) -> None:
+        """Take the durable's lease (waiting as a standby while another worker holds it), or
+        run under `lease`, already taken; run until stopped. A lost lease stops the worker
+        before it stores or places anything more."""
+        if self.partition is not None:  # every line of this partition's task and its children says so
+            structlog.contextvars.bind_contextvars(partition=self.partition)
+        if lease is None:
+            await claim_layout(self.bus, self.settings)
+            lease = Lease(self.bus.js, self.durable, self.settings.worker_lease_seconds, self.bus.replicas)
+            if not await lease.acquire(self.settings.worker_standby, self.stopping, self._on_standby):
+                return
         self.lease = lease
         keeper = asyncio.create_task(self._keep_lease(lease))
         try:
@@ -237,9 +255,7 @@ class Worker:
         await self.recover()
         # Signals past the ack floor come again: an order of theirs the venue never placed is
         # decided by their redelivery, not by the lookup.
-        self.desk.redelivered_from = (
-            await self.bus.ack_floor(SIGNALS_STREAM, self.settings.worker_durable) + 1
-        )
+        self.desk.redelivered_from = await self.bus.ack_floor(SIGNALS_STREAM, self.durable) + 1
         await self.desk.resolve_pending_at_start()
         self.desk.redelivered_from = None
         await self._start_stops()  # before reconciling: a stop that fired while we were down is ours
@@ -255,8 +271,16 @@ class Worker:
         gc.freeze()
         gc.set_threshold(50_000, 50, 1000)
         await self.prices.restore_prices()
-        self._price_sub = await self.bus.subscribe_prices(self.prices.on_price_message)
-        sub = await self.bus.durable_consumer(SIGNALS_STREAM, self.settings.worker_durable, "signals.>")
+        on_price = self.prices.on_price_message
+        if self.partition is not None:
+            own, symbol_at = self.owns, len("prices.")
+
+            async def on_price(msg: Msg) -> None:  # another partition's symbol: its worker's tick
+                if own(msg.subject[symbol_at:]):
+                    await self.prices.on_price_message(msg)
+
+        self._price_sub = await self.bus.subscribe_prices(on_price)
+        sub = await self.bus.durable_consumer(SIGNALS_STREAM, self.durable, signal_filter(self.partition))
         suspects = self._suspects(sub)
         self.standby = False
         self.ready.set()
@@ -356,9 +380,7 @@ class Worker:
         sequence = jetstream_sequences(msg)[0]
         if suspects.starts is None:
             try:
-                starts = await count_start(
-                    self.bus.js, self.settings.worker_durable, suspects.floor, self.bus.replicas
-                )
+                starts = await count_start(self.bus.js, self.durable, suspects.floor, self.bus.replicas)
             except Exception as exc:  # the breaker is a safety net: never a reason to stop
                 log.warning("worker.start_count_failed", error=repr(exc))
                 starts = 1
@@ -390,7 +412,7 @@ class Worker:
             return None, []
         with contextlib.suppress(Exception):  # a safety net: never a reason to stop
             await carry_start_count(
-                self.bus.js, self.settings.worker_durable, sequence, suspects.starts or 1, self.bus.replicas
+                self.bus.js, self.durable, sequence, suspects.starts or 1, self.bus.replicas
             )
         return dataclasses.replace(suspects, first=False), []
 
@@ -410,10 +432,10 @@ class Worker:
         shown: set[tuple[str, str]] = set()
         while not self.stopping.is_set():
             with contextlib.suppress(Exception):  # a gauge must never take the worker down
-                info = await self.bus.js.consumer_info(SIGNALS_STREAM, self.settings.worker_durable)
-                metrics.CONSUMER_PENDING.labels("worker").set(info.num_pending)
-                metrics.CONSUMER_ACK_PENDING.labels("worker").set(info.num_ack_pending)
-                metrics.CONSUMER_REDELIVERED.labels("worker").set(info.num_redelivered)
+                info = await self.bus.js.consumer_info(SIGNALS_STREAM, self.durable)
+                metrics.CONSUMER_PENDING.labels(self._role).set(info.num_pending)
+                metrics.CONSUMER_ACK_PENDING.labels(self._role).set(info.num_ack_pending)
+                metrics.CONSUMER_REDELIVERED.labels(self._role).set(info.num_redelivered)
             now_shown: set[tuple[str, str]] = set()
             for key, keyed in self.book.by_key.items():
                 labels = (key.symbol, key.side.value)
@@ -432,7 +454,8 @@ class Worker:
         count, started = 0, time.monotonic()
         after = await self._load_snapshot() if self.settings.snapshot_every_events else 0
         apply = self.state.apply
-        async for event in self.bus.replay_events(after=after):
+        accept = None if self.partition is None else self._owns_event
+        async for event in self.bus.replay_events(after=after, accept=accept):
             apply(event, True)
             count += 1
             if not count % REPLAY_PROGRESS_EVERY:  # a long history: say how far it has got
@@ -443,7 +466,8 @@ class Worker:
         self.kill_switch.report()
         if isinstance(self.gateway, PaperExchange):
             self.gateway.restore(self.book, self.state.replayed_cash)
-        metrics.OPEN_STRATEGY_POSITIONS.set_function(lambda: len(self.book.positions))  # read when scraped
+        if self.partition is None:  # a partitioned process sums its partitions (engine.app.partitioned)
+            metrics.OPEN_STRATEGY_POSITIONS.set_function(lambda: len(self.book.positions))
         self._events_since_snapshot = count
         self.recovered = (after, count)  # (the snapshot's stream sequence, events replayed after it)
         if self.settings.snapshot_every_events and count >= self.settings.snapshot_every_events:
@@ -464,9 +488,7 @@ class Worker:
     # --- snapshots (issue #16: a start independent of history) -----------------------------
     def _snapshot_store(self) -> SnapshotStore:
         if self._snapshots is None:
-            self._snapshots = SnapshotStore(
-                self.bus.js, self.settings.worker_durable, self.bus.signer, self.bus.replicas
-            )
+            self._snapshots = SnapshotStore(self.bus.js, self.durable, self.bus.signer, self.bus.replicas)
         return self._snapshots
 
     async def _load_snapshot(self) -> int:

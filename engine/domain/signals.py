@@ -26,6 +26,7 @@ from pydantic import (
 )
 
 from engine.domain.model import Action, PositionSide, SignalId, StrategyId, decimal_text, load_json_exact
+from engine.domain.partitions import partition_of
 from engine.domain.reasons import DeadLetter
 
 TOKEN_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
@@ -219,12 +220,19 @@ def derive_signal_id(payload: dict[str, Any]) -> SignalId:
     return SignalId("d-" + hashlib.sha256(canonical.encode()).hexdigest()[:40])
 
 
-def subject_tokens(subject: str) -> tuple[str, str] | None:
+def subject_tokens(subject: str, partitions: int = 1) -> tuple[str, str] | None:
+    """(strategy, symbol) of `signals.<strategy>.<symbol>`, or, with partitions, of the
+    `signals.<strategy>.<symbol>.<partition>` the stream maps it to (the symbol's own partition
+    only: another one is a publisher's or a re-partitioning's mistake, never run out of order)."""
     parts = subject.split(".")
-    if len(parts) != 3 or parts[0] != "signals":
+    if parts[0] != "signals" or not (
+        len(parts) == 3 or (len(parts) == 4 and partitions > 1 and parts[3].isdigit())
+    ):
         return None
     strategy, symbol = parts[1], parts[2]
     if not (_TOKEN.match(strategy) and _TOKEN.match(symbol)):
+        return None
+    if len(parts) == 4 and parts[3] != str(partition_of(symbol, partitions)):
         return None
     return strategy, symbol
 
@@ -314,17 +322,23 @@ def safe_text(value: str, limit: int) -> str:
 
 
 def parse_signal(
-    subject: str, data: bytes, max_bytes: int = MAX_SIGNAL_BYTES, sized_by_default: bool = False
+    subject: str,
+    data: bytes,
+    max_bytes: int = MAX_SIGNAL_BYTES,
+    sized_by_default: bool = False,
+    partitions: int = 1,
 ) -> Signal | MalformedSignal:
     """Never raises: anything that is not a valid signal comes back as a MalformedSignal.
     `sized_by_default`: buy/sell without any size are valid (the worker has DEFAULT_NOTIONAL)."""
     if len(data) > max_bytes:
         return MalformedSignal(DeadLetter.OVERSIZE, (f"payload is {len(data)} bytes; limit {max_bytes}",))
-    tokens = subject_tokens(subject)
+    tokens = subject_tokens(subject, partitions)
     if tokens is None:
+        form = "signals.<strategy_id>.<symbol>"
+        if partitions > 1:
+            form += f"[.<partition of the symbol among SIGNAL_PARTITIONS={partitions}>]"
         return MalformedSignal(
-            DeadLetter.BAD_SUBJECT,
-            (f"subject {safe_text(subject, 300)!r} is not signals.<strategy_id>.<symbol>",),
+            DeadLetter.BAD_SUBJECT, (f"subject {safe_text(subject, 300)!r} is not {form}",)
         )
     if json_too_deep(data):
         return MalformedSignal(

@@ -938,7 +938,7 @@ def build_app(exchange: Exchange | None = None) -> web.Application:
         web.get("/fapi/v2/account", private(lambda p: ex.account())),
         web.get("/fapi/v3/account", private(lambda p: ex.account())),
         web.get("/fapi/v2/balance", private(lambda p: ex.account()["assets"])),
-        web.get("/fapi/v1/leverageBracket", private(lambda p: _brackets(p))),
+        web.get("/fapi/v1/leverageBracket", private(lambda p: _brackets(p, ex.markets))),
         web.get("/fapi/v1/commissionRate", private(commission_rate)),
         web.get("/fapi/v1/income", private(ex.income_rows)),
         web.post("/fapi/v1/algoOrder", private(ex.place_algo)),
@@ -1014,7 +1014,7 @@ def _premium_index(ex: Exchange, p: dict[str, str]) -> Any:
     return _one_or_all(rows, p)
 
 
-def _brackets(p: dict[str, str]) -> list[dict[str, Any]]:
+def _brackets(p: dict[str, str], markets: dict[str, EmulatedMarket]) -> list[dict[str, Any]]:
     bracket = {
         "bracket": 1,
         "initialLeverage": 125,
@@ -1023,7 +1023,7 @@ def _brackets(p: dict[str, str]) -> list[dict[str, Any]]:
         "maintMarginRatio": 0.004,
         "cum": 0.0,
     }
-    return [{"symbol": s, "brackets": [bracket]} for s in MARKETS if p.get("symbol", s) == s]
+    return [{"symbol": s, "brackets": [bracket]} for s in markets if p.get("symbol", s) == s]
 
 
 async def _control(request: web.Request, action: Any) -> web.Response:
@@ -1043,8 +1043,33 @@ async def serve(host: str, port: int, exchange: Exchange | None = None) -> web.A
     return runner
 
 
-async def main(port: int, dual_side: bool, api_key: str, secret: str, taker_fee: Decimal = TAKER_FEE) -> None:
-    exchange = Exchange(api_key=api_key, secret=secret, dual_side=dual_side, taker_fee=taker_fee)
+def synthetic_markets(count: int) -> dict[str, EmulatedMarket]:
+    """The five listed markets and `count` more (T000USDT, T001USDT, ... at 10 USDT), for
+    runs over many symbols."""
+    extra = (
+        EmulatedMarket(f"T{i:03d}USDT", f"T{i:03d}", D("0.1"), D("0.1"), D("0.001"), D("5"), D("10"))
+        for i in range(count)
+    )
+    return dict(MARKETS) | {m.symbol: m for m in extra}
+
+
+async def main(
+    port: int,
+    dual_side: bool,
+    api_key: str,
+    secret: str,
+    taker_fee: Decimal = TAKER_FEE,
+    extra_markets: int = 0,
+) -> None:
+    markets = synthetic_markets(extra_markets)
+    exchange = Exchange(
+        api_key=api_key,
+        secret=secret,
+        dual_side=dual_side,
+        taker_fee=taker_fee,
+        markets=markets,
+        prices={s: m.price for s, m in markets.items()},
+    )
     runner = await serve("127.0.0.1", port, exchange)
     print(f"binanceusdm emulator on http://127.0.0.1:{port}", flush=True)
     try:

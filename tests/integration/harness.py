@@ -69,11 +69,18 @@ async def eventually_quiet(probe: Callable[[], bool], timeout: float) -> bool:
 
 class Pipeline:
     def __init__(
-        self, nats_url: str, mysql_url: str, emulator: Exchange | None = None, **overrides: Any
+        self,
+        nats_url: str,
+        mysql_url: str,
+        emulator: Exchange | None = None,
+        start_worker: bool = True,
+        **overrides: Any,
     ) -> None:
         """With `emulator` (an in-process Binance USD-M emulator's state), set EXCHANGE and
-        EXCHANGE_API_URL to trade on it through ccxt; ticks then move its price too."""
+        EXCHANGE_API_URL to trade on it through ccxt; ticks then move its price too. Without
+        `start_worker`, the test runs its own workers."""
         self.emulator = emulator
+        self.with_worker = start_worker
         self.gateway: ExchangeGateway | None = None
         self.settings: Settings = load_settings(
             nats_url=nats_url,
@@ -96,6 +103,7 @@ class Pipeline:
         self.client = await nats.connect(self.settings.nats_url.split(","))
         bootstrap = NatsBus(self.client)
         bootstrap.replicas = self.settings.stream_replicas
+        bootstrap.partitions = self.settings.signal_partitions
         await bootstrap.ensure_streams()
         # One ordered consumer over the whole stream: events arrive in stream order, so a test
         # that has seen a decision has seen the positions stored before it.
@@ -106,7 +114,8 @@ class Pipeline:
             ordered_consumer=True,
             deliver_policy=DeliverPolicy.ALL,
         )
-        await self.start_worker()
+        if self.with_worker:
+            await self.start_worker()
         await self.start_attribution()
         return self
 

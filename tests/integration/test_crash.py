@@ -288,7 +288,9 @@ async def _all_events(url: str) -> list[Event]:
     return stored
 
 
-async def _project_and_compare(nats_url: str, mysql_url: str, stored: list[Event]) -> None:
+async def _project_and_compare(
+    nats_url: str, mysql_url: str, stored: list[Event], signals: int = SIGNALS
+) -> None:
     settings = load_settings(nats_url=nats_url, mysql_url=mysql_url)
     bus = await NatsBus.connect(nats_url, "crash-attribution")
     store = await MysqlStore.open(MysqlTarget.parse(mysql_url))
@@ -313,7 +315,7 @@ async def _project_and_compare(nats_url: str, mysql_url: str, stored: list[Event
         decisions = sum(isinstance(e, SignalDecided) for e in stored)
         assert await count("SELECT COUNT(*) FROM position_closes") == closes
         assert await count("SELECT COUNT(*) FROM strategy_positions") == opens
-        assert await count("SELECT COUNT(*) FROM signal_decisions") == decisions == SIGNALS
+        assert await count("SELECT COUNT(*) FROM signal_decisions") == decisions == signals
     finally:
         consumer.stop()
         await asyncio.wait_for(task, 15)

@@ -226,3 +226,63 @@ def test_a_wrong_password_stops_start_up_within_seconds(secured: tuple[EmbeddedN
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "cannot connect to NATS" in lines[0] and "Authorization Violation" in lines[0]
     assert "not-the-password" not in done.stderr + done.stdout
+
+
+async def test_a_partitioned_worker_under_its_user_holds_its_partitions_and_snapshots(
+    secured: tuple[EmbeddedNats, Path],
+) -> None:
+    """deploy/nats/nats.conf as shipped lets the worker lay SIGNALS out in partitions, lease
+    them, count its peers and store snapshots; ops sees who holds what."""
+    server, certs = secured
+    env = _env(server, certs, "worker", "worker-pw", SIGNAL_PARTITIONS="2", SNAPSHOT_EVERY_EVENTS="1",
+               PARTITION_LEASE_SECONDS="2")  # fmt: skip
+    process = subprocess.Popen(
+        [sys.executable, "-m", "engine.cli", "worker"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    alpha = await _client(server, certs, "strat-alpha", "alpha-pw")
+    ops = await _client(server, certs, "ops", "ops-pw")
+    try:
+        js = alpha.jetstream()
+        deadline = time.monotonic() + 30
+        while True:  # the worker lays the stream out once it is up
+            try:
+                if (await ops.jetstream().stream_info("SIGNALS")).config.subject_transform is not None:
+                    break
+            except Exception:
+                pass
+            assert process.poll() is None and time.monotonic() < deadline, "the worker never laid SIGNALS out"
+            await asyncio.sleep(0.2)
+        for n, symbol in enumerate(("BTCUSDT", "ETHUSDT", "SOLUSDT", "BNBUSDT")):
+            signal = {"strategy_id": "strat-alpha", "symbol": symbol, "action": "buy", "quantity": "0.01",
+                      "price": "100", "confidence": "0.9", "signal_id": f"p-{n}"}  # fmt: skip
+            await js.publish(f"signals.strat-alpha.{symbol}", json.dumps(signal).encode())
+        ops_env = _env(server, certs, "ops", "ops-pw", SIGNAL_PARTITIONS="2")
+        deadline = time.monotonic() + 60
+        while True:
+            shown = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "engine.cli", "status", "--json", env=ops_env,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+            out, err = await asyncio.wait_for(shown.communicate(), 60)
+            assert shown.returncode == 0, (out + err).decode()
+            view = json.loads(out)
+            held = [o["holder"]["pid"] for o in view["owners"] if o["holder"]]
+            lag = [view["consumers"].get(f"worker-p{p}") for p in range(2)]
+            if held == [process.pid] * 2 and all(c and c["pending"] == c["ack_pending"] == 0 for c in lag):
+                break
+            assert time.monotonic() < deadline, view
+            await asyncio.sleep(0.3)
+    finally:
+        await alpha.close()
+        await ops.close()
+        process.send_signal(2)
+        try:
+            output = process.communicate(timeout=20)[0].decode()
+        except subprocess.TimeoutExpired:
+            process.kill()
+            output = process.communicate()[0].decode()
+    assert "worker.snapshot_saved" in output, output[-3000:]
+    assert "snapshot_failed" not in output and "Permissions Violation" not in server.log_file.read_text()

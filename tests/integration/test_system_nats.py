@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 
 import nats
@@ -59,3 +61,28 @@ async def test_pipeline_on_the_system_nats_server(system_pipeline: Pipeline) -> 
     worker = await system_pipeline.start_worker()  # replay works on this server too
     assert len(worker.ledger) == 1 and not worker.book.positions
     await system_pipeline.mysql_caught_up()
+
+
+async def test_partitions_on_a_server_without_stream_transforms_stop_the_worker_with_the_reason() -> None:
+    """nats-server 2.9 ignores a stream's subject transform: SIGNAL_PARTITIONS > 1 there would
+    leave every signal on a subject no partition reads, so the worker refuses (exit 2)."""
+    host, port = SYSTEM_NATS.rsplit("/", 1)[-1].split(":")
+    if not port_is_open(host, int(port)):
+        pytest.fail(f"no NATS at {SYSTEM_NATS}: .ci/run starts it; or set TEST_SYSTEM_NATS_URL")
+    await _drop_streams()
+    env = {k: v for k, v in os.environ.items() if k not in ("MYSQL_URL",)}
+    env |= {"NATS_URL": SYSTEM_NATS, "SIGNAL_PARTITIONS": "3", "HTTP_PORT": "0", "LOG_FORMAT": "json"}
+    try:
+        nc = await nats.connect(SYSTEM_NATS)
+        version = nc.connected_server_version
+        await nc.close()
+        if (version.major, version.minor) >= (2, 10):
+            pytest.skip(f"the system NATS is {version}: it keeps stream transforms")
+        done = subprocess.run([sys.executable, "-m", "engine.cli", "worker"], env=env, capture_output=True,
+                              text=True, timeout=60)  # fmt: skip
+        assert done.returncode == 2, done.stderr
+        assert "SIGNAL_PARTITIONS=3" in done.stderr and "2.10 or newer" in done.stderr
+        (said,) = [line for line in done.stderr.splitlines() if line.startswith("tradeengine:")]
+        assert f"nats-server {version.major}.{version.minor}" in said
+    finally:
+        await _drop_streams()

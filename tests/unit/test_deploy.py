@@ -36,7 +36,11 @@ def test_deployments_are_locked_down_and_probed() -> None:
     assert {d["metadata"]["name"] for d in deployments} == {"tradeengine-worker", "tradeengine-attribution"}  # type: ignore[index]
     for d in deployments:
         spec = d["spec"]  # type: ignore[index]
-        assert spec["replicas"] == 1 and spec["strategy"]["type"] == "Recreate"
+        if d["metadata"]["name"] == "tradeengine-worker":  # type: ignore[index]
+            # Partitions under leases: several replicas, a new pod up before an old one goes.
+            assert spec["replicas"] == 3 and spec["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+        else:
+            assert spec["replicas"] == 1 and spec["strategy"]["type"] == "Recreate"
         pod = spec["template"]["spec"]
         assert pod["securityContext"]["runAsNonRoot"] is True
         (container,) = pod["containers"]

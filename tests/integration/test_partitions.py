@@ -1,0 +1,473 @@
+"""Partitions and failover (issue #16, items 2, 3 and 6): three worker processes share six
+signal partitions of one Binance USD-M account (the emulator, its own process) over 25 symbols
+with prices moving. The worker holding the most partitions is killed with SIGKILL mid-run; the
+others take its partitions over; a fourth joins later and gets its share given back to it.
+Afterwards: every signal decided exactly once, each symbol's signals decided in the order they
+were published, no client order id sent twice, no partition booking another's position as a
+manual one, the book folded from EVENTS equal to the venue, and MySQL equal to the events.
+PARTITION_SIGNALS makes the run longer."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import nats
+import pytest
+from nats.js.api import DeliverPolicy
+from nats.js.errors import NoKeysError
+
+from engine.adapters.embedded_nats import EmbeddedNats, free_port
+from engine.adapters.leases import NO_ENTRY, PARTITIONS_BUCKET, Holder
+from engine.adapters.nats_bus import NatsBus
+from engine.app.layout import claim_layout
+from engine.app.partitioned import PartitionedWorker
+from engine.app.runner import build_gateway, partitioned_worker
+from engine.config import load_settings
+from engine.domain.book import PositionBook
+from engine.domain.events import (
+    PositionClosed,
+    PositionOpened,
+    PositionReconciled,
+    SignalDecided,
+    decode_event,
+)
+from engine.domain.partitions import partition_of
+from tests.integration.harness import Pipeline, eventually, eventually_async
+from tests.integration.processes import interrupt
+from tests.integration.proxy import TcpProxy
+from tests.integration.test_cluster import Cluster, _jetstream_ready
+from tests.integration.test_crash import _all_events, _port_open, _project_and_compare, ready
+
+pytestmark = pytest.mark.integration
+CLI = [sys.executable, "-m", "engine.cli"]
+PARTITIONS = 6
+SIGNALS = int(os.environ.get("PARTITION_SIGNALS", "600"))
+LISTED = {"BTCUSDT": ("45000", "0.002"), "ETHUSDT": ("3000", "0.03"), "SOLUSDT": ("150", "0.5"),
+          "BNBUSDT": ("600", "0.1"), "XRPUSDT": ("0.6", "20")}  # fmt: skip
+MARKETS = LISTED | {f"T{i:03d}USDT": ("10", "1") for i in range(20)}
+STRATEGIES = ["momentum", "breakout", "meanrev", "scalper"]
+
+
+@dataclass
+class Desk:
+    tmp: Path
+    env: dict[str, str]
+    emulator_url: str
+    workers: dict[int, subprocess.Popen[bytes]] = field(default_factory=dict)
+    ports: dict[int, int] = field(default_factory=dict)
+    emulator: subprocess.Popen[bytes] | None = None
+    logs: list[Any] = field(default_factory=list)
+
+    def start_worker(self, n: int) -> None:
+        log = open(self.tmp / f"worker-{n}.log", "wb")  # noqa: SIM115 - closed in stop_all
+        self.logs.append(log)
+        self.ports[n] = free_port()
+        env = self.env | {"HTTP_PORT": str(self.ports[n])}
+        self.workers[n] = subprocess.Popen([*CLI, "worker"], env=env, stdout=log, stderr=subprocess.STDOUT)
+
+    def kill(self, n: int) -> None:
+        os.kill(self.workers[n].pid, signal.SIGKILL)
+        self.workers[n].wait()
+
+    def stop_all(self) -> None:
+        for proc in (*self.workers.values(), self.emulator):
+            if proc is not None:
+                interrupt(proc, timeout=15)
+        for log in self.logs:
+            log.close()
+
+
+@dataclass
+class Nats:
+    url: str  # what the processes are given (every node of a cluster)
+    one: str  # one node, for a tool that takes one address
+    cluster: Cluster | None
+
+
+@pytest.fixture(params=["one server", "3-node cluster"])
+def nats_urls(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Nats]:
+    if request.param == "one server":
+        server = EmbeddedNats(free_port(), tmp_path / "nats").start()
+        try:
+            yield Nats(server.url, server.url, None)
+        finally:
+            server.stop()
+        return
+    cluster = Cluster(tmp_path)
+    try:
+        for node in cluster.nodes:
+            node.start()
+        yield Nats(cluster.url, cluster.nodes[0].url, cluster)
+    finally:
+        for node in cluster.nodes:
+            node.stop()
+
+
+@pytest.fixture
+def desk(tmp_path: Path, nats_urls: Nats) -> Iterator[Desk]:
+    emulator_port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("MYSQL_URL",)}
+    env.update(
+        NATS_URL=nats_urls.url,
+        STREAM_REPLICAS="3" if nats_urls.cluster else "1",
+        EXCHANGE="binanceusdm",
+        EXCHANGE_API_URL=f"http://127.0.0.1:{emulator_port}",
+        EXCHANGE_API_KEY="emulator-key",
+        EXCHANGE_API_SECRET="emulator-secret",
+        SET_POSITION_MODE="true",
+        LOG_FORMAT="json",
+        ORDER_TIMEOUT_SECONDS="2",
+        RECONCILE_INTERVAL_SECONDS="1",
+        MAX_SIGNAL_AGE_SECONDS="3600",
+        MIN_CONFIDENCE="0.5",
+        FETCH_BATCH="16",
+        SNAPSHOT_EVERY_EVENTS="300",
+        EXCHANGE_RECV_WINDOW_MS="1000",
+        ORDER_SEND_SPAN_SECONDS="3",
+        EXCHANGE_RATE_LIMIT_MS="1",
+        SIGNAL_PARTITIONS=str(PARTITIONS),
+        PARTITION_LEASE_SECONDS="3",
+    )
+    running = Desk(tmp_path, env, f"http://127.0.0.1:{emulator_port}")
+    log = open(tmp_path / "emulator.log", "wb")  # noqa: SIM115 - closed in stop_all
+    running.logs.append(log)
+    running.emulator = subprocess.Popen(
+        [*CLI, "emulator", "--port", str(emulator_port), "--extra-markets", "20"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        yield running
+    finally:
+        running.stop_all()
+
+
+async def owners(js: Any) -> dict[int, int]:
+    """partition -> pid of the process holding its lease."""
+    try:
+        kv = await js.key_value(PARTITIONS_BUCKET)
+        keys = await kv.keys()
+    except (NoKeysError, Exception):
+        return {}
+    held = {}
+    for key in keys:
+        try:
+            holder = Holder.decode((await kv.get(key)).value)
+        except NO_ENTRY:  # released (deleted) since it was listed
+            continue
+        if holder is not None:
+            held[int(key.rsplit("-p", 1)[1])] = holder.pid
+    return held
+
+
+@pytest.mark.timeout(420)
+async def test_a_killed_worker_s_partitions_are_taken_over_and_nothing_is_lost_or_doubled(
+    desk: Desk, nats_urls: Nats, mysql_url: str
+) -> None:
+    """On a 3-node cluster, a NATS node is killed with SIGKILL too, after the worker, and started
+    again after the newcomer has its share."""
+    rng = random.Random(1606)
+    prices = {s: Decimal(p) for s, (p, _) in MARKETS.items()}
+    cluster = nats_urls.cluster
+    if cluster is not None:
+        await _jetstream_ready(cluster.url)
+    nc = await nats.connect(nats_urls.url.split(","))
+    js = nc.jetstream()
+    bus = NatsBus(nc)
+    bus.partitions = PARTITIONS
+    bus.replicas = 3 if cluster else 1
+    await bus.ensure_streams()
+    decided: Counter[str] = Counter()
+
+    async def collect(msg: Any) -> None:
+        event = decode_event(msg.data)
+        if isinstance(event, SignalDecided):
+            decided[event.signal_id] += 1
+
+    await js.subscribe("decisions.>", cb=collect, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL)
+    sent: list[str] = []
+    async with aiohttp.ClientSession() as http:
+        await eventually_async(lambda: _port_open(desk.emulator_url), what="emulator up")
+
+        async def move_prices() -> None:
+            for symbol in rng.sample(list(MARKETS), 5):
+                prices[symbol] *= Decimal(1) + Decimal(rng.choice([-2, -1, 1, 2])) / Decimal(1000)
+                price = str(prices[symbol].quantize(Decimal("0.0001")))
+                async with http.post(
+                    f"{desk.emulator_url}/emulator/price", json={"symbol": symbol, "price": price}
+                ):
+                    pass
+                await nc.publish(f"prices.{symbol}", json.dumps({"symbol": symbol, "price": price}).encode())
+
+        async def publish(count: int) -> None:
+            for _ in range(count):
+                n = len(sent)
+                symbol = rng.choice(list(MARKETS))
+                action = rng.choices(["buy", "sell", "close"], weights=[45, 45, 10])[0]
+                payload: dict[str, Any] = {
+                    "strategy_id": rng.choice(STRATEGIES),
+                    "symbol": symbol,
+                    "action": action,
+                    "signal_id": f"part-{n}",
+                    "confidence": "0.8",
+                    "price": str(prices[symbol].quantize(Decimal("0.0001"))),
+                }
+                if action != "close":
+                    payload |= {
+                        "quantity": MARKETS[symbol][1],
+                        "take_profit_pct": "0.003",
+                        "stop_loss_pct": "0.003",
+                    }
+                for attempt in range(100):  # a publish in flight when a node died is sent again
+                    try:
+                        await js.publish(  # as a strategy does: the stream maps it to the partition
+                            f"signals.{payload['strategy_id']}.{symbol}",
+                            json.dumps(payload).encode(),
+                            headers={"Nats-Msg-Id": payload["signal_id"]},
+                        )
+                        break
+                    except nats.errors.Error:  # no stream answer, no responders, a timeout
+                        assert attempt < 99
+                        await asyncio.sleep(0.2)
+                sent.append(payload["signal_id"])
+                if rng.random() < 0.2:
+                    await move_prices()
+
+        async def all_ready(ns: list[int]) -> bool:
+            return all([await ready(http, desk.ports[n]) for n in ns])
+
+        async def spread_over(pids: set[int]) -> bool:
+            held = await owners(js)
+            return len(held) == PARTITIONS and set(held.values()) <= pids
+
+        for n in range(3):
+            desk.start_worker(n)
+        pids = {desk.workers[n].pid for n in range(3)}
+        await eventually_async(lambda: spread_over(pids), timeout=60, what="every partition held")
+        await eventually_async(lambda: all_ready([0, 1, 2]), timeout=60, what="workers ready")
+        first = await owners(js)
+        assert Counter(first.values()) == Counter({pid: 2 for pid in pids}), first  # the fair share
+
+        await publish(SIGNALS // 3)
+        await eventually_async(lambda: _count(decided, SIGNALS // 6), timeout=60, what="a sixth decided")
+        victim = next(
+            n for n in range(3) if desk.workers[n].pid == Counter(first.values()).most_common(1)[0][0]
+        )
+        orphans = {p for p, pid in first.items() if pid == desk.workers[victim].pid}
+        desk.kill(victim)
+        killed_at = time.monotonic()
+        survivors = {desk.workers[n].pid for n in range(3) if n != victim}
+        await eventually_async(lambda: spread_over(survivors), timeout=30, what="the orphans taken over")
+        takeover = time.monotonic() - killed_at
+        after_kill = await owners(js)
+        assert all(after_kill[p] == pid for p, pid in first.items() if p not in orphans), "a survivor moved"
+
+        if cluster is not None:
+            cluster.kill(1)  # a NATS node dies with the run in full flow
+        await publish(SIGNALS // 3)
+        desk.start_worker(3)  # joins: the survivors give back one partition each
+        survivors.add(desk.workers[3].pid)
+        await eventually_async(
+            lambda: _holds(js, desk.workers[3].pid, 2), timeout=60, what="the newcomer's share given back"
+        )
+        if cluster is not None:
+            cluster.restart(1)
+        await publish(SIGNALS - len(sent))
+        await eventually_async(lambda: _count(decided, SIGNALS), timeout=180, what="every signal decided")
+        for _ in range(10):
+            await move_prices()
+        state = await _quiet_state(http, desk, js)
+        status = subprocess.run(
+            [*CLI, "status", "--json"], env=desk.env, capture_output=True, text=True, timeout=60, check=True
+        )
+    await nc.close()
+
+    assert set(decided) == set(sent)
+    assert max(decided.values()) == 1, {k: v for k, v in decided.items() if v > 1}
+    assert state["duplicate_client_ids"] == {}
+
+    stored = await _all_events(nats_urls.one)
+    last_seen: dict[str, int] = {}
+    for event in stored:  # each symbol's signals decided in the order they were published
+        if isinstance(event, SignalDecided) and event.signal_sequence is not None:
+            assert event.signal_sequence > last_seen.get(event.symbol, 0), event
+            last_seen[event.symbol] = event.signal_sequence
+    foreign = [e for e in stored if isinstance(e, PositionReconciled) and e.kind != "protective_stop"]
+    assert not foreign, f"a partition booked a foreign position: {foreign}"
+    book = PositionBook()
+    for event in stored:
+        if isinstance(event, PositionOpened | PositionClosed):
+            book.apply(event)
+    held = {str(key): str(ep.quantity.normalize()) for key, ep in book.exchange.items()}
+    venue = {key: str(abs(Decimal(qty)).normalize()) for key, qty in state["positions"].items()}
+    assert held == venue
+    by_partition: dict[int, set[str]] = defaultdict(set)
+    for event in stored:
+        if isinstance(event, SignalDecided):
+            by_partition[partition_of(event.symbol, PARTITIONS)].add(event.symbol)
+    assert len(by_partition) == PARTITIONS
+
+    shown = json.loads(status.stdout)
+    assert [o["partition"] for o in shown["owners"]] == list(range(PARTITIONS))
+    assert {o["holder"]["pid"] for o in shown["owners"]} <= survivors
+    await _project_and_compare(nats_urls.url, mysql_url, stored, SIGNALS)
+    print(
+        f"partitions run on {'a 3-node cluster, a node killed' if cluster else 'one server'}: {SIGNALS} signals over {len(MARKETS)} symbols and {PARTITIONS} partitions, "
+        f"3 workers, 1 killed holding {sorted(orphans)}: taken over in {takeover:.2f}s; "
+        f"{len(stored)} events, {state['orders']} orders, client ids sent twice "
+        f"{len(state['duplicate_client_ids'])}"
+    )
+
+
+async def _count(counter: Counter[str], n: int) -> bool:
+    return len(counter) >= n
+
+
+async def _holds(js: Any, pid: int, n: int) -> bool:
+    return list((await owners(js)).values()).count(pid) >= n
+
+
+async def _quiet_state(http: aiohttp.ClientSession, desk: Desk, js: Any) -> dict[str, Any]:
+    """The venue's state once no partition has anything left to do."""
+    last: tuple[int, str] | None = None
+    for _ in range(200):
+        busy = 0
+        for p in range(PARTITIONS):
+            info = await js.consumer_info("SIGNALS", f"tradeengine-worker-p{p}")
+            busy += info.num_pending + info.num_ack_pending
+        stream = await js.stream_info("EVENTS")
+        async with http.get(f"{desk.emulator_url}/emulator/state") as response:
+            state: dict[str, Any] = await response.json()
+        now = (stream.state.messages, json.dumps(state["positions"], sort_keys=True))
+        if busy == 0 and now == last:
+            return state
+        last = now
+        await asyncio.sleep(1.5)  # longer than a reconciliation round: a fixed point, not a race
+    raise AssertionError("the workers never went quiet")
+
+
+@pytest.mark.timeout(180)
+async def test_a_worker_cut_off_from_nats_stops_acting_and_its_partitions_move_when_its_leases_expire(
+    nats_server: EmbeddedNats, mysql_url: str
+) -> None:
+    """Two partitioned workers in this process (so no pid can be seen dead: only the leases'
+    expiry tells); one loses its link to NATS. Its partitions go to the other within
+    PARTITION_LEASE_SECONDS and a few rounds, each of its partitions fenced (placing and storing
+    nothing) before the other takes it, and the signals published meanwhile are decided once."""
+    partitions, lease = 4, 2.0
+    settings = load_settings(
+        nats_url=nats_server.url,
+        mysql_url=mysql_url,
+        http_port=None,
+        signal_partitions=partitions,
+        partition_lease_seconds=lease,
+        max_signal_age_seconds=3600,
+    )
+    symbols = [s for s in MARKETS if s in LISTED]
+    async with (
+        TcpProxy("127.0.0.1", nats_server.port) as proxy,
+        Pipeline(nats_server.url, mysql_url, start_worker=False, signal_partitions=partitions) as pipeline,
+    ):
+        first, first_bus = await _partitioned(settings, f"nats://127.0.0.1:{proxy.port}")
+        task = asyncio.create_task(first.run())
+        await eventually(lambda: first.ready.is_set() and len(first.lanes) == partitions, 30, "all four held")
+        second, second_bus = await _partitioned(settings, nats_server.url)
+        task2 = asyncio.create_task(second.run())
+        try:
+            # The newcomer gets half, given back by the first; nothing else moves.
+            await eventually(lambda: len(second.lanes) == 2 and len(first.lanes) == 2, 30, "two each")
+            await eventually(lambda: second.ready.is_set(), 30, "the second ready")
+            for n, symbol in enumerate(symbols * 4):
+                await pipeline.publish("s1", symbol, "buy", signal_id=f"before-{n}", quantity="0.1", price="100",
+                                       confidence="0.9")  # fmt: skip
+            await eventually(lambda: len({d.signal_id for d in pipeline.decisions()}) == 20, 30, "decided")
+
+            orphans = set(first.lanes)
+            lanes = {p: first.lanes[p].worker for p in orphans}
+            fenced_when_taken: dict[int, bool] = {}
+            proxy.cut()
+            cut_at = time.monotonic()
+
+            def taken() -> bool:
+                for p in orphans - set(fenced_when_taken):
+                    if p in second.lanes:
+                        worker = lanes[p]
+                        fenced_when_taken[p] = worker._fenced or (
+                            worker.lease is not None and not worker.lease.confirmed()
+                        )
+                return set(fenced_when_taken) == orphans
+
+            await eventually(taken, 30, "the cut-off worker's partitions taken over")
+            moved_in = time.monotonic() - cut_at
+            assert all(fenced_when_taken.values()), fenced_when_taken
+            for n, symbol in enumerate(symbols * 4):
+                await pipeline.publish("s2", symbol, "buy", signal_id=f"after-{n}", quantity="0.1", price="100",
+                                       confidence="0.9")  # fmt: skip
+            await eventually(
+                lambda: len({d.signal_id for d in pipeline.decisions()}) == 40, 60, "decided after"
+            )
+            counts = Counter(d.signal_id for d in pipeline.decisions())
+            assert max(counts.values()) == 1, counts
+            print(f"cut-off worker: partitions {sorted(orphans)} moved in {moved_in:.2f}s (lease {lease:g}s)")
+        finally:
+            first.stop()
+            second.stop()
+            await asyncio.gather(task, task2, return_exceptions=True)
+            await first_bus.close()
+            await second_bus.close()
+
+
+async def _partitioned(settings: Any, url: str) -> tuple[PartitionedWorker, NatsBus]:
+    bus = await NatsBus.connect(url, "test-partitioned")
+    bus.partitions = settings.signal_partitions
+    worker = partitioned_worker(settings, bus, build_gateway(settings))
+    assert isinstance(worker, PartitionedWorker)
+    return worker, bus
+
+
+async def test_the_layout_changes_only_when_nothing_runs_or_waits_on_the_old_one(
+    nats_server: EmbeddedNats, mysql_url: str
+) -> None:
+    """Signals waiting under one layout keep workers of another from starting (exit 2 with the
+    reason); once they are decided and their worker stopped, the layout changes."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MYSQL_URL",)}
+    env |= {"NATS_URL": nats_server.url, "SIGNAL_PARTITIONS": "3", "HTTP_PORT": "0", "LOG_FORMAT": "json"}
+    async with Pipeline(nats_server.url, mysql_url, max_signal_age_seconds=3600) as pipeline:
+        await pipeline.stop_worker()
+        await pipeline.publish("s1", "BTCUSDT", "buy", signal_id="waiting", quantity="0.01", price="45000",
+                               confidence="0.9")  # fmt: skip
+        refused = subprocess.run([*CLI, "worker"], env=env, capture_output=True, text=True, timeout=60)
+        assert refused.returncode == 2, refused.stderr
+        assert (
+            "SIGNAL_PARTITIONS=3" in refused.stderr
+            and "1 signal(s) wait for tradeengine-worker" in refused.stderr
+        )
+        await pipeline.start_worker()
+        await pipeline.decision("waiting")
+        await pipeline.stop_worker()
+    nc = await nats.connect(nats_server.url)
+    try:
+        bus = NatsBus(nc)
+        settings = load_settings(nats_url=nats_server.url, signal_partitions=3)
+        await claim_layout(bus, settings)
+        assert await bus.signal_partitions() == 3
+        back = load_settings(nats_url=nats_server.url, signal_partitions=1)
+        await claim_layout(NatsBus(nc), back)  # nothing runs or waits on the three: back to one
+        assert await bus.signal_partitions() == 1
+    finally:
+        await nc.close()
