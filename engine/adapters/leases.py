@@ -348,3 +348,12 @@ def _decode_start(data: bytes | None) -> StartCount | None:
         return StartCount(int(fields["floor"]), int(fields["starts"]))
     except (ValueError, TypeError, KeyError):
         return None
+
+
+async def bucket_keys(js: JetStreamContext, bucket: str) -> list[str]:
+    """The keys a KV bucket holds an entry for (deleted ones too; a get tells), from one stream
+    info request: `kv.keys()` creates a consumer a time, which a cluster that has just lost a
+    node refused or timed out for a minute in tests/integration/test_partitions.py."""
+    info = await js.stream_info(f"KV_{bucket}", subjects_filter=f"$KV.{bucket}.>")
+    prefix = f"$KV.{bucket}."
+    return [subject[len(prefix) :] for subject in info.state.subjects or {}]

@@ -184,7 +184,10 @@ class NatsBus:
         for config in (
             StreamConfig(
                 name=SIGNALS_STREAM,
-                subjects=SIGNAL_SUBJECTS,
+                # Partitioned, only `signals.<strategy_id>.<symbol>` is taken (and mapped): any
+                # other subject would be stored where no partition reads; its publisher is
+                # refused at once instead.
+                subjects=[mapping[0]] if mapping else SIGNAL_SUBJECTS,
                 storage=StorageType.FILE,
                 num_replicas=self.replicas,
                 duplicate_window=300.0,
@@ -215,8 +218,8 @@ class NatsBus:
             except NotFoundError:
                 await self.js.add_stream(config)
                 continue
-            if config.name == SIGNALS_STREAM and self.partitions is None:
-                config.subject_transform = current.subject_transform  # not this process's to change
+            if config.name == SIGNALS_STREAM and self.partitions is None:  # not this process's to change
+                config.subjects, config.subject_transform = current.subjects, current.subject_transform
             if (
                 current.subjects,
                 current.duplicate_window,

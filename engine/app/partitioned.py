@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
+import nats.errors
 import structlog
-from nats.js.errors import NoKeysError
 from nats.js.kv import KeyValue
 
 from engine import metrics
@@ -33,16 +34,20 @@ from engine.adapters.leases import (
     PARTITIONS_BUCKET,
     Holder,
     Lease,
+    LeaseLost,
     LeaseTaken,
+    bucket_keys,
     open_bucket,
 )
 from engine.adapters.nats_bus import NatsBus
-from engine.app.layout import claim_layout
+from engine.app.layout import check_layout, claim_layout, member_prefix
 from engine.app.worker import Worker
-from engine.config import Settings
-from engine.domain.partitions import lane_name, partition_of, plan
+from engine.config import ConfigError, Settings
+from engine.domain.partitions import fair_share, lane_name, partition_of, plan
 
 log = structlog.get_logger(__name__)
+STARTUP_PATIENCE = 90.0  # seconds a start-up step against NATS is tried again
+T = TypeVar("T")
 
 
 @dataclass
@@ -68,8 +73,10 @@ class PartitionedWorker:
         self.lanes: dict[int, Lane] = {}
         self.ready = asyncio.Event()
         self.stopping = asyncio.Event()
+        self.member_key = member_prefix(settings.worker_durable, self.partitions) + self.holder.instance
         self._members: KeyValue | None = None
         self._leases: KeyValue | None = None
+        self._free_since: dict[int, float] = {}  # partitions seen unheld, since when (monotonic)
 
     @property
     def every(self) -> float:
@@ -81,11 +88,15 @@ class PartitionedWorker:
             lane.worker.stop()
 
     async def run(self) -> None:
-        await claim_layout(self.bus, self.settings)
-        await self.start_venue()
         js, replicas = self.bus.js, self.bus.replicas
-        self._members = await open_bucket(js, MEMBERS_BUCKET, self.seconds, replicas)
-        self._leases = await open_bucket(js, PARTITIONS_BUCKET, self.seconds, replicas)
+        await self._patiently(lambda: claim_layout(self.bus, self.settings), "the streams")
+        await self.start_venue()
+        self._members = await self._patiently(
+            lambda: open_bucket(js, MEMBERS_BUCKET, self.seconds, replicas), MEMBERS_BUCKET
+        )
+        self._leases = await self._patiently(
+            lambda: open_bucket(js, PARTITIONS_BUCKET, self.seconds, replicas), PARTITIONS_BUCKET
+        )
         metrics.OPEN_STRATEGY_POSITIONS.set_function(
             lambda: sum(len(lane.worker.book.positions) for lane in self.lanes.values())
         )
@@ -112,11 +123,27 @@ class PartitionedWorker:
                 lane.worker.stop()
             ended = await asyncio.gather(*(lane.task for lane in self.lanes.values()), return_exceptions=True)
             with contextlib.suppress(Exception):
-                await self._members.delete(self.holder.instance)
+                await self._members.delete(self.member_key)
             log.info("partitions.left", held=sorted(self.lanes))
             for outcome in ended:
-                if isinstance(outcome, BaseException) and not isinstance(outcome, asyncio.CancelledError):
+                if isinstance(outcome, ConfigError):
                     raise outcome
+
+    async def _patiently(self, step: Callable[[], Awaitable[T]], what: str) -> T:
+        """A start-up step against NATS, tried again while a cluster elects new leaders (a node
+        lost: timeouts and refusals for tens of seconds); a configuration error stops at once."""
+        deadline, delay = time.monotonic() + STARTUP_PATIENCE, 0.5
+        while True:
+            try:
+                return await step()
+            except ConfigError:
+                raise
+            except (nats.errors.Error, TimeoutError) as exc:
+                if time.monotonic() > deadline or self.stopping.is_set():
+                    raise
+                log.warning("partitions.start_retry", step=what, error=repr(exc)[:200])
+                await self._pause(delay)
+                delay = min(delay * 2, 5.0)
 
     async def _pause(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -125,7 +152,7 @@ class PartitionedWorker:
     async def _heartbeat(self) -> None:
         assert self._members is not None
         try:
-            await self._members.put(self.holder.instance, self.holder.encode())
+            await self._members.put(self.member_key, self.holder.encode())
         except Exception as exc:  # NATS away: the leases fence themselves if it lasts
             log.warning("partitions.heartbeat_failed", error=repr(exc)[:200])
 
@@ -134,51 +161,77 @@ class PartitionedWorker:
         for partition, lane in list(self.lanes.items()):
             if lane.task.done():
                 del self.lanes[partition]
-                if lane.task.exception() is not None:
-                    raise lane.task.exception() or RuntimeError("lane failed")
-                log.info("partitions.lane_ended", partition=partition)
+                failure = lane.task.exception()
+                if isinstance(failure, ConfigError):
+                    raise failure  # this process is not configured for the desk: it stops (exit 2)
+                if failure is not None and not isinstance(failure, LeaseLost):
+                    # Its lease is given back (or expires); whoever takes it next starts it
+                    # afresh from its events, and a message that keeps killing it is set aside
+                    # by the crash-loop breaker, counted per partition. The others run on.
+                    log.error("partitions.lane_failed", partition=partition, error=repr(failure)[:500])
+                else:
+                    log.info("partitions.lane_ended", partition=partition)
         try:
-            members, taken = await self._live_members(), await self._taken()
+            alive, (taken, holding) = await self._live_members(), await self._taken()
         except Exception as exc:
             log.warning("partitions.view_failed", error=repr(exc)[:200])
             return
         if any(lane.worker.stopping.is_set() for lane in self.lanes.values()):
             return  # one partition moves at a time: wait for the one being given back
+        now, share = time.monotonic(), fair_share(self.partitions, len(alive))
+        free = set(range(self.partitions)) - taken - set(self.lanes)
+        self._free_since = {p: self._free_since.get(p, now) for p in free}
+        overdue = frozenset(p for p, since in self._free_since.items() if now - since > self.seconds)
         step = plan(
-            self.partitions, frozenset(self.lanes), taken, members, zlib.crc32(self.holder.instance.encode())
+            self.partitions,
+            frozenset(self.lanes),
+            taken,
+            len(alive),
+            zlib.crc32(self.holder.instance.encode()),
+            overdue,
+            hungry=any(holding.get(other, 0) < share for other in alive - {self.holder.instance}),
         )
         for partition in step.release:
-            log.info("partitions.releasing", partition=partition, members=members, why="above the fair share")
+            log.info(
+                "partitions.releasing", partition=partition, members=len(alive), why="above the fair share"
+            )
             self.lanes[partition].worker.stop()
         for partition in step.take:
             await self._take(partition)
 
-    async def _live_members(self) -> int:
+    async def _live_members(self) -> set[str]:
+        """The instances of the live workers of this desk and layout (this one included)."""
         assert self._members is not None
-        alive = 0
-        for key in await _keys(self._members):
+        alive = {self.holder.instance}
+        prefix = member_prefix(self.settings.worker_durable, self.partitions)
+        for key in await bucket_keys(self.bus.js, MEMBERS_BUCKET):
+            if not key.startswith(prefix):
+                continue
             with contextlib.suppress(*NO_ENTRY):
                 holder = Holder.decode((await self._members.get(key)).value)
                 if holder is not None and not holder.gone():
-                    alive += 1
-        return max(alive, 1)
+                    alive.add(holder.instance)
+        return alive
 
-    async def _taken(self) -> frozenset[int]:
-        """Partitions whose lease another live process holds."""
+    async def _taken(self) -> tuple[frozenset[int], dict[str, int]]:
+        """Partitions whose lease another live process holds, and how many each instance holds."""
         assert self._leases is not None
         prefix = lane_name(self.settings.worker_durable, 0)[:-1]
-        taken = set()
-        for key in await _keys(self._leases):
+        taken: set[int] = set()
+        holding: dict[str, int] = {}
+        for key in await bucket_keys(self.bus.js, PARTITIONS_BUCKET):
             if not key.startswith(prefix) or not key[len(prefix) :].isdigit():
                 continue
             partition = int(key[len(prefix) :])
-            if partition in self.lanes:
+            if partition in self.lanes or partition >= self.partitions:
                 continue
             with contextlib.suppress(*NO_ENTRY):
                 holder = Holder.decode((await self._leases.get(key)).value)
                 if holder is None or not holder.gone():  # a dead holder's lease is taken over
                     taken.add(partition)
-        return frozenset(taken)
+                    if holder is not None:
+                        holding[holder.instance] = holding.get(holder.instance, 0) + 1
+        return frozenset(taken), holding
 
     async def _take(self, partition: int) -> None:
         name = lane_name(self.settings.worker_durable, partition)
@@ -190,6 +243,14 @@ class PartitionedWorker:
             return  # another process was quicker
         except Exception as exc:
             log.warning("partitions.take_failed", partition=partition, error=repr(exc)[:200])
+            return
+        try:
+            await check_layout(self.bus, self.settings)  # a standby of an old layout must not run
+        except BaseException:
+            await lease.release()
+            raise
+        if self.stopping.is_set():
+            await lease.release()
             return
 
         def owns(symbol: str) -> bool:
@@ -212,10 +273,3 @@ class PartitionedWorker:
             for key, value in lane.worker.details().items():
                 found.setdefault(key, value)
         return found
-
-
-async def _keys(kv: KeyValue) -> list[str]:
-    try:
-        return list(await kv.keys())
-    except NoKeysError:
-        return []

@@ -31,8 +31,12 @@ class ProtectiveStops:
         book: Callable[[], PositionBook],
         lock: Callable[[str], asyncio.Lock],
         fallback_pct: Decimal | None,
+        check_lease: Callable[[], None] = lambda: None,
     ) -> None:
+        """`check_lease` raises when this worker may no longer act at the venue: called before
+        every stop placed or cancelled, as before every order."""
         self.gateway, self.book, self.lock, self.fallback_pct = gateway, book, lock, fallback_pct
+        self.check_lease = check_lease
         self.placed: dict[PositionKey, VenueStop] = {}  # our open stop per key, as last known
         self._dirty: set[PositionKey] = set()
         self._wake = asyncio.Event()
@@ -55,6 +59,7 @@ class ProtectiveStops:
             *older, newest = sorted(stops, key=lambda s: int(s.venue_id) if s.venue_id.isdigit() else 0)
             self.placed[key] = newest
             for stale in older:
+                self.check_lease()
                 await self.gateway.cancel_stop(stale)
         for key in set(self.placed) | set(self.book().exchange):
             self.touch(key)
@@ -109,6 +114,7 @@ class ProtectiveStops:
             current = next((stop for stop in at_venue if stop.client_id == wanted.client_id), current)
         if wanted is not None and (current is None or current.client_id != wanted.client_id):
             try:
+                self.check_lease()
                 current = await self.gateway.place_stop(wanted)
             except StopRefused as exc:
                 if self._refused[key] != str(exc):
@@ -135,6 +141,7 @@ class ProtectiveStops:
         # answer was lost.
         for stale in at_venue:
             if wanted is None or stale.client_id != wanted.client_id:
+                self.check_lease()
                 await self.gateway.cancel_stop(stale)
                 metrics.STOPS.labels("cancelled").inc()
 

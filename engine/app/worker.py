@@ -34,7 +34,7 @@ from engine.adapters.paper import PaperExchange
 from engine.adapters.snapshots import SnapshotStore
 from engine.app.decisions import Decisions
 from engine.app.kill_switch import KillSwitch
-from engine.app.layout import claim_layout
+from engine.app.layout import check_layout, claim_layout
 from engine.app.orders import OrderDesk
 from engine.app.price_feed import PriceFeed
 from engine.app.prices import Prices
@@ -215,6 +215,11 @@ class Worker:
             lease = Lease(self.bus.js, self.durable, self.settings.worker_lease_seconds, self.bus.replicas)
             if not await lease.acquire(self.settings.worker_standby, self.stopping, self._on_standby):
                 return
+            try:  # a standby may have waited while other workers changed the layout
+                await check_layout(self.bus, self.settings)
+            except BaseException:
+                await lease.release()
+                raise
         self.lease = lease
         keeper = asyncio.create_task(self._keep_lease(lease))
         try:
@@ -346,6 +351,8 @@ class Worker:
             if storing is not None and not storing.done():
                 with contextlib.suppress(Exception):  # its batch stays unacked: redelivered
                     await storing
+            with contextlib.suppress(ValueError):
+                self.bus.on_reconnect.remove(self.wake_reconcile.set)
             try:
                 await self.flush()
             finally:
@@ -448,6 +455,9 @@ class Worker:
             shown = now_shown
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), every)
+        for labels in shown:  # a partition moving to another process takes its exposure along
+            metrics.OPEN_POSITIONS_BY_KEY.labels(*labels).set(0)
+            metrics.EXPOSURE_BY_KEY.labels(*labels).set(0)
 
     async def recover(self) -> None:
         """Rebuild the book and the dedupe ledger from our own events (DESIGN §2)."""
@@ -488,7 +498,12 @@ class Worker:
     # --- snapshots (issue #16: a start independent of history) -----------------------------
     def _snapshot_store(self) -> SnapshotStore:
         if self._snapshots is None:
-            self._snapshots = SnapshotStore(self.bus.js, self.durable, self.bus.signer, self.bus.replicas)
+            # A partition's snapshot holds its symbols' state under this partition count; under
+            # another count the same partition holds other symbols.
+            name = self.durable
+            if self.partition is not None:
+                name += f"-of{self.settings.signal_partitions}"
+            self._snapshots = SnapshotStore(self.bus.js, name, self.bus.signer, self.bus.replicas)
         return self._snapshots
 
     async def _load_snapshot(self) -> int:
@@ -583,7 +598,11 @@ class Worker:
         if mode is Switch.OFF or (mode is Switch.AUTO and not self.gateway.quotes):
             return
         self.stops = ProtectiveStops(
-            self.gateway, lambda: self.book, self.locks.__getitem__, self.settings.protective_stop_pct
+            self.gateway,
+            lambda: self.book,
+            self.locks.__getitem__,
+            self.settings.protective_stop_pct,
+            self.check_lease,
         )
         try:
             await self.stops.load()

@@ -75,14 +75,29 @@ class Plan:
     release: tuple[int, ...]  # held partitions to give back (at most one a round)
 
 
-def plan(partitions: int, mine: frozenset[int], taken: frozenset[int], members: int, seed: int) -> Plan:
+def plan(
+    partitions: int,
+    mine: frozenset[int],
+    taken: frozenset[int],
+    members: int,
+    seed: int,
+    overdue: frozenset[int] = frozenset(),
+    hungry: bool = True,
+) -> Plan:
     """One round of one worker: `mine` it holds, `taken` are held by others, `members` workers
     are alive (this one included). Free partitions are tried from a place that depends on
-    `seed` (the worker's own), so workers starting together do not all race for partition 0."""
+    `seed` (the worker's own), so workers starting together do not all race for partition 0.
+    `overdue` partitions have been free for longer than a lease: whatever the shares say (a
+    member counted that cannot take them), they are taken, and nothing is given back meanwhile.
+    A partition above the share is given back only when another live worker holds less than
+    the share (`hungry`): nobody would take it otherwise."""
     share = fair_share(partitions, members)
-    if len(mine) > share:
-        return Plan(take=(), release=(max(mine),))
     free = [p for p in range(partitions) if p not in mine and p not in taken]
+    late = [p for p in free if p in overdue]
+    if late:
+        return Plan(take=tuple(late), release=())
+    if len(mine) > share and hungry:
+        return Plan(take=(), release=(max(mine),))
     if not free:
         return Plan(take=(), release=())
     start = seed % len(free)

@@ -221,18 +221,17 @@ def derive_signal_id(payload: dict[str, Any]) -> SignalId:
 
 
 def subject_tokens(subject: str, partitions: int = 1) -> tuple[str, str] | None:
-    """(strategy, symbol) of `signals.<strategy>.<symbol>`, or, with partitions, of the
-    `signals.<strategy>.<symbol>.<partition>` the stream maps it to (the symbol's own partition
-    only: another one is a publisher's or a re-partitioning's mistake, never run out of order)."""
+    """(strategy, symbol) of `signals.<strategy>.<symbol>`, or of the
+    `signals.<strategy>.<symbol>.<partition>` a partitioned stream maps it to: under partitions,
+    the symbol's own partition only (another is left from a change of the partition count, and
+    is never run out of order); without, any (one worker reads every partition's leftovers)."""
     parts = subject.split(".")
-    if parts[0] != "signals" or not (
-        len(parts) == 3 or (len(parts) == 4 and partitions > 1 and parts[3].isdigit())
-    ):
+    if parts[0] != "signals" or not (len(parts) == 3 or (len(parts) == 4 and parts[3].isdigit())):
         return None
     strategy, symbol = parts[1], parts[2]
     if not (_TOKEN.match(strategy) and _TOKEN.match(symbol)):
         return None
-    if len(parts) == 4 and parts[3] != str(partition_of(symbol, partitions)):
+    if len(parts) == 4 and partitions > 1 and parts[3] != str(partition_of(symbol, partitions)):
         return None
     return strategy, symbol
 

@@ -33,7 +33,7 @@ from nats.js.errors import NoKeysError
 from engine.adapters.embedded_nats import EmbeddedNats, free_port
 from engine.adapters.leases import NO_ENTRY, PARTITIONS_BUCKET, Holder
 from engine.adapters.nats_bus import NatsBus
-from engine.app.layout import claim_layout
+from engine.app.layout import _relay, claim_layout
 from engine.app.partitioned import PartitionedWorker
 from engine.app.runner import build_gateway, partitioned_worker
 from engine.config import load_settings
@@ -444,10 +444,22 @@ async def test_the_layout_changes_only_when_nothing_runs_or_waits_on_the_old_one
     nats_server: EmbeddedNats, mysql_url: str
 ) -> None:
     """Signals waiting under one layout keep workers of another from starting (exit 2 with the
-    reason); once they are decided and their worker stopped, the layout changes."""
+    reason); once they are decided and their worker stopped, the layout changes, and the new
+    partitions start after every command and signal the old layout handled: a flatten applied
+    before the change is not applied again to positions opened after it."""
     env = {k: v for k, v in os.environ.items() if k not in ("MYSQL_URL",)}
     env |= {"NATS_URL": nats_server.url, "SIGNAL_PARTITIONS": "3", "HTTP_PORT": "0", "LOG_FORMAT": "json"}
     async with Pipeline(nats_server.url, mysql_url, max_signal_age_seconds=3600) as pipeline:
+        assert pipeline.client is not None
+        await pipeline.tick("BTCUSDT", "45000")
+        await pipeline.publish("s1", "BTCUSDT", "buy", signal_id="first", quantity="0.01", confidence="0.9")
+        await pipeline.decision("first")
+        await pipeline.client.jetstream().publish("control.flatten", b'{"strategy_id": "s1"}')
+        await pipeline.wait_events(lambda _: len(pipeline.closed()) == 1, "the flatten")
+        await pipeline.client.jetstream().publish("control.resume", b'{"strategy_id": "s1"}')
+        await pipeline.wait_events(
+            lambda events: [e.type for e in events].count("control.applied") == 2, "resume"
+        )
         await pipeline.stop_worker()
         await pipeline.publish("s1", "BTCUSDT", "buy", signal_id="waiting", quantity="0.01", price="45000",
                                confidence="0.9")  # fmt: skip
@@ -458,16 +470,67 @@ async def test_the_layout_changes_only_when_nothing_runs_or_waits_on_the_old_one
             and "1 signal(s) wait for tradeengine-worker" in refused.stderr
         )
         await pipeline.start_worker()
-        await pipeline.decision("waiting")
+        assert (await pipeline.decision("waiting")).outcome.value == "accepted"
         await pipeline.stop_worker()
+
+        nc = await nats.connect(nats_server.url)
+        try:
+            bus = NatsBus(nc)
+            await claim_layout(bus, load_settings(nats_url=nats_server.url, signal_partitions=3))
+            assert await bus.signal_partitions() == 3
+            js = nc.jetstream()
+            control_end = (await js.stream_info("CONTROL")).state.last_seq
+            for p in range(3):
+                info = await js.consumer_info("CONTROL", f"tradeengine-worker-p{p}-control")
+                assert info.num_pending == 0 and info.ack_floor.stream_seq == control_end
+            with pytest.raises(nats.js.errors.NotFoundError):  # the old layout's consumers are gone
+                await js.consumer_info("SIGNALS", "tradeengine-worker")
+            with pytest.raises(nats.js.errors.NoStreamResponseError):  # refused, not left unread
+                await js.publish("signals.s1", b"{}", timeout=2)
+
+            partitioned, _ = await _partitioned(
+                load_settings(nats_url=nats_server.url, mysql_url=mysql_url, http_port=None,
+                              signal_partitions=3, max_signal_age_seconds=3600),
+                nats_server.url,
+            )  # fmt: skip
+            task = asyncio.create_task(partitioned.run())
+            try:
+                await eventually(
+                    lambda: partitioned.ready.is_set() and len(partitioned.lanes) == 3, 30, "ready"
+                )
+                await pipeline.publish("s1", "BTCUSDT", "buy", signal_id="after", quantity="0.01",
+                                       price="45000", confidence="0.9")  # fmt: skip
+                assert (await pipeline.decision("after")).outcome.value == "accepted"
+                await pipeline.wait_events(lambda _: len(pipeline.opened()) == 3, "the open after the change")
+                assert len(pipeline.closed()) == 1, "the flatten of before the change was applied again"
+            finally:
+                partitioned.stop()
+                await task
+                await partitioned.bus.close()
+
+            back = load_settings(nats_url=nats_server.url, signal_partitions=1)
+            await claim_layout(NatsBus(nc), back)  # nothing runs or waits on the three: back to one
+            assert await bus.signal_partitions() == 1
+        finally:
+            await nc.close()
+
+
+async def test_signals_published_while_the_layout_flips_are_relayed(nats_server: EmbeddedNats) -> None:
+    """A signal stored on the one-worker subject after the check and before the flip is
+    published again onto its partition."""
     nc = await nats.connect(nats_server.url)
     try:
         bus = NatsBus(nc)
-        settings = load_settings(nats_url=nats_server.url, signal_partitions=3)
-        await claim_layout(bus, settings)
-        assert await bus.signal_partitions() == 3
-        back = load_settings(nats_url=nats_server.url, signal_partitions=1)
-        await claim_layout(NatsBus(nc), back)  # nothing runs or waits on the three: back to one
-        assert await bus.signal_partitions() == 1
+        bus.partitions = 1
+        await bus.ensure_streams()
+        js = nc.jetstream()
+        for n, symbol in enumerate(("BTCUSDT", "ETHUSDT")):
+            await js.publish(f"signals.s1.{symbol}", b'{"n": %d}' % n, headers={"Nats-Msg-Id": f"late-{n}"})
+        bus.partitions = 4
+        await bus.ensure_streams()
+        assert await _relay(bus, "tradeengine-worker", 1, after=0) == 2
+        stored = (await js.stream_info("SIGNALS", subjects_filter=">")).state.subjects or {}
+        for symbol in ("BTCUSDT", "ETHUSDT"):
+            assert stored[f"signals.s1.{symbol}.{partition_of(symbol, 4)}"] == 1
     finally:
         await nc.close()
