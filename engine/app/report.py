@@ -77,6 +77,9 @@ async def gather(store: MysqlStore, flt: ReportFilter, max_positions: int = 20) 
         " SUM(realized_pnl > 0) / COUNT(*) AS win_rate, SUM(realized_pnl) AS total_pnl, SUM(fees) AS fees,"
         " SUM(close_reason = 'take_profit') / COUNT(*) AS tp_rate,"
         " SUM(close_reason = 'stop_loss') / COUNT(*) AS sl_rate,"
+        " SUM(close_reason = 'take_profit') AS tp_closes, SUM(close_reason = 'stop_loss') AS sl_closes,"
+        " SUM(close_reason = 'signal') AS signal_closes, SUM(close_reason = 'reversed') AS reversed_closes,"
+        " SUM(close_reason IN ('manual', 'liquidation')) AS manual_closes,"
         " SUM(CASE WHEN realized_pnl > 0 THEN realized_pnl ELSE 0 END)"
         "   / NULLIF(-SUM(CASE WHEN realized_pnl < 0 THEN realized_pnl ELSE 0 END), 0) AS profit_factor,"
         " AVG(duration_seconds) AS avg_duration_seconds"
@@ -229,11 +232,23 @@ def _describe(flt: ReportFilter) -> str:
 
 
 # --- HTML ------------------------------------------------------------------------------------
+# Close reasons as a person reads them, and their colours in the closes chart.
+CLOSE_KINDS = [("tp_closes", "take profit", TP_COLOUR), ("sl_closes", "stop loss", SL_COLOUR),
+               ("signal_closes", "signal", "#1f77b4"), ("reversed_closes", "reversed", "#9467bd"),
+               ("manual_closes", "manual / liquidation", "#7f7f7f")]  # fmt: skip
+QUOTE = "USDT"  # linear futures settle in it: every money axis is in it
+
+
 def render_html(data: ReportData, generated_at: datetime) -> str:
+    """One self-contained page (plotly.js inline, nothing fetched): tables and Plotly charts
+    with the same figures as the terminal (money to the cent)."""
+    import plotly.graph_objects as go  # only the HTML report pays for plotly
+    from plotly.offline import get_plotlyjs
+    from plotly.subplots import make_subplots
+
     e = html.escape
     columns = [*PERFORMANCE_COLUMNS, ("open_positions", "open"), ("open_notional", "open notional"),
                ("unrealized_pnl", "uPnL")]  # fmt: skip
-    # The same figures as the terminal and the charts: money to the cent, rates to 4 places.
     rows = "".join(
         "<tr>"
         + "".join(f"<td>{e(fmt(r.get(key), 2 if key in MONEY else 4))}</td>" for key, _ in columns)
@@ -249,143 +264,112 @@ def render_html(data: ReportData, generated_at: datetime) -> str:
     )
     attribution_table = (
         '<table id="attribution-table"><thead><tr><th>position</th><th>key</th><th>strategy</th><th>quantity</th>'
-        f"<th>share</th><th>PnL</th></tr></thead><tbody>{attribution_rows}</tbody></table>"
+        f"<th>share</th><th>PnL ({QUOTE})</th></tr></thead><tbody>{attribution_rows}</tbody></table>"
         if data.attribution
         else "<p>No exchange position in this selection.</p>"
     )
-    colours = {s: PALETTE[i % len(PALETTE)] for i, s in enumerate(sorted(data.equity))}
-    curves = "".join(
-        f"<figure><figcaption>{e(strategy)}: equity and drawdown</figcaption>"
-        f"{equity_svg(points, colours[strategy])}</figure>"
-        for strategy, points in sorted(data.equity.items())
-    )
-    legend = " ".join(
-        f'<span style="color:{colour}">&#9632;</span> {e(strategy)}' for strategy, colour in colours.items()
-    )
+    strategies = sorted({*data.equity, *(r["strategy_id"] for r in data.performance),
+                         *(r["strategy_id"] for r in data.attribution)})  # fmt: skip
+    colours = {s: PALETTE[i % len(PALETTE)] for i, s in enumerate(strategies)}
+    config = {"displaylogo": False, "responsive": True}
+
+    def chart(figure: Any, element_id: str) -> str:
+        figure.update_layout(template="plotly_white", font={"family": "system-ui, sans-serif", "size": 13},
+                             margin={"l": 10, "r": 30, "t": 40, "b": 10})  # fmt: skip
+        return str(figure.to_html(full_html=False, include_plotlyjs=False, config=config, div_id=element_id))
+
+    equity = "<p>No closed trades in this selection.</p>"
+    if data.equity:
+        figure = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.62, 0.38], vertical_spacing=0.08,
+                               subplot_titles=("cumulative net PnL", "drawdown from the peak"))  # fmt: skip
+        # Every curve spans the selection: flat at 0 until its first close, level after its last.
+        start = min(curve[0][0] for curve in data.equity.values())
+        end = max(curve[-1][0] for curve in data.equity.values())
+        for strategy, closed in sorted(data.equity.items()):
+            points = [(start, Decimal(0), Decimal(0)), *closed]
+            if closed[-1][0] < end:
+                points.append((end, closed[-1][1], closed[-1][2]))
+            times = [p[0] for p in points]
+            figure.add_trace(go.Scatter(
+                x=times, y=[float(p[1]) for p in points], name=strategy, legendgroup=strategy,
+                mode="lines+markers", line={"color": colours[strategy], "width": 3, "shape": "hv"},
+                customdata=[fmt(p[1], 2) for p in points],
+                hovertemplate=f"{e(strategy)}<br>%{{x|%Y-%m-%d %H:%M}} UTC<br>%{{customdata}} {QUOTE}<extra></extra>",
+            ), row=1, col=1)  # fmt: skip
+            figure.add_trace(go.Scatter(
+                x=times, y=[-float(p[2]) for p in points], name=f"{strategy} drawdown", legendgroup=strategy,
+                showlegend=False, mode="lines", fill="tozeroy", fillcolor=DRAWDOWN_COLOUR,
+                line={"color": colours[strategy], "width": 1, "shape": "hv"},
+                customdata=[fmt(-p[2], 2) for p in points],
+                hovertemplate=f"{e(strategy)} drawdown<br>%{{customdata}} {QUOTE}<extra></extra>",
+            ), row=2, col=1)  # fmt: skip
+        figure.update_yaxes(title_text=QUOTE, row=1, col=1)
+        figure.update_yaxes(title_text=QUOTE, row=2, col=1)
+        figure.update_xaxes(title_text="time (UTC)", row=2, col=1)
+        figure.update_layout(height=520, legend={"title": {"text": "strategy"}})
+        equity = chart(figure, "equity-chart")
+
+    traded = [r for r in data.performance if r["trades"]]
+    closes = "<p>No closed trades in this selection.</p>"
+    if traded:
+        names = [r["strategy_id"] for r in traded][::-1]  # the best on top
+        figure = go.Figure()
+        for key, label, colour in CLOSE_KINDS:
+            counts = [int(r.get(key) or 0) for r in traded][::-1]
+            if any(counts):
+                figure.add_trace(go.Bar(y=names, x=counts, name=label, orientation="h", marker_color=colour,
+                                        text=[str(c) if c else "" for c in counts], textposition="auto",
+                                        hovertemplate=f"%{{y}}: %{{x}} {label} close(s)<extra></extra>"))  # fmt: skip
+        figure.update_layout(barmode="stack", height=120 + 40 * len(traded), legend={"title": {"text": "closed by"}},
+                             xaxis={"title": {"text": "closed slices"}, "dtick": 1},
+                             yaxis={"automargin": True})  # fmt: skip
+        closes = chart(figure, "closes-chart")
+
+    attribution = ""
+    if data.attribution:
+        labels: dict[str, str] = {}
+        for r in data.attribution:
+            labels.setdefault(
+                r["exchange_position_id"], f"{r['position_key']} {r['exchange_position_id'][:6]}"
+            )
+        figure = go.Figure()
+        for strategy in strategies:
+            mine = [r for r in data.attribution if r["strategy_id"] == strategy]
+            if mine:
+                figure.add_trace(go.Bar(
+                    y=[labels[r["exchange_position_id"]] for r in mine], x=[float(r["realized_pnl"]) for r in mine],
+                    name=strategy, orientation="h", marker_color=colours[strategy],
+                    text=[fmt(r["realized_pnl"], 2) for r in mine], textposition="auto",
+                    hovertemplate=f"{e(strategy)}: %{{text}} {QUOTE}<extra></extra>",
+                ))  # fmt: skip
+        figure.update_layout(barmode="relative", height=120 + 36 * len(labels), showlegend=True,
+                             legend={"title": {"text": "strategy"}},
+                             xaxis={"title": {"text": f"realized PnL, net of fees ({QUOTE})"}, "zeroline": True},
+                             yaxis={"automargin": True, "categoryorder": "array",
+                                    "categoryarray": list(labels.values())[::-1]})  # fmt: skip
+        attribution = chart(figure, "attribution-chart")
+
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>tradeengine report</title>
 <style>
-body{{font-family:system-ui,sans-serif;margin:24px;color:#222}} table{{border-collapse:collapse}}
+body{{font-family:system-ui,sans-serif;margin:24px;color:#222;max-width:1200px}} table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}} td:first-child,th:first-child{{text-align:left}}
-figure{{display:inline-block;margin:8px}} figcaption{{font-size:13px;color:#555}}
-</style></head><body>
+</style>
+<script>{get_plotlyjs()}</script></head><body>
 <h1>tradeengine report {e(_describe(data.filter))}</h1>
-<p>Generated {e(generated_at.isoformat())}. PnL is net of fees.</p>
+<p>Generated {e(generated_at.isoformat())}. PnL is net of fees, in {QUOTE}.</p>
 <h2>Strategy performance</h2>
 {
         f'<table id="performance"><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>'
         if data.performance
         else "<p>No trades and no open positions in this selection.</p>"
     }
-<h2>Equity curve and drawdown per strategy</h2>
-<p>Cumulative net PnL in the quote currency (the line) and drawdown from its peak (the shaded
-area below zero), one chart per strategy; time runs left to right, from the first close to the last.</p>
-<div id="equity">{curves or "<p>No closed trades in this selection.</p>"}</div>
-<h2>TP vs SL rates</h2>
-<div id="tpsl">{
-        tp_sl_svg([r for r in data.performance if r["trades"]])
-        if any(r["trades"] for r in data.performance)
-        else "<p>No closed trades in this selection.</p>"
-    }</div>
+<h2>Equity and drawdown</h2>
+<div id="equity">{equity}</div>
+<h2>How slices were closed</h2>
+<div id="closes">{closes}</div>
 <h2>PnL attribution per exchange position</h2>
-<div id="attribution">{attribution_svg(data.attribution, colours) if data.attribution else ""}</div>
+<div id="attribution">{attribution}</div>
 {attribution_table}
-<p class="legend">{legend}</p>
 </body></html>
 """
-
-
-def _scale(lo: float, hi: float, out_lo: float, out_hi: float) -> Any:
-    span = (hi - lo) or 1.0
-    return lambda v: out_lo + (float(v) - lo) / span * (out_hi - out_lo)
-
-
-def equity_svg(
-    points: list[tuple[datetime, Decimal, Decimal]], colour: str, w: int = 360, h: int = 180
-) -> str:
-    points = [(points[0][0], Decimal(0), Decimal(0)), *points]  # every curve starts flat at 0
-    values = [float(p[1]) for p in points] + [float(-p[2]) for p in points] + [0.0]
-    y = _scale(min(values), max(values), h - 20, 10)
-    x = _scale(0, max(len(points) - 1, 1), 40, w - 10)
-    equity = " ".join(f"{x(i):.1f},{y(p[1]):.1f}" for i, p in enumerate(points))
-    drawdown = " ".join(f"{x(i):.1f},{y(-p[2]):.1f}" for i, p in enumerate(points))
-    zero = y(0)
-    area = f"{x(0):.1f},{zero:.1f} {drawdown} {x(len(points) - 1):.1f},{zero:.1f}"
-    return (
-        f'<svg class="equity" width="{w}" height="{h}" viewBox="0 0 {w} {h}" xmlns="http://www.w3.org/2000/svg">'
-        f'<line x1="40" y1="{zero:.1f}" x2="{w - 10}" y2="{zero:.1f}" stroke="#999"/>'
-        f'<polygon class="drawdown" points="{area}" fill="{DRAWDOWN_COLOUR}"/>'
-        f'<polyline class="equity-line" points="{equity}" fill="none" stroke="{colour}" stroke-width="3"/>'
-        f'<text x="2" y="14" font-size="11">{fmt(max(values), 2)}</text>'
-        f'<text x="2" y="{h - 22}" font-size="11">{fmt(min(values), 2)}</text>'
-        f'<text x="40" y="{h - 4}" font-size="10" fill="#555">{points[1][0]:%Y-%m-%d %H:%M}</text>'
-        f'<text x="{w - 10}" y="{h - 4}" font-size="10" fill="#555" text-anchor="end">'
-        f"{points[-1][0]:%Y-%m-%d %H:%M} UTC</text></svg>"
-    )
-
-
-def tp_sl_svg(performance: list[dict[str, Any]], w: int = 480) -> str:
-    bar_h, gap = 12, 10
-    h = max(40, len(performance) * (2 * bar_h + gap) + 20)
-    x = _scale(0, 1, 90, w - 130)
-    parts = [
-        f'<svg class="tpsl" width="{w}" height="{h}" viewBox="0 0 {w} {h}" xmlns="http://www.w3.org/2000/svg">'
-    ]
-    for i, row in enumerate(performance):
-        top = 10 + i * (2 * bar_h + gap)
-        tp, sl = float(row["tp_rate"] or 0), float(row["sl_rate"] or 0)
-        parts.append(
-            f'<text x="0" y="{top + bar_h + 4}" font-size="12">{html.escape(row["strategy_id"])}</text>'
-        )
-        parts.append(
-            f'<rect class="tp" x="90" y="{top}" width="{x(tp) - 90:.1f}" height="{bar_h}" fill="{TP_COLOUR}"/>'
-        )
-        parts.append(
-            f'<rect class="sl" x="90" y="{top + bar_h}" width="{x(sl) - 90:.1f}" height="{bar_h}" fill="{SL_COLOUR}"/>'
-        )
-        parts.append(
-            f'<text x="{x(max(tp, sl)) + 4:.1f}" y="{top + bar_h + 4}" font-size="11">TP {tp:.0%} / SL {sl:.0%}</text>'
-        )
-    parts.append("</svg>")
-    return "".join(parts)
-
-
-def attribution_svg(rows: list[dict[str, Any]], colours: dict[str, str], w: int = 520) -> str:
-    positions: dict[str, list[dict[str, Any]]] = {}
-    for row in rows:
-        positions.setdefault(row["exchange_position_id"], []).append(row)
-    if not positions:
-        return "<p>No exchange positions.</p>"
-    extent = max(
-        max(sum(float(r["realized_pnl"]) for r in rs if r["realized_pnl"] > 0),
-            -sum(float(r["realized_pnl"]) for r in rs if r["realized_pnl"] < 0))
-        for rs in positions.values()
-    ) or 1.0  # fmt: skip
-    mid, half = (w + 120) / 2, (w - 140) / 2
-    bar_h, h = 16, len(positions) * 22 + 20
-    parts = [
-        f'<svg class="attribution" width="{w}" height="{h}" viewBox="0 0 {w} {h}" xmlns="http://www.w3.org/2000/svg">'
-    ]
-    parts.append(f'<line x1="{mid}" y1="0" x2="{mid}" y2="{h}" stroke="#999"/>')
-    for i, (ep_id, rs) in enumerate(positions.items()):
-        top = 8 + i * 22
-        parts.append(
-            f'<text x="0" y="{top + 12}" font-size="11">{html.escape(rs[0]["position_key"])} {ep_id[:6]}</text>'
-        )
-        pos = neg = mid
-        for r in rs:
-            width = abs(float(r["realized_pnl"])) / extent * half
-            colour = colours.get(r["strategy_id"], "#888")
-            label = html.escape(f"{r['strategy_id']}: {fmt(r['realized_pnl'], 2)}")
-            if r["realized_pnl"] >= 0:
-                parts.append(
-                    f'<rect class="slice" x="{pos:.1f}" y="{top}" width="{width:.1f}" height="{bar_h}" fill="{colour}"><title>{label}</title></rect>'
-                )
-                pos += width
-            else:
-                neg -= width
-                parts.append(
-                    f'<rect class="slice" x="{neg:.1f}" y="{top}" width="{width:.1f}" height="{bar_h}" fill="{colour}"><title>{label}</title></rect>'
-                )
-    parts.append("</svg>")
-    return "".join(parts)

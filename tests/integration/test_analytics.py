@@ -404,18 +404,37 @@ async def test_report_terminal_tables_and_filters(db: Db) -> None:
 
 
 async def test_report_html_is_self_contained_with_every_chart(db: Db, tmp_path: Path) -> None:
+    import json
+    import re
+
     from engine.app.report import ReportFilter, gather, render_html
 
-    page = render_html(await gather(db.store, ReportFilter()), T1)
-    assert page.count('<svg class="equity"') == 4  # A, B, C, E closed trades
-    assert page.count('class="tp"') == 4 and page.count('class="sl"') == 4
-    assert page.count('class="slice"') == 6  # strategies per exchange position: 2 + 1 + 1 + 1 + 1
-    assert "<script" not in page and "http://" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "")
-    assert "TP 100% / SL 0%" in page and "TP 0% / SL 100%" in page
+    data = await gather(db.store, ReportFilter())
+    page = render_html(data, T1)
+    # plotly.js inline, nothing fetched: no script or stylesheet from elsewhere
+    assert "<script src=" not in page and '<link rel="stylesheet" href="http' not in page
+    figures = {
+        element: json.loads(data)
+        for element, data in re.findall(r'Plotly.newPlot\(\s*"([a-z-]+)",\s*(\[.*?\]),\s*\{', page, re.S)
+    }
+    assert set(figures) == {"equity-chart", "closes-chart", "attribution-chart"}
+    equity = figures["equity-chart"]
+    assert sorted(t["name"] for t in equity if t.get("showlegend", True)) == ["A", "B", "C", "E"]
+    assert {t["yaxis"] for t in equity if t["name"].endswith("drawdown")} == {"y2"}  # its own axis
+    b = next(t for t in equity if t["name"] == "B")
+    assert b["y"][0] == 0 and b["customdata"][-1] == "-53.95"  # from 0; money as in the tables
+    closes = {t["name"]: t for t in figures["closes-chart"]}
+    assert set(closes) >= {"take profit", "stop loss"}
+    by_strategy = dict(zip(closes["take profit"]["y"], closes["take profit"]["x"], strict=True))
+    assert by_strategy == {r["strategy_id"]: r["tp_closes"] for r in data.performance if r["trades"]}
+    assert sum(closes["stop loss"]["x"]) == sum(r["sl_closes"] for r in data.performance if r["trades"]) > 0
+    slices = [(t["name"], text) for t in figures["attribution-chart"] for text in t["text"]]
+    assert len(slices) == 6 and ("B", "-53.95") in slices  # labels on the bars, not only on hover
 
 
 async def test_report_charts_render_in_headless_chromium(db: Db, tmp_path: Path) -> None:
-    """Look at it as a person would: render the page in Chromium and find the charts' colours."""
+    """Look at it as a person would: render the page in Chromium (its scripts run) and find the
+    charts' colours on the screen."""
     import shutil
 
     from PIL import Image
@@ -437,11 +456,11 @@ async def test_report_charts_render_in_headless_chromium(db: Db, tmp_path: Path)
     proc = await asyncio.create_subprocess_exec(
         chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        f"--user-data-dir={tmp_path / 'profile'}", "--hide-scrollbars", "--window-size=1280,1600",
-        f"--screenshot={shot}", page.as_uri(),
+        f"--user-data-dir={tmp_path / 'profile'}", "--hide-scrollbars", "--window-size=1280,2200",
+        "--virtual-time-budget=10000", f"--screenshot={shot}", page.as_uri(),
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
     )  # fmt: skip
-    assert await asyncio.wait_for(proc.wait(), 60) == 0
+    assert await asyncio.wait_for(proc.wait(), 90) == 0
     image = Image.open(shot).convert("RGB")
     counts = {colour: n for n, colour in image.getcolors(maxcolors=1 << 24) or []}
 
@@ -540,6 +559,8 @@ async def test_report_fits_80_columns_and_exports(db: Db) -> None:
 
 
 async def test_report_html_says_what_an_empty_selection_holds_and_tables_the_attribution(db: Db) -> None:
+    import re
+
     from engine.app.report import ReportFilter, gather, render_html
 
     empty = render_html(await gather(db.store, ReportFilter(strategy="nobody")), T1)
@@ -549,4 +570,9 @@ async def test_report_html_says_what_an_empty_selection_holds_and_tables_the_att
     )
     page = render_html(await gather(db.store, ReportFilter()), T1)
     assert page.count("<tr><td>") >= 6 + 5  # the attribution table's rows beside the performance table's
-    assert "167.18" in page and "167.175" not in page  # money to the cent, as on the terminal
+    # Money to the cent, as on the terminal, wherever a person reads it: the tables, the labels
+    # on the bars and what hovering shows (the charts plot the exact figure).
+    tables = "".join(re.findall(r"<table.*?</table>", page, re.S))
+    assert "167.18" in tables and "167.175" not in tables
+    shown = re.findall(r'"(?:text|customdata)":\[([^\]]*)\]', page)
+    assert shown and not [t for t in shown if "167.175" in t] and any("167.18" in t for t in shown)

@@ -1,4 +1,5 @@
-"""What each role loads: ccxt (~0.45 s, ~100 MB) only for a ccxt venue, asyncmy only for attribution."""
+"""What each role loads: ccxt (~0.45 s, ~100 MB) only for a ccxt venue, asyncmy only for attribution,
+plotly only for the HTML report (never a worker)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from engine.app.runner import build_gateway
 from engine.app.worker import Worker
 from engine.config import load_settings
 build_gateway(load_settings(**{overrides}))
-print(sorted(m for m in ("ccxt", "asyncmy") if m in sys.modules))
+print(sorted(m for m in ("ccxt", "asyncmy", "plotly") if m in sys.modules))
 """
 
 
