@@ -51,7 +51,7 @@ def symbols(count: int) -> list[str]:
 def env(url: str, partitions: int, extra: int, **more: str) -> dict[str, str]:
     return worker_env(url) | {
         "SIGNAL_PARTITIONS": str(partitions), "PAPER_EXTRA_MARKETS": str(extra),
-        "PARTITION_LEASE_SECONDS": "3", "MAX_SIGNAL_AGE_SECONDS": "3600", **more,
+        "MAX_SIGNAL_AGE_SECONDS": "3600", **more,
     }  # fmt: skip
 
 

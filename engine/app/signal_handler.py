@@ -10,6 +10,7 @@ from nats.aio.msg import Msg
 
 from engine import metrics
 from engine.adapters.gateway import OrderRejected, OrderUncertain
+from engine.adapters.leases import LeaseLost
 from engine.adapters.nats_consumers import jetstream_sequences
 from engine.app.decisions import Decisions
 from engine.app.orders import OrderDesk
@@ -74,6 +75,8 @@ class SignalHandler:
             async with self.locks[parsed.symbol]:
                 try:
                     await self.on_signal(parsed, sequence)
+                except LeaseLost:
+                    raise  # not this signal's fault: the worker stops, the next holder decides it
                 except Exception as exc:  # a bug must cost one signal, not the worker
                     log.exception("signal.internal_error")
                     self.decisions.decide(

@@ -70,6 +70,7 @@ STALE_PRICE_LIMIT = 600.0  # seconds: a tick this old still stands in when the v
 LATE_LOOKUP_EVERY = 1.0  # seconds between lookups of an order whose request may still arrive
 LOOKUP_COOLDOWN = 5.0  # seconds between lookups on a symbol whose venue did not answer
 TICK_BACKLOG_LIMIT = 10_000
+YIELD_EVERY = 32  # signals decided between two turns of the event loop for everything else
 FLATTEN_PASSES = 5  # per symbol, while its lock is held by a slow venue call
 
 
@@ -580,8 +581,13 @@ class Worker:
         await self.store_and_ack(msgs, started)
 
     async def decide_batch(self, msgs: list[Msg]) -> None:
-        for msg in msgs:
+        for n, msg in enumerate(msgs, 1):
             await self.on_signal_message(msg)
+            if not n % YIELD_EVERY:
+                # Deciding on the paper venue never waits: without this a batch would hold the
+                # event loop for its whole length, and lease renewals (and the other partitions
+                # of this process) with it.
+                await asyncio.sleep(0)
 
     async def store_and_ack(self, msgs: list[Msg], started: float) -> None:
         await self.flush()
