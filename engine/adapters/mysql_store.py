@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -131,7 +131,9 @@ class MysqlStore:
                 " as its owner (MIGRATE_ON_START=false here)"
             )
 
-    async def migrate(self, directory: Path | None = None) -> list[str]:
+    async def migrate(
+        self, directory: Path | None = None, progress: Callable[[str, int, int], None] | None = None
+    ) -> list[str]:
         """Apply the ordered SQL files not yet applied; returns the versions applied now.
 
         MySQL commits every DDL statement on its own, so a file can stop half-way (a lost
@@ -158,9 +160,14 @@ class MysqlStore:
                     await cur.execute("SELECT version FROM schema_migrations")
                     done = {row[0] for row in await cur.fetchall()}
                 await conn.commit()
-                for path in sorted(directory.glob("*.sql")):
-                    if not MIGRATION_FILE.match(path.name) or path.stem in done:
-                        continue
+                todo = [
+                    path
+                    for path in sorted(directory.glob("*.sql"))
+                    if MIGRATION_FILE.match(path.name) and path.stem not in done
+                ]
+                for n, path in enumerate(todo):
+                    if progress is not None:
+                        progress(path.stem, n, len(todo))
                     await self._apply_file(conn, path)
                     applied_now.append(path.stem)
                     log.info("mysql.migrated", version=path.stem)

@@ -8,6 +8,7 @@ import getpass
 import json
 import socket
 import sys
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
@@ -21,6 +22,7 @@ import nats.js.errors
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 from engine.adapters.mysql_store import MysqlStore
 from engine.adapters.nats_bus import EVENT_SUBJECTS, EVENTS_STREAM, MSG_ID, NatsBus, signal_msg_id
@@ -57,11 +59,46 @@ async def migrate(settings: Settings) -> int:
         mysql_target(settings), connect_timeout=settings.mysql_connect_timeout, read_timeout=None
     )
     try:
-        applied = await store.migrate()
+        with Steps("migrations") as steps:
+            applied = await store.migrate(progress=steps.step)
     finally:
         await store.close()
     console.print(f"migrations applied: {', '.join(applied) or 'none (up to date)'}")
     return 0
+
+
+class Steps:
+    """Progress of long work on stderr: a bar on a terminal, one line a step otherwise (a log,
+    a pipe), so stdout stays the command's answer."""
+
+    def __init__(self, what: str) -> None:
+        self.what, self.started = what, time.monotonic()
+        self.out = Console(stderr=True, highlight=False)
+        self.bar: Progress | None = None
+        self.task: TaskID | None = None
+
+    def __enter__(self) -> Steps:
+        if self.out.is_terminal:
+            self.bar = Progress(
+                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                console=self.out, transient=True,
+            )  # fmt: skip
+            self.bar.start()
+        return self
+
+    def step(self, name: str, done: int, total: int) -> None:
+        if self.bar is not None:
+            if self.task is None:
+                self.task = self.bar.add_task(self.what, total=total)
+            self.bar.update(self.task, completed=done, description=f"{self.what}: {name}")
+        else:
+            self.out.print(
+                f"{self.what}: {name} ({done + 1} of {total}, {time.monotonic() - self.started:.1f} s)"
+            )
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.stop()
 
 
 async def connect_client(settings: Settings, name: str) -> NatsBus:
@@ -465,7 +502,8 @@ async def report(settings: Settings, flt: ReportFilter, html_file: str | None, o
         read_timeout=settings.mysql_read_timeout,
     )
     try:
-        data = await gather(store, flt)
+        with Steps("report") as steps:
+            data = await gather(store, flt, progress=steps.step)
     finally:
         await store.close()
     if data.open_positions:

@@ -4,6 +4,7 @@ self-contained HTML file with inline SVG charts (no scripts, no external assets)
 from __future__ import annotations
 
 import html
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
@@ -68,8 +69,24 @@ class ReportData:
                 row["unrealized_pnl"] = Decimal(0)
 
 
-async def gather(store: MysqlStore, flt: ReportFilter, max_positions: int = 20) -> ReportData:
+REPORT_STEPS = ("performance", "funding", "open positions", "equity", "attribution")
+
+
+async def gather(
+    store: MysqlStore,
+    flt: ReportFilter,
+    max_positions: int = 20,
+    progress: Callable[[str, int, int], None] = lambda step, n, total: None,
+) -> ReportData:
+    """The report's figures, in REPORT_STEPS (one query each; `progress` is told before each)."""
+    steps = iter(enumerate(REPORT_STEPS))
+
+    def next_step() -> None:
+        n, step = next(steps)
+        progress(step, n, len(REPORT_STEPS))
+
     data = ReportData(flt)
+    next_step()
     where, params = flt.where("closed_at")
     data.performance = await _rows(
         store,
@@ -86,6 +103,7 @@ async def gather(store: MysqlStore, flt: ReportFilter, max_positions: int = 20) 
         f" FROM strategy_trades WHERE {where} GROUP BY strategy_id ORDER BY total_pnl DESC",
         params,
     )
+    next_step()
     funding_where, funding_params = flt.where("funding_time")
     funding = {
         row["strategy_id"]: row["funding"]
@@ -98,6 +116,7 @@ async def gather(store: MysqlStore, flt: ReportFilter, max_positions: int = 20) 
     }
     for row in data.performance:
         row["funding"] = funding.get(row["strategy_id"], Decimal(0))
+    next_step()
     # Open positions now, whatever the time window: a strategy with only open ones is shown too.
     open_where, open_params = ReportFilter(flt.strategy, flt.symbol).where("opened_at")
     data.open_positions = await _rows(
@@ -124,6 +143,7 @@ async def gather(store: MysqlStore, flt: ReportFilter, max_positions: int = 20) 
             Decimal(0),
         )
         row["unrealized_pnl"] = None
+    next_step()
     closes = await _rows(
         store,
         f"SELECT strategy_id, closed_at, realized_pnl FROM position_closes WHERE {where}"  # nosec B608  # fixed column names and %(name)s placeholders
@@ -135,6 +155,7 @@ async def gather(store: MysqlStore, flt: ReportFilter, max_positions: int = 20) 
         equity = (curve[-1][1] if curve else Decimal(0)) + row["realized_pnl"]
         peak = max([Decimal(0), equity, *(point[1] for point in curve)])
         curve.append((row["closed_at"], equity, peak - equity))
+    next_step()
     where, params = flt.where("ep.opened_at", "a.strategy_id")
     where = where.replace("symbol =", "ep.symbol =")
     data.attribution = await _rows(

@@ -70,7 +70,7 @@ STALE_PRICE_LIMIT = 600.0  # seconds: a tick this old still stands in when the v
 LATE_LOOKUP_EVERY = 1.0  # seconds between lookups of an order whose request may still arrive
 LOOKUP_COOLDOWN = 5.0  # seconds between lookups on a symbol whose venue did not answer
 TICK_BACKLOG_LIMIT = 10_000
-YIELD_EVERY = 32  # signals decided between two turns of the event loop for everything else
+HOLD_LOOP_SECONDS = 0.05  # longest a batch holds the event loop before the rest gets a turn
 FLATTEN_PASSES = 5  # per symbol, while its lock is held by a slow venue call
 
 
@@ -581,13 +581,16 @@ class Worker:
         await self.store_and_ack(msgs, started)
 
     async def decide_batch(self, msgs: list[Msg]) -> None:
-        for n, msg in enumerate(msgs, 1):
+        turn = time.perf_counter() + HOLD_LOOP_SECONDS
+        for msg in msgs:
             await self.on_signal_message(msg)
-            if not n % YIELD_EVERY:
+            if time.perf_counter() > turn:
                 # Deciding on the paper venue never waits: without this a batch would hold the
                 # event loop for its whole length, and lease renewals (and the other partitions
-                # of this process) with it.
+                # of this process) with it. By time, not by count: a yield per few signals cost
+                # 10 % of the throughput.
                 await asyncio.sleep(0)
+                turn = time.perf_counter() + HOLD_LOOP_SECONDS
 
     async def store_and_ack(self, msgs: list[Msg], started: float) -> None:
         await self.flush()
