@@ -12,9 +12,7 @@ import asyncio
 import json
 import os
 import random
-import signal
 import subprocess
-import sys
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -37,10 +35,9 @@ from engine.domain.events import Event, PositionClosed, PositionOpened, SignalDe
 from engine.domain.model import CloseReason
 from engine.emulator.binanceusdm import STARTING_WALLET
 from tests.integration.harness import eventually_async
-from tests.integration.processes import interrupt
+from tests.integration.processes import Spawned, emulator_worker_env, kill
 
 pytestmark = pytest.mark.integration
-CLI = [sys.executable, "-m", "engine.cli"]
 SIGNALS = int(os.environ.get("CRASH_SIGNALS", "500"))
 KILLS = int(os.environ.get("CRASH_KILLS", "10"))
 SEED = int(os.environ.get("CRASH_SEED", "20261125"))
@@ -53,62 +50,34 @@ STRATEGIES = ["momentum", "breakout", "meanrev", "scalper"]
 
 
 @dataclass
-class Processes:
-    tmp: Path
-    env: dict[str, str]
-    http_port: int
-    emulator_url: str
+class Processes(Spawned):
+    env: dict[str, str] = field(default_factory=dict)
+    http_port: int = 0
+    emulator_url: str = ""
     worker: subprocess.Popen[bytes] | None = None
     emulator: subprocess.Popen[bytes] | None = None
-    logs: list[Any] = field(default_factory=list)
 
     def start_worker(self, generation: int) -> None:
-        log = open(self.tmp / f"worker-{generation}.log", "wb")  # noqa: SIM115 - closed in stop_all
-        self.logs.append(log)
-        self.worker = subprocess.Popen([*CLI, "worker"], env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        self.worker = self.start(f"worker-{generation}", "worker", env=self.env)
 
     def kill_worker(self) -> None:
         assert self.worker is not None
-        os.kill(self.worker.pid, signal.SIGKILL)
-        self.worker.wait()
-
-    def stop_all(self) -> None:
-        for proc in (self.worker, self.emulator):
-            if proc is not None:
-                interrupt(proc, timeout=15)
-        for log in self.logs:
-            log.close()
+        kill(self.worker)
 
 
 @pytest.fixture
 def processes(tmp_path: Path, nats_server: EmbeddedNats) -> Iterator[Processes]:
     emulator_port, http_port = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("MYSQL_URL",)}
-    env.update(
-        NATS_URL=nats_server.url,
-        EXCHANGE="binanceusdm",
-        EXCHANGE_API_URL=f"http://127.0.0.1:{emulator_port}",
-        EXCHANGE_API_KEY="emulator-key",
-        EXCHANGE_API_SECRET="emulator-secret",
-        SET_POSITION_MODE="true",
+    env = emulator_worker_env(
+        nats_server.url,
+        emulator_port,
         HTTP_PORT=str(http_port),
-        LOG_FORMAT="json",
-        ORDER_TIMEOUT_SECONDS="2",
-        RECONCILE_INTERVAL_SECONDS="1",
-        MAX_SIGNAL_AGE_SECONDS="3600",
-        MIN_CONFIDENCE="0.5",
-        FETCH_BATCH="16",
         SNAPSHOT_EVERY_EVENTS="400",  # restarts load snapshots; kills fall while they are written
-        EXCHANGE_RECV_WINDOW_MS="1000",
-        ORDER_SEND_SPAN_SECONDS="3",  # an order lost in a kill is known unplaced 6 s after it
-        EXCHANGE_RATE_LIMIT_MS="1",  # the emulator has no limit; Binance's weights would pace us at ~0.4 s/order
     )
-    procs = Processes(tmp_path, env, http_port, f"http://127.0.0.1:{emulator_port}")
-    log = open(tmp_path / "emulator.log", "wb")  # noqa: SIM115 - closed in stop_all
-    procs.logs.append(log)
-    procs.emulator = subprocess.Popen(
-        [*CLI, "emulator", "--port", str(emulator_port)], env=env, stdout=log, stderr=subprocess.STDOUT
+    procs = Processes(
+        tmp_path, env=env, http_port=http_port, emulator_url=f"http://127.0.0.1:{emulator_port}"
     )
+    procs.emulator = procs.start("emulator", "emulator", "--port", str(emulator_port), env=env)
     try:
         yield procs
     finally:

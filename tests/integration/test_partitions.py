@@ -13,9 +13,7 @@ import asyncio
 import json
 import os
 import random
-import signal
 import subprocess
-import sys
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
@@ -47,13 +45,12 @@ from engine.domain.events import (
 )
 from engine.domain.partitions import partition_of
 from tests.integration.harness import Pipeline, eventually, eventually_async
-from tests.integration.processes import interrupt
+from tests.integration.processes import CLI, Spawned, emulator_worker_env, kill
 from tests.integration.proxy import TcpProxy
 from tests.integration.test_cluster import Cluster, _jetstream_ready
 from tests.integration.test_crash import _all_events, _port_open, _project_and_compare, ready
 
 pytestmark = pytest.mark.integration
-CLI = [sys.executable, "-m", "engine.cli"]
 PARTITIONS = 6
 SIGNALS = int(os.environ.get("PARTITION_SIGNALS", "600"))
 LISTED = {"BTCUSDT": ("45000", "0.002"), "ETHUSDT": ("3000", "0.03"), "SOLUSDT": ("150", "0.5"),
@@ -63,32 +60,20 @@ STRATEGIES = ["momentum", "breakout", "meanrev", "scalper"]
 
 
 @dataclass
-class Desk:
-    tmp: Path
-    env: dict[str, str]
-    emulator_url: str
+class Desk(Spawned):
+    env: dict[str, str] = field(default_factory=dict)
+    emulator_url: str = ""
     workers: dict[int, subprocess.Popen[bytes]] = field(default_factory=dict)
     ports: dict[int, int] = field(default_factory=dict)
-    emulator: subprocess.Popen[bytes] | None = None
-    logs: list[Any] = field(default_factory=list)
 
     def start_worker(self, n: int) -> None:
-        log = open(self.tmp / f"worker-{n}.log", "wb")  # noqa: SIM115 - closed in stop_all
-        self.logs.append(log)
         self.ports[n] = free_port()
-        env = self.env | {"HTTP_PORT": str(self.ports[n])}
-        self.workers[n] = subprocess.Popen([*CLI, "worker"], env=env, stdout=log, stderr=subprocess.STDOUT)
+        self.workers[n] = self.start(
+            f"worker-{n}", "worker", env=self.env | {"HTTP_PORT": str(self.ports[n])}
+        )
 
     def kill(self, n: int) -> None:
-        os.kill(self.workers[n].pid, signal.SIGKILL)
-        self.workers[n].wait()
-
-    def stop_all(self) -> None:
-        for proc in (*self.workers.values(), self.emulator):
-            if proc is not None:
-                interrupt(proc, timeout=15)
-        for log in self.logs:
-            log.close()
+        kill(self.workers[n])
 
 
 @dataclass
@@ -120,37 +105,16 @@ def nats_urls(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Nats]:
 @pytest.fixture
 def desk(tmp_path: Path, nats_urls: Nats) -> Iterator[Desk]:
     emulator_port = free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("MYSQL_URL",)}
-    env.update(
-        NATS_URL=nats_urls.url,
+    env = emulator_worker_env(
+        nats_urls.url,
+        emulator_port,
         STREAM_REPLICAS="3" if nats_urls.cluster else "1",
-        EXCHANGE="binanceusdm",
-        EXCHANGE_API_URL=f"http://127.0.0.1:{emulator_port}",
-        EXCHANGE_API_KEY="emulator-key",
-        EXCHANGE_API_SECRET="emulator-secret",
-        SET_POSITION_MODE="true",
-        LOG_FORMAT="json",
-        ORDER_TIMEOUT_SECONDS="2",
-        RECONCILE_INTERVAL_SECONDS="1",
-        MAX_SIGNAL_AGE_SECONDS="3600",
-        MIN_CONFIDENCE="0.5",
-        FETCH_BATCH="16",
         SNAPSHOT_EVERY_EVENTS="300",
-        EXCHANGE_RECV_WINDOW_MS="1000",
-        ORDER_SEND_SPAN_SECONDS="3",
-        EXCHANGE_RATE_LIMIT_MS="1",
         SIGNAL_PARTITIONS=str(PARTITIONS),
         PARTITION_LEASE_SECONDS="3",
     )
-    running = Desk(tmp_path, env, f"http://127.0.0.1:{emulator_port}")
-    log = open(tmp_path / "emulator.log", "wb")  # noqa: SIM115 - closed in stop_all
-    running.logs.append(log)
-    running.emulator = subprocess.Popen(
-        [*CLI, "emulator", "--port", str(emulator_port), "--extra-markets", "20"],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    running = Desk(tmp_path, env=env, emulator_url=f"http://127.0.0.1:{emulator_port}")
+    running.start("emulator", "emulator", "--port", str(emulator_port), "--extra-markets", "20", env=env)
     try:
         yield running
     finally:
