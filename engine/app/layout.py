@@ -80,7 +80,10 @@ async def check_layout(bus: NatsBus, settings: Settings) -> None:
 
 async def _change(bus: NatsBus, durable: str, old: int, new: int) -> None:
     signals_end = (await bus.js.stream_info(SIGNALS_STREAM)).state.last_seq
-    busy = await _in_use(bus, durable, old)
+    # From one worker, the signals that wait for it (none ran yet; or it stopped with a backlog)
+    # are relayed onto the partitions, in order; between partition counts they must be decided
+    # first, since a partition's subjects mean another symbol set under another count.
+    busy = await _in_use(bus, durable, old, signals_waiting_count=old > 1)
     if busy:
         raise ConfigError(
             f"SIGNAL_PARTITIONS={new}: the SIGNALS stream is laid out for {old} partition(s), and "
@@ -92,9 +95,10 @@ async def _change(bus: NatsBus, durable: str, old: int, new: int) -> None:
         name = lane_name(durable, lane)
         await _start_at(bus, SIGNALS_STREAM, name, signal_filter(lane), signals_end + 1)
         await _start_at(bus, CONTROL_STREAM, f"{name}-control", "control.>", control_end + 1)
+    relay_from = await _ack_floor(bus, lane_name(durable, None)) if old == 1 else signals_end
     bus.partitions = new
     await bus.ensure_streams()
-    relayed = await _relay(bus, durable, old, signals_end)
+    relayed = await _relay(bus, durable, old, relay_from)
     for lane in lanes_of(old):
         name = lane_name(durable, lane)
         if name not in {lane_name(durable, n) for n in lanes_of(new)}:
@@ -121,9 +125,19 @@ async def _start_at(bus: NatsBus, stream: str, durable: str, subject: str, seq: 
     )
 
 
+async def _ack_floor(bus: NatsBus, name: str) -> int:
+    try:
+        info = await bus.js.consumer_info(SIGNALS_STREAM, name)
+    except NotFoundError:
+        return 0  # never consumed: all of it waits
+    return info.ack_floor.stream_seq if info.ack_floor else 0
+
+
 async def _relay(bus: NatsBus, durable: str, old: int, after: int) -> int:
-    """Signals stored on the old layout's subjects after `after` (published between the check
-    and the flip): published again as `signals.<strategy>.<symbol>`, which the new layout maps.
+    """Signals stored on the one worker's subjects after `after` (its ack floor: a backlog, or
+    published between the check and the flip): published again as
+    `signals.<strategy>.<symbol>`, which the new layout maps (one already decided comes back as a
+    duplicate, never executed twice).
     Under partitions both layouts use 4-token subjects: those are read by the new layout's
     consumers (each from `after` on), and one on a partition not its symbol's is dead-lettered
     `bad_subject` rather than run out of order."""
@@ -153,9 +167,11 @@ async def _relay(bus: NatsBus, durable: str, old: int, after: int) -> int:
     return relayed
 
 
-async def _in_use(bus: NatsBus, durable: str, partitions: int) -> list[str]:
-    """What keeps the layout of `partitions` from changing: a worker of it up, a signal or a
-    command waiting for one."""
+async def _in_use(
+    bus: NatsBus, durable: str, partitions: int, signals_waiting_count: bool = True
+) -> list[str]:
+    """What keeps the layout of `partitions` from changing: a worker of it up, a command waiting
+    for one, and (`signals_waiting_count`) a signal waiting for one."""
     bucket = LEASE_BUCKET if partitions == 1 else PARTITIONS_BUCKET
     found: list[str] = []
     leases = members = None
@@ -181,13 +197,14 @@ async def _in_use(bus: NatsBus, durable: str, partitions: int) -> list[str]:
                 if holder is not None and not holder.gone():
                     found.append(f"{name} is run by {holder.describe()}")
                     continue
-        try:
-            info = await bus.js.consumer_info(SIGNALS_STREAM, name)
-            waiting = info.num_pending + info.num_ack_pending
-        except NotFoundError:  # never consumed: everything on its subjects waits
-            waiting = await _stored_on(bus, signal_filter(lane) if lane is not None else "signals.*.*")
-        if waiting:
-            found.append(f"{waiting} signal(s) wait for {name}")
+        if signals_waiting_count:
+            try:
+                info = await bus.js.consumer_info(SIGNALS_STREAM, name)
+                waiting = info.num_pending + info.num_ack_pending
+            except NotFoundError:  # never consumed: everything on its subjects waits
+                waiting = await _stored_on(bus, signal_filter(lane) if lane is not None else "signals.*.*")
+            if waiting:
+                found.append(f"{waiting} signal(s) wait for {name}")
         with contextlib.suppress(NotFoundError):
             info = await bus.js.consumer_info(CONTROL_STREAM, f"{name}-control")
             if info.num_pending + info.num_ack_pending:

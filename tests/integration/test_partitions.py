@@ -404,13 +404,13 @@ async def _partitioned(settings: Any, url: str) -> tuple[PartitionedWorker, Nats
     return worker, bus
 
 
-async def test_the_layout_changes_only_when_nothing_runs_or_waits_on_the_old_one(
+async def test_the_layout_changes_only_when_no_worker_of_the_old_one_runs(
     nats_server: EmbeddedNats, mysql_url: str
 ) -> None:
-    """Signals waiting under one layout keep workers of another from starting (exit 2 with the
-    reason); once they are decided and their worker stopped, the layout changes, and the new
-    partitions start after every command and signal the old layout handled: a flatten applied
-    before the change is not applied again to positions opened after it."""
+    """A running worker of one layout keeps workers of another from starting (exit 2 with the
+    reason). Once it is stopped the layout changes: the signals that waited for it are relayed
+    onto the partitions, and the partitions start after every command it handled, so a flatten
+    applied before the change is not applied again to positions opened after it."""
     env = {k: v for k, v in os.environ.items() if k not in ("MYSQL_URL",)}
     env |= {"NATS_URL": nats_server.url, "SIGNAL_PARTITIONS": "3", "HTTP_PORT": "0", "LOG_FORMAT": "json"}
     async with Pipeline(nats_server.url, mysql_url, max_signal_age_seconds=3600) as pipeline:
@@ -424,18 +424,12 @@ async def test_the_layout_changes_only_when_nothing_runs_or_waits_on_the_old_one
         await pipeline.wait_events(
             lambda events: [e.type for e in events].count("control.applied") == 2, "resume"
         )
+        refused = subprocess.run([*CLI, "worker"], env=env, capture_output=True, text=True, timeout=60)
+        assert refused.returncode == 2, refused.stderr
+        assert "SIGNAL_PARTITIONS=3" in refused.stderr and "tradeengine-worker is run by" in refused.stderr
         await pipeline.stop_worker()
         await pipeline.publish("s1", "BTCUSDT", "buy", signal_id="waiting", quantity="0.01", price="45000",
                                confidence="0.9")  # fmt: skip
-        refused = subprocess.run([*CLI, "worker"], env=env, capture_output=True, text=True, timeout=60)
-        assert refused.returncode == 2, refused.stderr
-        assert (
-            "SIGNAL_PARTITIONS=3" in refused.stderr
-            and "1 signal(s) wait for tradeengine-worker" in refused.stderr
-        )
-        await pipeline.start_worker()
-        assert (await pipeline.decision("waiting")).outcome.value == "accepted"
-        await pipeline.stop_worker()
 
         nc = await nats.connect(nats_server.url)
         try:
@@ -462,11 +456,16 @@ async def test_the_layout_changes_only_when_nothing_runs_or_waits_on_the_old_one
                 await eventually(
                     lambda: partitioned.ready.is_set() and len(partitioned.lanes) == 3, 30, "ready"
                 )
+                assert (await pipeline.decision("waiting")).outcome.value == "accepted"  # relayed
                 await pipeline.publish("s1", "BTCUSDT", "buy", signal_id="after", quantity="0.01",
                                        price="45000", confidence="0.9")  # fmt: skip
                 assert (await pipeline.decision("after")).outcome.value == "accepted"
-                await pipeline.wait_events(lambda _: len(pipeline.opened()) == 3, "the open after the change")
+                await pipeline.wait_events(
+                    lambda _: len(pipeline.opened()) == 3, "the opens after the change"
+                )
                 assert len(pipeline.closed()) == 1, "the flatten of before the change was applied again"
+                decided = Counter(d.signal_id for d in pipeline.decisions())
+                assert decided == Counter({"first": 1, "waiting": 1, "after": 1})
             finally:
                 partitioned.stop()
                 await task
