@@ -48,8 +48,12 @@ class Spawned:
         return proc
 
     def stop_all(self) -> None:
-        for proc in self.procs:
-            interrupt(proc, timeout=15)
+        """Ctrl-C to all at once, then wait for each (SIGKILL past 15 s): they stop side by side."""
+        running = [proc for proc in self.procs if proc.poll() is None]
+        for proc in running:
+            proc.send_signal(signal.SIGINT)
+        for proc in running:
+            interrupt(proc, timeout=15)  # waits; kills what is still running by then
         for log in self.logs:
             log.close()
 

@@ -52,7 +52,7 @@ from tests.integration.test_crash import _all_events, _port_open, _project_and_c
 
 pytestmark = pytest.mark.integration
 PARTITIONS = 6
-SIGNALS = int(os.environ.get("PARTITION_SIGNALS", "600"))
+SIGNALS = int(os.environ.get("PARTITION_SIGNALS", "300"))
 LISTED = {"BTCUSDT": ("45000", "0.002"), "ETHUSDT": ("3000", "0.03"), "SOLUSDT": ("150", "0.5"),
           "BNBUSDT": ("600", "0.1"), "XRPUSDT": ("0.6", "20")}  # fmt: skip
 MARKETS = LISTED | {f"T{i:03d}USDT": ("10", "1") for i in range(20)}
@@ -268,7 +268,13 @@ async def test_a_killed_worker_s_partitions_are_taken_over_and_nothing_is_lost_o
     stored = await _all_events(nats_urls.one)
     last_seen: dict[str, int] = {}
     for event in stored:  # each symbol's signals decided in the order they were published
-        if isinstance(event, SignalDecided) and event.signal_sequence is not None:
+        # (but one whose order's outcome was unknown: decided when the lookup finds it never
+        # placed, after later signals of its symbol; nothing of it executed out of order)
+        if (
+            isinstance(event, SignalDecided)
+            and event.signal_sequence is not None
+            and event.reason_code != "not_placed"
+        ):
             assert event.signal_sequence > last_seen.get(event.symbol, 0), event
             last_seen[event.symbol] = event.signal_sequence
     foreign = [e for e in stored if isinstance(e, PositionReconciled) and e.kind != "protective_stop"]
