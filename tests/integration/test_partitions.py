@@ -503,3 +503,20 @@ async def test_signals_published_while_the_layout_flips_are_relayed(nats_server:
             assert stored[f"signals.s1.{symbol}.{partition_of(symbol, 4)}"] == 1
     finally:
         await nc.close()
+
+
+async def test_our_partition_of_a_symbol_is_the_servers(nats_server: EmbeddedNats) -> None:
+    """The stream's mapping (nats-server's `partition()`) and `partition_of` agree, symbol by
+    symbol: a partition's worker owns exactly the symbols the server sends it."""
+    nc = await nats.connect(nats_server.url)
+    try:
+        bus = NatsBus(nc)
+        bus.partitions = 7
+        await bus.ensure_streams()
+        symbols = [f"S{i}USDT" for i in range(200)] + ["BTCUSDT", "ETHUSDT"]
+        for symbol in symbols:
+            await nc.jetstream().publish(f"signals.s1.{symbol}", b"{}")
+        stored = (await nc.jetstream().stream_info("SIGNALS", subjects_filter=">")).state.subjects or {}
+        assert set(stored) == {f"signals.s1.{s}.{partition_of(s, 7)}" for s in symbols}
+    finally:
+        await nc.close()
