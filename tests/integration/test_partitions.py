@@ -433,6 +433,14 @@ async def test_the_layout_changes_only_when_no_worker_of_the_old_one_runs(
         refused = subprocess.run([*CLI, "worker"], env=env, capture_output=True, text=True, timeout=60)
         assert refused.returncode == 2, refused.stderr
         assert "SIGNAL_PARTITIONS=3" in refused.stderr and "tradeengine-worker is run by" in refused.stderr
+
+        client = pipeline.client
+
+        async def commands_acked() -> bool:  # the worker acks a command after storing its event
+            info = await client.jetstream().consumer_info("CONTROL", "tradeengine-worker-control")
+            return bool(info.num_pending + info.num_ack_pending == 0)
+
+        await eventually_async(commands_acked, timeout=30, what="the commands acked")
         await pipeline.stop_worker()
         await pipeline.publish("s1", "BTCUSDT", "buy", signal_id="waiting", quantity="0.01", price="45000",
                                confidence="0.9")  # fmt: skip
