@@ -32,10 +32,8 @@ from engine.adapters.leases import (
     Lease,
     bucket_keys,
 )
-from engine.adapters.nats_bus import CONTROL_STREAM, EVENTS_STREAM, SIGNALS_STREAM, NatsBus
+from engine.adapters.nats_bus import CONTROL_STREAM, SIGNALS_STREAM, NatsBus
 from engine.config import ConfigError, Settings
-from engine.domain.control import COMMANDS
-from engine.domain.events import ControlApplied, decode_event
 from engine.domain.partitions import lane_name, signal_filter
 
 log = structlog.get_logger(__name__)
@@ -210,24 +208,9 @@ async def _in_use(
         with contextlib.suppress(NotFoundError):
             info = await bus.js.consumer_info(CONTROL_STREAM, f"{name}-control")
             waiting = info.num_pending + info.num_ack_pending
-            if waiting and lane is None:
-                last = (await bus.js.stream_info(CONTROL_STREAM)).state.last_seq
-                if await _applied_through(bus) >= last:
-                    waiting = 0  # applied and stored, its ack lost with the process: nothing waits
             if waiting:
                 found.append(f"{waiting} command(s) wait for {name}")
     return found
-
-
-async def _applied_through(bus: NatsBus) -> int:
-    """The CONTROL sequence of the last command whose `control.applied` is stored."""
-    through = 0
-    for name in COMMANDS:
-        with contextlib.suppress(NotFoundError):
-            event = decode_event((await bus.js.get_last_msg(EVENTS_STREAM, f"risk.{name}")).data or b"{}")
-            if isinstance(event, ControlApplied) and event.control_sequence:
-                through = max(through, event.control_sequence)
-    return through
 
 
 async def _stored_on(bus: NatsBus, subject: str) -> int:

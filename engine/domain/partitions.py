@@ -14,6 +14,7 @@ share, and a newcomer gets only what others give back or what a dead worker left
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -22,6 +23,7 @@ _FNV_PRIME = 0x01000193
 _MASK = 0xFFFFFFFF
 
 
+@functools.lru_cache(maxsize=16_384)  # asked for every tick by each partition of a process
 def partition_of(symbol: str, partitions: int) -> int:
     """The partition of `symbol` among `partitions` (0 when there is one)."""
     if partitions <= 1:

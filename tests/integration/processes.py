@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import os
+import random
 import signal
 import subprocess
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 CLI = [sys.executable, "-m", "engine.cli"]
 
@@ -81,3 +85,17 @@ def emulator_worker_env(nats_url: str, emulator_port: int, **settings: str) -> d
     )
     env.update(settings)
     return env
+
+
+async def move_prices(
+    http: Any, emulator_url: str, nc: Any, prices: dict[str, Decimal], symbols: Iterable[str],
+    rng: random.Random, step: Decimal,
+) -> None:  # fmt: skip
+    """One step of a random walk: each of `symbols` moved by 0.1 or 0.2 % either way (rounded
+    to `step`), at the emulator and as a tick on `prices.<symbol>`."""
+    for symbol in symbols:
+        prices[symbol] *= Decimal(1) + Decimal(rng.choice([-2, -1, 1, 2])) / Decimal(1000)
+        price = str(prices[symbol].quantize(step))
+        async with http.post(f"{emulator_url}/emulator/price", json={"symbol": symbol, "price": price}):
+            pass
+        await nc.publish(f"prices.{symbol}", json.dumps({"symbol": symbol, "price": price}).encode())

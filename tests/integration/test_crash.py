@@ -36,6 +36,7 @@ from engine.domain.model import CloseReason
 from engine.emulator.binanceusdm import STARTING_WALLET
 from tests.integration.harness import eventually_async
 from tests.integration.processes import Spawned, emulator_worker_env, kill
+from tests.integration.processes import move_prices as step_prices
 
 pytestmark = pytest.mark.integration
 SIGNALS = int(os.environ.get("CRASH_SIGNALS", "500"))
@@ -141,14 +142,7 @@ async def test_kill_minus_9_during_a_run_loses_and_doubles_nothing(
                 pass
 
         async def move_prices() -> None:
-            for symbol in MARKETS:
-                prices[symbol] *= Decimal(1) + Decimal(rng.choice([-2, -1, 1, 2])) / Decimal(1000)
-                price = str(prices[symbol].quantize(Decimal("0.01")))
-                async with http.post(
-                    f"{processes.emulator_url}/emulator/price", json={"symbol": symbol, "price": price}
-                ):
-                    pass
-                await nc.publish(f"prices.{symbol}", json.dumps({"symbol": symbol, "price": price}).encode())
+            await step_prices(http, processes.emulator_url, nc, prices, MARKETS, rng, Decimal("0.01"))
 
         processes.start_worker(0)
         chunk = SIGNALS // KILLS

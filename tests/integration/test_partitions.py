@@ -46,6 +46,7 @@ from engine.domain.events import (
 from engine.domain.partitions import partition_of
 from tests.integration.harness import Pipeline, eventually, eventually_async
 from tests.integration.processes import CLI, Spawned, emulator_worker_env, kill
+from tests.integration.processes import move_prices as step_prices
 from tests.integration.proxy import TcpProxy
 from tests.integration.test_cluster import Cluster, _jetstream_ready
 from tests.integration.test_crash import _all_events, _port_open, _project_and_compare, ready
@@ -169,14 +170,8 @@ async def test_a_killed_worker_s_partitions_are_taken_over_and_nothing_is_lost_o
         await eventually_async(lambda: _port_open(desk.emulator_url), what="emulator up")
 
         async def move_prices() -> None:
-            for symbol in rng.sample(list(MARKETS), 5):
-                prices[symbol] *= Decimal(1) + Decimal(rng.choice([-2, -1, 1, 2])) / Decimal(1000)
-                price = str(prices[symbol].quantize(Decimal("0.0001")))
-                async with http.post(
-                    f"{desk.emulator_url}/emulator/price", json={"symbol": symbol, "price": price}
-                ):
-                    pass
-                await nc.publish(f"prices.{symbol}", json.dumps({"symbol": symbol, "price": price}).encode())
+            symbols = rng.sample(list(MARKETS), 5)
+            await step_prices(http, desk.emulator_url, nc, prices, symbols, rng, Decimal("0.0001"))
 
         async def publish(count: int) -> None:
             for _ in range(count):
