@@ -182,13 +182,7 @@ async def test_kill_minus_9_during_a_run_loses_and_doubles_nothing(
     assert state["order_parts"] > 0 if PARTS else state["order_parts"] == 0
 
     stored = await _all_events(nats_server.url)
-    book = PositionBook()
-    for event in stored:
-        if isinstance(event, PositionOpened | PositionClosed):
-            book.apply(event)
-    held = {str(key): str(ep.quantity.normalize()) for key, ep in book.exchange.items()}
-    venue = {key: str(abs(Decimal(qty)).normalize()) for key, qty in state["positions"].items()}
-    assert held == venue
+    held = book_and_venue_agree(stored, state)
     assert not [e for e in stored if isinstance(e, PositionOpened) and e.strategy_id == "external"]
     assert not [
         e
@@ -212,6 +206,19 @@ async def test_kill_minus_9_during_a_run_loses_and_doubles_nothing(
         f"client ids sent twice {len(state['duplicate_client_ids'])}, strategies' net PnL {net} vs the venue's "
         f"wallet {wallet_moved} (difference {net - wallet_moved:.2E})"
     )
+
+
+def book_and_venue_agree(stored: list[Event], state: dict[str, Any]) -> dict[str, str]:
+    """The book folded from the stored events holds what the venue (the emulator's state) holds;
+    returns it, quantity by key."""
+    book = PositionBook()
+    for event in stored:
+        if isinstance(event, PositionOpened | PositionClosed):
+            book.apply(event)
+    held = {str(key): str(ep.quantity.normalize()) for key, ep in book.exchange.items()}
+    venue = {key: str(abs(Decimal(qty)).normalize()) for key, qty in state["positions"].items()}
+    assert held == venue
+    return held
 
 
 def _at_least(counter: Counter[str], n: int) -> Any:

@@ -35,10 +35,7 @@ from engine.app.layout import _relay, claim_layout
 from engine.app.partitioned import PartitionedWorker
 from engine.app.runner import build_gateway, partitioned_worker
 from engine.config import load_settings
-from engine.domain.book import PositionBook
 from engine.domain.events import (
-    PositionClosed,
-    PositionOpened,
     PositionReconciled,
     SignalDecided,
     decode_event,
@@ -49,7 +46,13 @@ from tests.integration.processes import CLI, Spawned, emulator_worker_env, kill
 from tests.integration.processes import move_prices as step_prices
 from tests.integration.proxy import TcpProxy
 from tests.integration.test_cluster import Cluster, _jetstream_ready
-from tests.integration.test_crash import _all_events, _port_open, _project_and_compare, ready
+from tests.integration.test_crash import (
+    _all_events,
+    _port_open,
+    _project_and_compare,
+    book_and_venue_agree,
+    ready,
+)
 
 pytestmark = pytest.mark.integration
 PARTITIONS = 6
@@ -274,13 +277,7 @@ async def test_a_killed_worker_s_partitions_are_taken_over_and_nothing_is_lost_o
             last_seen[event.symbol] = event.signal_sequence
     foreign = [e for e in stored if isinstance(e, PositionReconciled) and e.kind != "protective_stop"]
     assert not foreign, f"a partition booked a foreign position: {foreign}"
-    book = PositionBook()
-    for event in stored:
-        if isinstance(event, PositionOpened | PositionClosed):
-            book.apply(event)
-    held = {str(key): str(ep.quantity.normalize()) for key, ep in book.exchange.items()}
-    venue = {key: str(abs(Decimal(qty)).normalize()) for key, qty in state["positions"].items()}
-    assert held == venue
+    book_and_venue_agree(stored, state)
     by_partition: dict[int, set[str]] = defaultdict(set)
     for event in stored:
         if isinstance(event, SignalDecided):
