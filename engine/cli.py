@@ -153,17 +153,34 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     rp = command(
-        "replay", "recorded signals and ticks through a grid of configurations, side by side (no venue)",
-        "the worker's settings as the base configuration",
-        "A JSON-lines recording: {\"at\": ISO time, \"signal\": payload} or {\"at\": ..., \"tick\": "
-        "{\"symbol\": S, \"price\": P}}. Runs the real worker parts on the paper venue, once per "
-        "configuration; nothing reaches NATS, a venue or MySQL.",
+        "replay", "recorded signals and prices through a grid of configurations, side by side (no venue)",
+        "the worker's settings as the base configuration; NATS_URL and its credentials without a RECORDING",
+        "Without RECORDING, the signals of the SIGNALS stream, the PRICE_HISTORY bars and the funding rates "
+        "the desk was paid at, over --since/--until. A RECORDING is JSON lines: {\"at\": ISO time, \"signal\": "
+        "payload}, {\"at\": ..., \"tick\": {\"symbol\": S, \"price\": P}} or {\"at\": ..., \"funding\": "
+        "{\"symbol\": S, \"rate\": R}}. Runs the real worker parts on the paper venue, once per "
+        "configuration; nothing reaches a venue, a consumer or MySQL.",
     )  # fmt: skip
-    rp.add_argument("recording", help="JSON lines, in order")
+    rp.add_argument("recording", nargs="?", help="JSON lines, in order (default: read the streams)")
+    rp.add_argument(
+        "--since",
+        type=_utc_time,
+        help="ISO-8601, UTC if naive; the streams from (default: 7 days before --until)",
+    )
+    rp.add_argument(
+        "--until", type=_utc_time, help="ISO-8601, UTC if naive; the streams through (default: now)"
+    )
+    rp.add_argument("--strategies", help="comma-separated strategy ids to take (default: all)")
+    rp.add_argument("--symbols", help="comma-separated symbols to take (default: all)")
+    rp.add_argument("--save-recording", metavar="FILE", help="also keep what was read from the streams")
     rp.add_argument("--policies", default="accumulate,strongest_wins,reject_duplicates")
     rp.add_argument("--modes", default="hedge,one-way")
     rp.add_argument("--min-confidence", default="0.6", help="comma-separated values")
     rp.add_argument("--risk-files", help="comma-separated RISK_FILE paths to compare (default: the worker's)")
+    rp.add_argument("--jobs", type=int, default=0, help="configurations run at once (default: one per core)")
+    rp.add_argument(
+        "--html", metavar="FILE", help="also write a page with every configuration's equity curve"
+    )
     rp_shape = rp.add_mutually_exclusive_group()
     rp_shape.add_argument("--json", action="store_true", help="one JSON document, for scripts")
     rp_shape.add_argument("--csv", action="store_true", help="one row a configuration and strategy")

@@ -121,6 +121,10 @@ class Settings(BaseSettings):
     paper_funding_rate: Annotated[Decimal, Field(ge=-1, le=1)] = Decimal("0.0001")
     paper_extra_markets: Annotated[int, Field(ge=0, le=10_000)] = 0
     funding_poll_seconds: Annotated[float, Field(ge=0)] = 60.0
+    # The price history `tradeengine replay` reads: bars of PRICE_HISTORY_INTERVAL seconds kept
+    # PRICE_HISTORY_DAYS (0: none recorded) in the PRICE_HISTORY stream.
+    price_history_days: Annotated[int, Field(ge=0, le=3650)] = 30
+    price_history_interval: Annotated[int, Field(ge=1, le=86_400)] = 10
     default_notional: Annotated[Decimal, Field(gt=0, le=Decimal(10) ** 12)] | None = None
 
     exchange_api_key: SecretStr | None = None

@@ -24,11 +24,13 @@ from engine.domain.events import (
     SignalDead,
     SignalDecided,
 )
+from engine.domain.price_history import PriceBar
 from engine.domain.signals import Signal
 
 MODELS: dict[str, type[Any]] = {
     "signal": Signal,
     "price_tick": PriceTick,
+    "price_bar": PriceBar,
     "signal_decided": SignalDecided,
     "position_opened": PositionOpened,
     "position_closed": PositionClosed,

@@ -9,8 +9,6 @@ from dataclasses import dataclass, field
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-STORED_IN_EVENTS = b'"stream":"EVENTS"'
-
 
 @dataclass(slots=True)
 class _AckBatch:
@@ -18,6 +16,7 @@ class _AckBatch:
     prefix: str
     expected: int
     done: asyncio.Future[None]
+    stored: bytes  # what an ack of the stream the batch goes to holds: '"stream":"<name>"'
     errors: list[bytes] = field(default_factory=list)
     seen: set[int] = field(default_factory=set)
 
@@ -30,7 +29,7 @@ class AckCollector:
 
     nats-py's `publish_async` costs a task, a semaphore, a future and a random token per
     message; here a batch is one future and an ack is a counter tick (about twice as fast
-    per event, bench/RESULTS.md). An ack counts as stored when it names the EVENTS stream;
+    per event, bench/RESULTS.md). An ack counts as stored when it names the batch's stream;
     anything else (an error, a 503 "no responders") is collected as a refusal."""
 
     def __init__(self, nc: Client) -> None:
@@ -42,8 +41,11 @@ class AckCollector:
     async def start(self) -> None:
         await self.nc.subscribe(f"{self.prefix}.>", cb=self._on_ack, pending_msgs_limit=1_000_000)
 
-    def expect(self, count: int) -> _AckBatch:
-        batch = _AckBatch(next(self._ids), self.prefix, count, asyncio.get_running_loop().create_future())
+    def expect(self, count: int, stream: str = "EVENTS") -> _AckBatch:
+        batch = _AckBatch(
+            next(self._ids), self.prefix, count, asyncio.get_running_loop().create_future(),
+            f'"stream":"{stream}"'.encode(),
+        )  # fmt: skip
         self._waiting[batch.id] = batch
         return batch
 
@@ -56,7 +58,7 @@ class AckCollector:
         if batch is None or int(index) in batch.seen:
             return  # a late ack of a batch given up on, or a repeat
         batch.seen.add(int(index))
-        if STORED_IN_EVENTS not in msg.data or b'"error"' in msg.data:
+        if batch.stored not in msg.data or b'"error"' in msg.data:
             batch.errors.append(bytes(msg.data) or f"status {(msg.headers or {}).get('Status')}".encode())
         if len(batch.seen) == batch.expected and not batch.done.done():
             batch.done.set_result(None)

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -60,6 +61,8 @@ CONTROL_SUBJECTS = ["control.>"]
 
 
 PRICE_SUBJECT = "prices.>"
+PRICE_HISTORY_STREAM = "PRICE_HISTORY"
+PRICE_HISTORY_SUBJECTS = ["price_history.>"]
 
 
 MSG_ID = "Nats-Msg-Id"
@@ -117,6 +120,9 @@ class NatsBus:
         # SIGNAL_PARTITIONS, set by a worker that has checked the layout may change
         # (engine.app.layout); None: the SIGNALS stream's partition mapping is left as it is.
         self.partitions: int | None = None
+        # PRICE_HISTORY_DAYS, set by a worker (0: none kept); None: the stream is not this
+        # process's to create or change.
+        self.price_history_days: int | None = None
 
     @classmethod
     async def connect(
@@ -210,6 +216,22 @@ class NatsBus:
                 duplicate_window=300.0,
                 max_age=7 * DAY,
             ),
+            *(
+                [
+                    StreamConfig(
+                        name=PRICE_HISTORY_STREAM,
+                        subjects=PRICE_HISTORY_SUBJECTS,
+                        storage=StorageType.FILE,
+                        num_replicas=self.replicas,
+                        # A bar's id is its symbol and interval: whichever worker records it, and
+                        # one taking a partition over, it is stored once.
+                        duplicate_window=300.0,
+                        max_age=self.price_history_days * DAY,
+                    )
+                ]
+                if self.price_history_days
+                else []
+            ),
         ):
             if only is not None and config.name not in only:
                 continue
@@ -267,18 +289,22 @@ class NatsBus:
         )
 
     async def publish_stored(
-        self, messages: Sequence[tuple[str, bytes, str]], ack_timeout: float = 10.0
+        self,
+        messages: Sequence[tuple[str, bytes, str]],
+        ack_timeout: float = 10.0,
+        stream: str = EVENTS_STREAM,
     ) -> None:
-        """(subject, payload, Nats-Msg-Id) messages into EVENTS, in order, acked by JetStream."""
+        """(subject, payload, Nats-Msg-Id) messages into `stream`, in order, acked by JetStream;
+        signed with the events' key when the stream is EVENTS."""
         if not messages:
             return
         if self._acks is None:
             self._acks = AckCollector(self.nc)
             await self._acks.start()
         async with self._publish_lock:
-            batch = self._acks.expect(len(messages))
+            batch = self._acks.expect(len(messages), stream)
             try:
-                signer = self.signer
+                signer = self.signer if stream == EVENTS_STREAM else None
                 for i, (subject, payload, msg_id) in enumerate(messages):
                     headers = {MSG_ID: msg_id}
                     if signer is not None:
@@ -350,6 +376,48 @@ class NatsBus:
                     return
         finally:
             await consumer.delete()
+
+    async def read_stream(
+        self,
+        stream: str,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        subject: str = ">",
+        idle_wait: float = 5.0,
+    ) -> AsyncIterator[Msg]:
+        """The messages on `subject` a stream holds from `since` (its first when None) through
+        `until` (what it holds now when None), oldest first, through an ordered consumer of our
+        own: nothing is acked, nothing another consumer reads changes."""
+        stored = await self.js.stream_info(stream)
+        if stored.state.messages == 0:
+            return
+        last = stored.state.last_seq
+        start = (
+            ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_TIME, opt_start_time=since.astimezone(UTC))
+            if since is not None
+            else ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
+        )
+        sub = await self.js.subscribe(
+            subject, stream=stream, ordered_consumer=True, config=start, pending_msgs_limit=1_000_000
+        )
+        try:
+            reading = await sub.consumer_info()
+            if not reading.num_pending and not (reading.delivered and reading.delivered.stream_seq):
+                return  # nothing stored on `subject` from `since` on
+            while True:
+                try:
+                    msg = await sub.next_msg(timeout=idle_wait)
+                except TimeoutError:
+                    return
+                meta = msg.metadata
+                if until is not None and meta.timestamp > until:
+                    return
+                yield msg
+                if meta.sequence.stream >= last or meta.num_pending == 0:
+                    return
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
 
     async def ack_floor(self, stream: str, durable: str) -> int:
         """The stream sequence up to which the durable has acknowledged (0 if it is new)."""

@@ -140,32 +140,42 @@ class PaperExchange:
 
     async def funding_since(self, symbol: str, since: datetime) -> list[VenueFunding]:
         """Funding at `funding_rate` every 8 hours (00:00, 08:00, 16:00 UTC) on what the paper
-        venue holds, at the last price; each payment is made (and enters the wallet) once."""
-        if not self.funding_rate:
-            return []
-        mark = self.last_prices.get(symbol)
-        step = timedelta(hours=FUNDING_INTERVAL_HOURS)
-        boundary = datetime(since.year, since.month, since.day, tzinfo=UTC)
-        while boundary <= since:
-            boundary += step
-        now = datetime.now(UTC)
-        while mark is not None and boundary <= now:
-            for (held, side), pos in self.holdings.items():
-                if held != symbol or not pos.quantity:
-                    continue
-                real_side = side or (PositionSide.LONG if pos.quantity > 0 else PositionSide.SHORT)
-                ref = f"paper:{symbol}:{real_side.value}:{boundary:%Y%m%dT%H}"
-                if ref not in self.funding:
-                    amount = expected_funding(real_side, abs(pos.quantity), mark, self.funding_rate)
-                    self.funding[ref] = VenueFunding(
-                        ref, symbol, amount, boundary, self.funding_rate, mark, real_side
-                    )
-                    self.funding_received += amount
-            boundary += step
+        venue holds, at the last price; each payment is made (and enters the wallet) once.
+        With `funding_rate` 0, only the payments `pay_funding` made (a replay's)."""
+        if self.funding_rate:
+            step = timedelta(hours=FUNDING_INTERVAL_HOURS)
+            boundary = datetime(since.year, since.month, since.day, tzinfo=UTC)
+            while boundary <= since:
+                boundary += step
+            now = datetime.now(UTC)
+            while boundary <= now:
+                self.pay_funding(symbol, self.funding_rate, boundary)
+                boundary += step
         return sorted(
             (f for f in self.funding.values() if f.symbol == symbol and f.funding_time >= since),
             key=lambda f: f.funding_time,
         )
+
+    def pay_funding(self, symbol: str, rate: Decimal, at: datetime) -> None:
+        """A funding payment at `rate` at `at` on what is held of `symbol` now, at its last price."""
+        mark = self.last_prices.get(symbol)
+        if mark is None:
+            return
+        for (held, side), pos in self.holdings.items():
+            if held != symbol or not pos.quantity:
+                continue
+            real_side = side or (PositionSide.LONG if pos.quantity > 0 else PositionSide.SHORT)
+            # On the hour as before (refs booked by earlier versions stay the same payment's).
+            stamp = (
+                f"{at:%Y%m%dT%H}"
+                if at == at.replace(minute=0, second=0, microsecond=0)
+                else f"{at:%Y%m%dT%H%M%S%f}"
+            )
+            ref = f"paper:{symbol}:{real_side.value}:{stamp}"
+            if ref not in self.funding:
+                amount = expected_funding(real_side, abs(pos.quantity), mark, rate)
+                self.funding[ref] = VenueFunding(ref, symbol, amount, at, rate, mark, real_side)
+                self.funding_received += amount
 
     async def open_stops(self, symbol: str | None) -> list[VenueStop]:
         return [s for s in self.stops.values() if symbol in (None, s.key.symbol)]

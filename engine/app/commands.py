@@ -555,54 +555,104 @@ async def _report_prices(settings: Settings) -> dict[str, Decimal]:
 
 async def replay(settings: Settings, args: Any) -> int:
     """`tradeengine replay`: the grid's figures side by side."""
-    from engine.app import replay as replaying
+    import os
+    import tempfile
 
+    from engine.app import replay as replaying
+    from engine.logs import configure_logging
+
+    configure_logging(settings.log_format, "WARNING")  # the replay's decisions are figures, not logs
     try:
-        records = replaying.load_recording(args.recording)
         configs = replaying.grid(
             [p.strip() for p in args.policies.split(",")],
             [m.strip() for m in args.modes.split(",")],
             [c.strip() for c in args.min_confidence.split(",")],
             [r.strip() for r in args.risk_files.split(",")] if args.risk_files else None,
         )
-        for config in configs:  # each risk file read now: a bad one is one clear error, not a traceback
+        for config in configs:  # each risk file read now: a bad one is one error line, not a traceback
             if config.risk_file:
                 settings.model_copy(update={"risk_file": config.risk_file}).risk()
+        if args.jobs < 0:
+            raise ValueError("--jobs must be 0 (one per core) or more")
     except (OSError, ValueError, ArithmeticError) as exc:  # ConfigError too: a bad RISK_FILE
         print(f"tradeengine: replay: {exc}", file=sys.stderr)
         return 2
-    results = await replaying.replay(records, configs, settings)
+    scratch: tempfile.TemporaryDirectory[str] | None = None
+    try:
+        if args.recording:
+            path, described = args.recording, args.recording
+        else:
+            until = args.until or datetime.now(UTC)
+            since = args.since or until - timedelta(days=7)
+            if since >= until:
+                print("tradeengine: replay: --since must be before --until", file=sys.stderr)
+                return 2
+            if args.save_recording:
+                path = args.save_recording
+            else:
+                scratch = tempfile.TemporaryDirectory(prefix="tradeengine-replay-")
+                path = str(Path(scratch.name) / "recording.jsonl")
+            bus = await connect_client(settings, "tradeengine-replay")
+            try:
+                counts = await replaying.record_from_streams(
+                    bus, path, since, until,
+                    {s.strip() for s in args.strategies.split(",")} if args.strategies else None,
+                    {s.strip() for s in args.symbols.split(",")} if args.symbols else None,
+                )  # fmt: skip
+            finally:
+                await bus.close()
+            described = f"the streams, {since.isoformat()} to {until.isoformat()}"
+            Console(stderr=True, highlight=False).print(
+                "read "
+                + ", ".join(f"{n:,} {what.replace('_', ' ')}" for what, n in counts.items())
+                + (f"; kept in {path}" if args.save_recording else "")
+            )
+        jobs = args.jobs or os.cpu_count() or 1
+        with Steps("replay") as steps:
+            results = await replaying.replay(path, configs, settings, jobs=jobs, progress=steps.step)
+    except (OSError, ValueError) as exc:  # a recording's bad line, an unreadable file
+        print(f"tradeengine: replay: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if scratch is not None:
+            scratch.cleanup()
+    if args.html:
+        from engine.app.report import render_replay_html
+
+        page = render_replay_html(results, described, datetime.now(UTC))
+        await asyncio.to_thread(Path(args.html).write_text, page)
+        Console(stderr=True, highlight=False).print(f"wrote {args.html}")
     if args.json:
         print(desk.to_json(results))
         return 0
     if args.csv:
         csv.writer(sys.stdout).writerows(replaying.csv_rows(results))
         return 0
+    from rich import box
     from rich.table import Table
 
-    console.print(f"Replay of {len(records):,} records ({args.recording}), one table per configuration")
+    records = next(iter(results.values()))["records"] if results else 0
+    console.print(f"Replay of {records:,} records ({described}), one table per configuration")
     for label, result in results.items():
-        # One table a configuration: each fits 80 columns, no number cut.
-        table = Table(title=("* " if result["in_force"] else "") + label)
-        for heading in (
-            "strategy",
-            "trades",
-            "win rate",
-            "TP",
-            "SL",
-            "net PnL",
-            "fees",
-            "max DD",
-            "rejected",
-        ):
+        # One table a configuration: each fits 80 columns, no number cut (peak exposure is in
+        # --json, --csv and --html).
+        table = Table(
+            title=("* " if result["in_force"] else "") + label,
+            box=box.SIMPLE_HEAD,
+            pad_edge=False,
+            collapse_padding=True,
+        )
+        for heading in ("strategy", "trades", "win %", "TP", "SL", "net PnL", "fees", "funding", "max DD",
+                        "rejected"):  # fmt: skip
             table.add_column(heading, justify="left" if heading == "strategy" else "right",
-                             overflow="fold", no_wrap=heading != "strategy")  # fmt: skip
+                             overflow="fold", no_wrap=heading != "strategy", min_width=10 if heading == "strategy" else None)  # fmt: skip
+        cents = Decimal("0.01")
         for strategy, f in result["strategies"].items():
             table.add_row(
                 strategy, str(f["trades"]),
-                "-" if f["win_rate"] is None else amount(f["win_rate"].quantize(Decimal("0.01"))),
-                str(f["tp_hits"]), str(f["sl_hits"]), amount(f["net_pnl"].quantize(Decimal("0.01"))),
-                amount(f["fees"].quantize(Decimal("0.01"))), amount(f["max_drawdown"].quantize(Decimal("0.01"))),
+                "-" if f["win_rate"] is None else f"{f['win_rate'] * 100:.0f}",
+                str(f["tp_hits"]), str(f["sl_hits"]),
+                *(amount(f[k].quantize(cents)) for k in ("net_pnl", "fees", "funding", "max_drawdown")),
                 str(sum(f["rejected"].values())),
             )  # fmt: skip
         console.print(table)

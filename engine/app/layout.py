@@ -50,9 +50,11 @@ def member_prefix(durable: str, partitions: int) -> str:
 
 
 async def claim_layout(bus: NatsBus, settings: Settings) -> None:
-    """Make the streams, with SIGNALS laid out for SIGNAL_PARTITIONS; ConfigError (exit 2) when
-    another layout is in use or has signals or commands waiting."""
+    """Make the streams, with SIGNALS laid out for SIGNAL_PARTITIONS (and PRICE_HISTORY kept
+    PRICE_HISTORY_DAYS: the workers record it); ConfigError (exit 2) when another layout is in
+    use or has signals or commands waiting."""
     wanted, durable = settings.signal_partitions, settings.worker_durable
+    bus.price_history_days = settings.price_history_days
     current = await bus.signal_partitions()
     if current is not None and current != wanted:
         lock = Lease(bus.js, f"{durable}-layout", settings.worker_lease_seconds, bus.replicas)

@@ -18,6 +18,7 @@ from engine.adapters.gateway import OrderRejected, OrderUncertain
 from engine.adapters.last_prices import WRITE_EVERY, LastPrices
 from engine.app.orders import OrderDesk
 from engine.app.price_feed import PriceFeed
+from engine.app.price_history import PriceHistoryRecorder
 from engine.app.runtime import Runtime
 from engine.config import PriceFeedMode
 from engine.domain.decide import close_intent, closes_by_key
@@ -47,6 +48,7 @@ class Prices:
         self.tick_runners: dict[str, asyncio.Task[None]] = {}
         self.background: set[asyncio.Task[Any]] = set()
         self.trailing_writes: set[str] = set()  # symbols with a write of their last price pending
+        self.history: PriceHistoryRecorder | None = None  # PRICE_HISTORY_DAYS > 0, under NATS
 
     async def on_price_message(self, msg: Msg) -> None:
         """Queue the tick for its symbol: a symbol whose order waits on the venue must not hold
@@ -61,6 +63,8 @@ class Prices:
             # Nothing can trade it here: no metric series, lock or queue for a made-up symbol.
             metrics.UNLISTED_TICKS.inc()
             return
+        if self.history is not None:
+            self.history.observe(symbol, price)
         queue = self.ticks[symbol]
         runner = self.tick_runners.get(symbol)
         idle = runner is None or runner.done()  # a live runner may hold a tick taken off the queue

@@ -264,7 +264,6 @@ def render_html(data: ReportData, generated_at: datetime) -> str:
     """One self-contained page (plotly.js inline, nothing fetched): tables and Plotly charts
     with the same figures as the terminal (money to the cent)."""
     import plotly.graph_objects as go  # only the HTML report pays for plotly
-    from plotly.offline import get_plotlyjs
     from plotly.subplots import make_subplots
 
     e = html.escape
@@ -292,12 +291,6 @@ def render_html(data: ReportData, generated_at: datetime) -> str:
     strategies = sorted({*data.equity, *(r["strategy_id"] for r in data.performance),
                          *(r["strategy_id"] for r in data.attribution)})  # fmt: skip
     colours = {s: PALETTE[i % len(PALETTE)] for i, s in enumerate(strategies)}
-    config = {"displaylogo": False, "responsive": True}
-
-    def chart(figure: Any, element_id: str) -> str:
-        figure.update_layout(template="plotly_white", font={"family": "system-ui, sans-serif", "size": 13},
-                             margin={"l": 10, "r": 30, "t": 40, "b": 10})  # fmt: skip
-        return str(figure.to_html(full_html=False, include_plotlyjs=False, config=config, div_id=element_id))
 
     equity = "<p>No closed trades in this selection.</p>"
     if data.equity:
@@ -328,7 +321,7 @@ def render_html(data: ReportData, generated_at: datetime) -> str:
         figure.update_yaxes(title_text=QUOTE, row=2, col=1)
         figure.update_xaxes(title_text="time (UTC)", row=2, col=1)
         figure.update_layout(height=520, legend={"title": {"text": "strategy"}})
-        equity = chart(figure, "equity-chart")
+        equity = _chart(figure, "equity-chart")
 
     traded = [r for r in data.performance if r["trades"]]
     closes = "<p>No closed trades in this selection.</p>"
@@ -344,7 +337,7 @@ def render_html(data: ReportData, generated_at: datetime) -> str:
         figure.update_layout(barmode="stack", height=120 + 40 * len(traded), legend={"title": {"text": "closed by"}},
                              xaxis={"title": {"text": "closed slices"}, "dtick": 1},
                              yaxis={"automargin": True})  # fmt: skip
-        closes = chart(figure, "closes-chart")
+        closes = _chart(figure, "closes-chart")
 
     attribution = ""
     if data.attribution:
@@ -368,15 +361,9 @@ def render_html(data: ReportData, generated_at: datetime) -> str:
                              xaxis={"title": {"text": f"realized PnL, net of fees ({QUOTE})"}, "zeroline": True},
                              yaxis={"automargin": True, "categoryorder": "array",
                                     "categoryarray": list(labels.values())[::-1]})  # fmt: skip
-        attribution = chart(figure, "attribution-chart")
+        attribution = _chart(figure, "attribution-chart")
 
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>tradeengine report</title>
-<style>
-body{{font-family:system-ui,sans-serif;margin:24px;color:#222;max-width:1200px}} table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}} td:first-child,th:first-child{{text-align:left}}
-</style>
-<script>{get_plotlyjs()}</script></head><body>
+    return f"""{_page_head("tradeengine report")}
 <h1>tradeengine report {e(_describe(data.filter))}</h1>
 <p>Generated {e(generated_at.isoformat())}. PnL is net of fees, in {QUOTE}.</p>
 <h2>Strategy performance</h2>
@@ -392,5 +379,76 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}} td:first-child,t
 <h2>PnL attribution per exchange position</h2>
 <div id="attribution">{attribution}</div>
 {attribution_table}
+</body></html>
+"""
+
+
+def _chart(figure: Any, element_id: str) -> str:
+    figure.update_layout(template="plotly_white", font={"family": "system-ui, sans-serif", "size": 13},
+                         margin={"l": 10, "r": 30, "t": 40, "b": 10})  # fmt: skip
+    config = {"displaylogo": False, "responsive": True}
+    return str(figure.to_html(full_html=False, include_plotlyjs=False, config=config, div_id=element_id))
+
+
+def _page_head(title: str) -> str:
+    """A page's head: plotly.js inline, nothing fetched."""
+    from plotly.offline import get_plotlyjs
+
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>
+body{{font-family:system-ui,sans-serif;margin:24px;color:#222;max-width:1200px}} table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}} td:first-child,th:first-child{{text-align:left}}
+</style>
+<script>{get_plotlyjs()}</script></head><body>"""
+
+
+def render_replay_html(results: dict[str, Any], source: str, generated_at: datetime) -> str:
+    """`tradeengine replay --html`: every configuration's equity (net PnL of all its strategies
+    over time) on one chart, the configuration in force drawn bold, and the totals side by side."""
+    import plotly.graph_objects as go
+
+    e = html.escape
+    totals = []
+    for label, result in results.items():
+        figures = result["strategies"].values()
+        totals.append((label, result["in_force"], *(sum((f[k] for f in figures), Decimal(0)) for k in
+                       ("net_pnl", "fees", "funding")), sum(f["trades"] for f in figures),
+                       sum(sum(f["rejected"].values()) for f in figures)))  # fmt: skip
+    rows = "".join(
+        f"<tr><td>{'* ' if live else ''}{e(label)}</td><td>{e(fmt(net, 2))}</td><td>{e(fmt(fees, 2))}</td>"
+        f"<td>{e(fmt(funding, 2))}</td><td>{trades}</td><td>{rejected}</td></tr>"
+        for label, live, net, fees, funding, trades, rejected in sorted(totals, key=lambda t: -t[2])
+    )
+    table = (
+        f'<table id="configurations"><thead><tr><th>configuration</th><th>net PnL ({QUOTE})</th><th>fees</th>'
+        f"<th>funding</th><th>trades</th><th>rejected</th></tr></thead><tbody>{rows}</tbody></table>"
+    )
+    curves = [(label, r) for label, r in results.items() if r["equity"]]
+    chart = "<p>No configuration closed a trade.</p>"
+    if curves:
+        figure = go.Figure()
+        start = min(r["equity"][0][0] for _, r in curves)
+        for i, (label, result) in enumerate(curves):
+            points = [[start, Decimal(0)], *result["equity"]]
+            figure.add_trace(go.Scatter(
+                x=[p[0] for p in points], y=[float(p[1]) for p in points],
+                name=("* " if result["in_force"] else "") + label, mode="lines",
+                line={"color": PALETTE[i % len(PALETTE)], "width": 4 if result["in_force"] else 2, "shape": "hv"},
+                customdata=[fmt(p[1], 2) for p in points],
+                hovertemplate=f"{e(label)}<br>%{{x|%Y-%m-%d %H:%M}} UTC<br>%{{customdata}} {QUOTE}<extra></extra>",
+            ))  # fmt: skip
+        figure.update_layout(height=560, legend={"title": {"text": "configuration"}},
+                             xaxis={"title": {"text": "time (UTC)"}},
+                             yaxis={"title": {"text": f"net PnL, all strategies ({QUOTE})"}})  # fmt: skip
+        chart = _chart(figure, "replay-equity-chart")
+    return f"""{_page_head("tradeengine replay")}
+<h1>tradeengine replay</h1>
+<p>Generated {e(generated_at.isoformat())} from {e(source)}. PnL is net of fees and funding, in {QUOTE};
+* marks the configuration in force.</p>
+<h2>Equity of each configuration</h2>
+<div id="equity">{chart}</div>
+<h2>Configurations, best first</h2>
+{table}
 </body></html>
 """

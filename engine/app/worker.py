@@ -37,6 +37,7 @@ from engine.app.kill_switch import KillSwitch
 from engine.app.layout import check_layout, claim_layout
 from engine.app.orders import OrderDesk
 from engine.app.price_feed import PriceFeed
+from engine.app.price_history import PriceHistoryRecorder
 from engine.app.prices import Prices
 from engine.app.protective_stops import ProtectiveStops
 from engine.app.reconciler import Reconciler
@@ -285,6 +286,10 @@ class Worker:
                 if own(msg.subject[symbol_at:]):
                     await self.prices.on_price_message(msg)
 
+        if self.settings.price_history_days:
+            self.prices.history = PriceHistoryRecorder(
+                self.bus, self.settings.price_history_interval, self.clock
+            )
         self._price_sub = await self.bus.subscribe_prices(on_price)
         sub = await self.bus.durable_consumer(SIGNALS_STREAM, self.durable, signal_filter(self.partition))
         suspects = self._suspects(sub)
@@ -297,6 +302,8 @@ class Worker:
         feed = self.prices.start_feed()
         keeper = asyncio.create_task(self.stops.keep(self.stopping)) if self.stops else None
         control = asyncio.create_task(self.kill_switch.keep(self.stopping))
+        history = self.prices.history
+        recording = asyncio.create_task(history.keep(self.stopping)) if history is not None else None
         storing: asyncio.Task[None] | None = None
         try:
             while not self.stopping.is_set():
@@ -342,6 +349,8 @@ class Worker:
             if self._price_sub is not None:
                 with contextlib.suppress(Exception):
                     await self._price_sub.unsubscribe()
+            if recording is not None:  # after the last tick: its bar is stored too
+                await asyncio.gather(recording, return_exceptions=True)
             # Tick runners, and price writes waiting for their turn: nothing outlives the worker.
             runners = [
                 t for t in (*self.prices.tick_runners.values(), *self.prices.background) if not t.done()

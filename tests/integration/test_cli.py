@@ -40,7 +40,13 @@ def wait_until(probe: object, timeout: float = 20.0) -> None:
 @pytest.fixture
 def running(tmp_path: Path, mysql_url: str) -> Iterator[tuple[dict[str, str], int, subprocess.Popen[bytes]]]:
     http_port, nats_port = free_port(), free_port()
-    env = cli_env(tmp_path, mysql_url, HTTP_PORT=str(http_port), EMBEDDED_NATS_PORT=str(nats_port))
+    env = cli_env(
+        tmp_path,
+        mysql_url,
+        HTTP_PORT=str(http_port),
+        EMBEDDED_NATS_PORT=str(nats_port),
+        PRICE_HISTORY_INTERVAL="1",
+    )
     log = open(tmp_path / "run.log", "wb")  # noqa: SIM115 - closed below
     proc = subprocess.Popen([*CLI, "run"], env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -110,6 +116,20 @@ def test_run_publish_tp_hit_and_clean_shutdown(
     wait_until(tp_counted)
     report = cli(env, "report")
     assert "momentum_v1" in report and "mean_reversion_v1" in report
+
+    # What the desk did, again from what NATS kept: the signals, and the ticks as the worker's bars.
+    kept = Path(env["DATA_DIR"]) / "kept.jsonl"
+    replayed: list[dict[str, Any]] = []
+
+    def replays_the_tp() -> bool:
+        out = cli(env, "replay", "--json", "--jobs", "1", "--policies", "accumulate", "--modes", "hedge",
+                  "--save-recording", str(kept))  # fmt: skip
+        replayed[:] = [json.loads(out)["accumulate/hedge/conf>=0.6"]]
+        return bool(replayed[0]["strategies"].get("momentum_v1", {}).get("tp_hits"))
+
+    wait_until(replays_the_tp)
+    assert replayed[0]["in_force"] and replayed[0]["strategies"]["x"]["rejected"]["low_confidence"] == 1
+    assert sum(1 for line in kept.read_text().splitlines() if '"tick"' in line) == 2
 
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=20) == 0

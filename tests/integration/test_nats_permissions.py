@@ -210,6 +210,15 @@ async def test_each_role_does_its_job_and_nothing_else(
         assert shown.returncode == 0, (out + err).decode()
         (key,) = json.loads(out)["positions"]
         assert key["key"] == "BTCUSDT_LONG" and key["slices"][0]["strategy_id"] == "strat-alpha"
+        # An analyst replays what the desk kept (SIGNALS, PRICE_HISTORY, funding in EVENTS), read only.
+        replayed = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "engine.cli", "replay", "--json", "--jobs", "1", "--policies", "accumulate",
+            "--modes", "hedge", env=_env(server, certs, "analyst", "analyst-pw"),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(replayed.communicate(), 60)
+        assert replayed.returncode == 0, (out + err).decode()
+        assert json.loads(out)["accumulate/hedge/conf>=0.6"]["strategies"]["strat-alpha"]["opened"] >= 1
     finally:
         await analyst.close()
         await alpha.close()

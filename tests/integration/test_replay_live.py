@@ -1,31 +1,48 @@
 """A replay of the live configuration over the live period reproduces the booked strategy PnL
 exactly (issue #18): what the worker booked through NATS and the paper venue, the replay of the
-same signals and ticks makes again, to the last decimal."""
+same signals and ticks makes again, to the last decimal: from a recording made by hand, and from
+what NATS kept (the SIGNALS stream and the worker's PRICE_HISTORY bars)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from engine.app.replay import Config, load_recording, replay
-from tests.integration.harness import Pipeline
+from engine.adapters.nats_bus import NatsBus
+from engine.app.replay import Config, load_recording, record_from_streams, replay
+from tests.integration.harness import Pipeline, eventually_async
 
 pytestmark = pytest.mark.integration
 
 
 async def test_replaying_the_live_configuration_gives_the_booked_pnl(
-    pipeline: Pipeline, tmp_path: Path
+    make_pipeline: Any, tmp_path: Path
 ) -> None:
+    async with make_pipeline(PRICE_HISTORY_INTERVAL=1) as pipeline:
+        await replay_live(pipeline, tmp_path)
+
+
+async def replay_live(pipeline: Pipeline, tmp_path: Path) -> None:
     rng = random.Random(18)
     lines: list[dict[str, Any]] = []
+    started = datetime.now(UTC) - timedelta(seconds=1)
+
+    standing: list[str] = []  # the last price ticked
 
     async def tick(price: str) -> None:
+        if standing == [price]:
+            return  # the price stands: no tick (pipeline.tick would publish none)
+        standing[:] = [price]
+        # One tick a second: each is a bar of its own (PRICE_HISTORY_INTERVAL=1), kept exactly.
+        now = datetime.now(UTC)
+        await asyncio.sleep(1 - now.microsecond / 1e6 + 0.01)
         await pipeline.tick("ETHUSDT", price)
         lines.append({"at": datetime.now(UTC).isoformat(), "tick": {"symbol": "ETHUSDT", "price": price}})
 
@@ -63,3 +80,21 @@ async def test_replaying_the_live_configuration_gives_the_booked_pnl(
     assert {s: f["trades"] for s, f in result["strategies"].items() if f["trades"]} == {
         s: sum(1 for e in pipeline.closed() if e.strategy_id == s) for s in booked
     }
+
+    # What NATS kept gives the same: the signals as stored, the ticks from the worker's bars.
+    assert pipeline.client is not None
+    reader, kept = NatsBus(pipeline.client), tmp_path / "kept.jsonl"
+    ticks = sum(1 for line in lines if "tick" in line)
+
+    counts: dict[str, int] = {}
+
+    async def recorded() -> bool:
+        counts.update(
+            await record_from_streams(reader, str(kept), started, datetime.now(UTC), symbols={"ETHUSDT"})
+        )
+        return counts["ticks"] == ticks
+
+    await eventually_async(recorded, 15.0, what=f"every tick in the price history ({ticks})")
+    assert counts["signals"] == 40
+    (from_streams,) = (await replay(str(kept), [live], settings)).values()
+    assert from_streams["strategies"] == result["strategies"]

@@ -15,7 +15,7 @@ from engine.config import load_settings
 D = Decimal
 
 
-def recording(path: Path) -> str:
+def recording(path: Path, funding_rate: str | None = None) -> str:
     lines = [
         {"at": "2026-11-30T12:00:00Z", "tick": {"symbol": "BTCUSDT", "price": "45000"}},
         {"at": "2026-11-30T12:00:01Z", "signal": {"strategy_id": "A", "symbol": "BTCUSDT", "action": "buy",
@@ -27,6 +27,10 @@ def recording(path: Path) -> str:
         {"at": "2026-11-30T12:00:03Z", "signal": {"strategy_id": "B", "symbol": "BTCUSDT", "action": "buy"}},
         {"at": "2026-11-30T12:05:00Z", "tick": {"symbol": "BTCUSDT", "price": "46000"}},
     ]  # fmt: skip
+    if funding_rate is not None:  # paid before the TP, at the last price (45000)
+        lines.insert(
+            -1, {"at": "2026-11-30T12:03:00Z", "funding": {"symbol": "BTCUSDT", "rate": funding_rate}}
+        )
     path.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
     return str(path)
 
@@ -72,3 +76,41 @@ async def test_risk_files_in_the_grid_and_csv(tmp_path: Path) -> None:
     rows = csv_rows(results)
     assert rows[0][:3] == ["configuration", "in_force", "strategy"] and len(rows) == 1 + 2 * 2
     assert any(row[2] == "A" and row[8] == "9.545" for row in rows[1:])
+
+
+async def test_funding_and_exposure_and_every_core_give_the_same_figures(tmp_path: Path) -> None:
+    """A recording's funding is paid on what each configuration holds then; the grid run in
+    parallel processes gives what one process gives, byte for byte; the HTML page draws each
+    configuration's equity."""
+    from datetime import UTC, datetime
+
+    from engine.app.report import render_replay_html
+
+    path = recording(tmp_path / "rec.jsonl", funding_rate="0.001")
+    configs = grid(["accumulate", "strongest_wins"], ["hedge", "one-way"], ["0.6"])
+    alone = await replay(path, configs, load_settings(), jobs=1)
+    together = await replay(path, configs, load_settings(), jobs=2)
+    assert to_json(together) == to_json(alone)
+    a = alone["accumulate/hedge/conf>=0.6"]["strategies"]["A"]
+    paid = -D("0.001") * D("0.01") * D("45000")  # a long pays a positive rate, at the last price
+    assert a["funding"] == paid and a["net_pnl"] == D("10") - D("0.0005") * (D("450") + D("460")) + paid
+    assert a["peak_exposure"] == D("450")
+    only_a = alone["strongest_wins/hedge/conf>=0.6"]
+    assert only_a["strategies"]["B"]["funding"] == 0  # B never held: it pays nothing
+    assert alone["accumulate/hedge/conf>=0.6"]["equity"][-1][1] == a["net_pnl"] * 2  # A and B alike
+    page = render_replay_html(alone, path, datetime(2026, 12, 1, tzinfo=UTC))
+    assert "replay-equity-chart" in page and "* accumulate/hedge/conf&gt;=0.6" in page
+    assert "strongest_wins/one-way/conf&gt;=0.6" in page and "<script src=" not in page
+
+
+def test_a_bad_funding_line_is_named(tmp_path: Path) -> None:
+    import pytest
+
+    from engine.app.replay import iter_recording
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"at": "2026-11-30T12:00:00Z", "funding": {"symbol": "X", "rate": "x"}}) + "\n")
+    with pytest.raises(
+        ValueError, match=r"bad.jsonl:1: not a record: funding needs a symbol and a finite rate"
+    ):
+        list(iter_recording(str(bad)))
