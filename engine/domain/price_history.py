@@ -44,18 +44,27 @@ class PriceBar:
         return f"bar:{self.symbol}:{self.interval_seconds}:{int((self.start - EPOCH).total_seconds())}"
 
 
+Tick = tuple[int, datetime, Decimal]  # (its number within the bar, time, price)
+
+
 @dataclass(slots=True)
 class _Building:
     start: datetime
-    points: list[tuple[int, PricePoint]]  # (tick number, point): first, first high, first low, last
+    end: datetime
+    first: Tick
+    high: Tick  # the first highest
+    low: Tick  # the first lowest
+    last: Tick
     ticks: int
 
     def bar(self, symbol: str, interval_seconds: int) -> PriceBar:
-        seen: dict[int, PricePoint] = {}
-        for number, point in self.points:
-            seen.setdefault(number, point)
+        kept = sorted({t[0]: t for t in (self.first, self.high, self.low, self.last)}.values())
         return PriceBar(
-            symbol, self.start, interval_seconds, tuple(p for _, p in sorted(seen.items())), self.ticks
+            symbol,
+            self.start,
+            interval_seconds,
+            tuple(PricePoint(at, price) for _, at, price in kept),
+            self.ticks,
         )
 
 
@@ -77,25 +86,22 @@ class BarMaker:
 
     def observe(self, symbol: str, price: Decimal, at: datetime) -> PriceBar | None:
         building = self._open.get(symbol)
-        if building is not None and at < building.start:
-            at = building.start  # a clock stepping back: the tick joins the open bar
+        if building is not None:
+            if at < building.start:
+                at = building.start  # a clock stepping back: the tick joins the open bar
+            if at < building.end:  # most ticks: their symbol's bar is open
+                tick = (building.ticks, at, price)
+                building.ticks += 1
+                if price > building.high[2]:
+                    building.high = tick
+                elif price < building.low[2]:
+                    building.low = tick
+                building.last = tick
+                return None
+        closed = None if building is None else building.bar(symbol, self.interval_seconds)
         start = self.bar_start(at)
-        closed: PriceBar | None = None
-        if building is not None and start != building.start:
-            closed = building.bar(symbol, self.interval_seconds)
-            building = None
-        point = PricePoint(at, price)
-        if building is None:
-            self._open[symbol] = _Building(start, [(0, point)] * 4, 1)
-            return closed
-        number = building.ticks
-        building.ticks += 1
-        points = building.points
-        if price > points[1][1].price:
-            points[1] = (number, point)
-        if price < points[2][1].price:
-            points[2] = (number, point)
-        points[3] = (number, point)
+        tick = (0, at, price)
+        self._open[symbol] = _Building(start, start + self._step, tick, tick, tick, tick, 1)
         return closed
 
     def due(self, now: datetime) -> list[PriceBar]:
