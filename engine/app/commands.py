@@ -594,7 +594,7 @@ async def replay(settings: Settings, args: Any) -> int:
                 path = str(Path(scratch.name) / "recording.jsonl")
             bus = await connect_client(settings, "tradeengine-replay")
             try:
-                counts = await replaying.record_from_streams(
+                recorded = await replaying.record_from_streams(
                     bus, path, since, until,
                     {s.strip() for s in args.strategies.split(",")} if args.strategies else None,
                     {s.strip() for s in args.symbols.split(",")} if args.symbols else None,
@@ -604,12 +604,14 @@ async def replay(settings: Settings, args: Any) -> int:
             described = f"the streams, {since.isoformat()} to {until.isoformat()}"
             Console(stderr=True, highlight=False).print(
                 "read "
-                + ", ".join(f"{n:,} {what.replace('_', ' ')}" for what, n in counts.items())
+                + ", ".join(f"{n:,} {what.replace('_', ' ')}" for what, n in recorded.counts.items())
                 + (f"; kept in {path}" if args.save_recording else "")
             )
         jobs = args.jobs or os.cpu_count() or 1
         with Steps("replay") as steps:
             results = await replaying.replay(path, configs, settings, jobs=jobs, progress=steps.step)
+        if not args.recording:
+            replaying.check_booked(results, recorded.booked)
     except (OSError, ValueError) as exc:  # a recording's bad line, an unreadable file
         print(f"tradeengine: replay: {exc}", file=sys.stderr)
         return 2
@@ -656,5 +658,15 @@ async def replay(settings: Settings, args: Any) -> int:
                 str(sum(f["rejected"].values())),
             )  # fmt: skip
         console.print(table)
+        if "booked" in result:
+            if result["matches_booked"]:
+                console.print("  [green]booked live over the range: the same, strategy by strategy[/]")
+            else:
+                replayed = {s: f["net_pnl"] for s, f in result["strategies"].items() if f["opened"]}
+                console.print("  [yellow]booked live over the range, beside this replay:[/] " + "; ".join(
+                    f"{s} {amount(result['booked'].get(s, Decimal(0)).quantize(cents))} booked, "
+                    f"{amount(replayed.get(s, Decimal(0)).quantize(cents))} replayed"
+                    for s in sorted({*result["booked"], *replayed})
+                ) + " (prices between bars, or another configuration live then: docs/replay.md)")  # fmt: skip
     console.print("* the configuration in force (the worker's settings)")
     return 0

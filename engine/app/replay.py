@@ -41,7 +41,15 @@ from engine.domain.events import (
     SignalDecided,
     parse_tick,
 )
-from engine.domain.model import ZERO, CloseReason, PositionMode, SameDirectionPolicy, amount
+from engine.domain.model import (
+    ZERO,
+    CloseReason,
+    PositionMode,
+    SameDirectionPolicy,
+    amount,
+    decimal_text,
+    load_json_exact,
+)
 from engine.domain.price_history import decode_bar
 
 if TYPE_CHECKING:
@@ -337,6 +345,12 @@ async def replay(
     return results
 
 
+@dataclass
+class Recorded:
+    counts: dict[str, int]  # signals, ticks, funding payments (and unreadable signals) written
+    booked: dict[str, Decimal]  # per strategy: the net PnL booked live on the positions its signals opened
+
+
 async def record_from_streams(
     bus: NatsBus,
     path: str,
@@ -345,20 +359,24 @@ async def record_from_streams(
     strategies: set[str] | None = None,
     symbols: set[str] | None = None,
     bar_slack: timedelta = timedelta(days=1),
-) -> dict[str, int]:
+) -> Recorded:
     """Write to `path` the recording NATS keeps for [since, until]: the signals of the SIGNALS
     stream (at the time the stream stored them), the ticks of the PRICE_HISTORY bars and the
     funding rates the desk was paid at (EVENTS, `positions.funding.*`). `strategies` and
     `symbols` narrow what is taken; ticks and funding are kept for every symbol unless
-    `symbols` is given. Returns how many of each were written."""
+    `symbols` is given. Returns how many of each were written, and what the desk booked on the
+    positions those signals opened (closes and funding through `until`)."""
     from engine.adapters.nats_bus import EVENTS_STREAM, PRICE_HISTORY_STREAM, SIGNALS_STREAM
     from engine.domain.events import decode_event
+    from engine.domain.signals import derive_signal_id
 
     counts = Counter[str]()
     signals: list[tuple[datetime, int, str]] = []
+    taken: set[tuple[Any, Any]] = set()  # (strategy_id, signal_id) of the signals taken
     async for msg in bus.read_stream(SIGNALS_STREAM, since, until):
         try:
-            payload = json.loads(msg.data)
+            # As the worker reads it: exact decimals, kept exact in the recording as strings.
+            payload = load_json_exact(msg.data)
         except ValueError:
             counts["unreadable_signals"] += 1  # dead-lettered live under every configuration alike
             continue
@@ -369,7 +387,9 @@ async def record_from_streams(
         ):
             continue
         at = msg.metadata.timestamp
-        signals.append((at, 1, json.dumps({"at": _stamp(at), "signal": payload})))
+        signals.append((at, 1, json.dumps({"at": _stamp(at), "signal": payload}, default=decimal_text)))
+        raw_id = payload.get("signal_id")
+        taken.add((payload.get("strategy_id"), raw_id if raw_id is not None else derive_signal_id(payload)))
     signals.sort(key=lambda t: t[0])  # stream order, unless the server's clock stepped back
     counts["signals"] = len(signals)
 
@@ -387,24 +407,50 @@ async def record_from_streams(
     ticks.sort(key=lambda t: t[0])
     counts["ticks"] = len(ticks)
 
+    # Funding rates and what the desk booked: the positions the recorded signals opened, their
+    # closes and funding through `until`.
     funding: dict[tuple[str, datetime], tuple[datetime, int, str]] = {}
-    async for msg in bus.read_stream(EVENTS_STREAM, since, until + bar_slack, subject="positions.funding.>"):
+    opened: set[str] = set()
+    booked: dict[str, Decimal] = {}
+    async for msg in bus.read_stream(EVENTS_STREAM, since, until + bar_slack, subject="positions.>"):
         event = decode_event(msg.data)
-        if not isinstance(event, PositionFunding) or event.rate is None:
-            continue
-        if not since <= event.funding_time <= until or (symbols is not None and event.symbol not in symbols):
-            continue
-        paid = {"symbol": event.symbol, "rate": format(event.rate, "f")}
-        funding.setdefault(
-            (event.symbol, event.funding_time),
-            (event.funding_time, 2, json.dumps({"at": _stamp(event.funding_time), "funding": paid})),
-        )
+        if isinstance(event, PositionOpened):
+            if (event.strategy_id, event.signal_id) in taken:
+                opened.add(event.strategy_position_id)
+                booked.setdefault(event.strategy_id, ZERO)
+        elif isinstance(event, PositionClosed):
+            if event.strategy_position_id in opened and event.occurred_at <= until:
+                booked[event.strategy_id] += event.realized_pnl
+        elif isinstance(event, PositionFunding) and since <= event.funding_time <= until:
+            if event.strategy_position_id in opened:
+                booked[event.strategy_id] += event.amount
+            if event.rate is None or (symbols is not None and event.symbol not in symbols):
+                continue
+            paid = {"symbol": event.symbol, "rate": format(event.rate, "f")}
+            funding.setdefault(
+                (event.symbol, event.funding_time),
+                (event.funding_time, 2, json.dumps({"at": _stamp(event.funding_time), "funding": paid})),
+            )
     counts["funding"] = len(funding)
 
     # In time order; at one instant, the price first, then the signal, then funding.
     merged = heapq.merge(ticks, signals, sorted(funding.values()), key=lambda t: (t[0], t[1]))
     await asyncio.to_thread(_write_lines, path, (line for _, _, line in merged))
-    return dict(counts)
+    return Recorded(dict(counts), dict(sorted(booked.items())))
+
+
+def check_booked(results: dict[str, Any], booked: dict[str, Decimal]) -> bool | None:
+    """Put what the desk booked beside the replay of the configuration in force, and say whether
+    they agree to the last decimal, strategy by strategy (None: no configuration in force in the
+    grid). They agree when the configuration was live over the range and every bar held at most
+    four ticks; a difference measures how far the replay's prices are from the ticks."""
+    for result in results.values():
+        if result["in_force"]:
+            replayed = {s: f["net_pnl"] for s, f in result["strategies"].items() if f["opened"]}
+            result["booked"] = booked
+            result["matches_booked"] = replayed == booked
+            return bool(result["matches_booked"])
+    return None
 
 
 def _write_lines(path: str, lines: Iterable[str]) -> None:

@@ -129,6 +129,10 @@ def test_run_publish_tp_hit_and_clean_shutdown(
 
     wait_until(replays_the_tp)
     assert replayed[0]["in_force"] and replayed[0]["strategies"]["x"]["rejected"]["low_confidence"] == 1
+    assert (
+        replayed[0]["matches_booked"]
+        and replayed[0]["booked"]["momentum_v1"] == replayed[0]["strategies"]["momentum_v1"]["net_pnl"]
+    )
     assert sum(1 for line in kept.read_text().splitlines() if '"tick"' in line) == 2
 
     proc.send_signal(signal.SIGINT)

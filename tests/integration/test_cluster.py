@@ -67,13 +67,16 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
 
 
 async def _jetstream_ready(url: str) -> None:
-    """A clustered JetStream answers once its nodes have elected a meta leader."""
+    """A clustered JetStream is ready once it places a stream on three nodes: a meta leader
+    alone answers account info before every peer has joined ("no suitable peers for placement")."""
     nc = await nats.connect(url.split(","))
     try:
         deadline = time.monotonic() + 60
         while True:
             try:
-                await nc.jetstream().account_info()
+                js = nc.jetstream()
+                await js.add_stream(name="READY_PROBE", subjects=["ready-probe"], num_replicas=3)
+                await js.delete_stream("READY_PROBE")
                 return
             except Exception:
                 assert time.monotonic() < deadline, "the cluster never elected a JetStream leader"

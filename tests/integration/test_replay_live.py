@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from engine.adapters.nats_bus import NatsBus
-from engine.app.replay import Config, load_recording, record_from_streams, replay
+from engine.app.replay import Config, Recorded, check_booked, load_recording, record_from_streams, replay
 from tests.integration.harness import Pipeline, eventually_async
 
 pytestmark = pytest.mark.integration
@@ -86,15 +86,18 @@ async def replay_live(pipeline: Pipeline, tmp_path: Path) -> None:
     reader, kept = NatsBus(pipeline.client), tmp_path / "kept.jsonl"
     ticks = sum(1 for line in lines if "tick" in line)
 
-    counts: dict[str, int] = {}
+    recorded: list[Recorded] = []
 
-    async def recorded() -> bool:
-        counts.update(
+    async def all_kept() -> bool:
+        recorded[:] = [
             await record_from_streams(reader, str(kept), started, datetime.now(UTC), symbols={"ETHUSDT"})
-        )
-        return counts["ticks"] == ticks
+        ]
+        return recorded[0].counts["ticks"] == ticks
 
-    await eventually_async(recorded, 15.0, what=f"every tick in the price history ({ticks})")
-    assert counts["signals"] == 40
-    (from_streams,) = (await replay(str(kept), [live], settings)).values()
-    assert from_streams["strategies"] == result["strategies"]
+    await eventually_async(all_kept, 15.0, what=f"every tick in the price history ({ticks})")
+    assert recorded[0].counts["signals"] == 40
+    from_streams = await replay(str(kept), [live], settings)
+    assert next(iter(from_streams.values()))["strategies"] == result["strategies"]
+    # ... and the command's own check against what was booked says so.
+    assert {s: pnl for s, pnl in recorded[0].booked.items() if pnl} == booked
+    assert check_booked(from_streams, recorded[0].booked) is True
