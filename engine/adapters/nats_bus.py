@@ -107,6 +107,10 @@ def _transform(config: StreamConfig) -> tuple[str, str] | None:
     return (found.src, found.dest) if found is not None else None
 
 
+class StreamReadStalled(Exception):
+    """A stream being read stopped delivering before its end."""
+
+
 class NatsBus:
     def __init__(self, nc: Client) -> None:
         self.nc = nc
@@ -123,6 +127,7 @@ class NatsBus:
         # PRICE_HISTORY_DAYS, set by a worker (0: none kept); None: the stream is not this
         # process's to create or change.
         self.price_history_days: int | None = None
+        self.price_history_interval = 10  # PRICE_HISTORY_INTERVAL: the stream's duplicate window spans 3
 
     @classmethod
     async def connect(
@@ -224,8 +229,10 @@ class NatsBus:
                         storage=StorageType.FILE,
                         num_replicas=self.replicas,
                         # A bar's id is its symbol and interval: whichever worker records it, and
-                        # one taking a partition over, it is stored once.
-                        duplicate_window=300.0,
+                        # one taking a partition over within three intervals, it is stored once.
+                        duplicate_window=min(
+                            max(300.0, 3.0 * self.price_history_interval), self.price_history_days * DAY
+                        ),
                         max_age=self.price_history_days * DAY,
                     )
                 ]
@@ -383,32 +390,54 @@ class NatsBus:
         since: datetime | None = None,
         until: datetime | None = None,
         subject: str = ">",
-        idle_wait: float = 5.0,
+        idle_wait: float = 10.0,
     ) -> AsyncIterator[Msg]:
         """The messages on `subject` a stream holds from `since` (its first when None) through
         `until` (what it holds now when None), oldest first, through an ordered consumer of our
-        own: nothing is acked, nothing another consumer reads changes."""
-        stored = await self.js.stream_info(stream)
+        own: nothing is acked, nothing another consumer reads changes. A stream that does not
+        exist holds nothing; one that stops answering before its end raises StreamReadStalled
+        rather than passing for complete."""
+        try:
+            stored = await self.js.stream_info(stream)
+        except NotFoundError:
+            return
         if stored.state.messages == 0:
             return
-        last = stored.state.last_seq
-        start = (
-            ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_TIME, opt_start_time=since.astimezone(UTC))
-            if since is not None
-            else ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
-        )
+        last, start = stored.state.last_seq, stored.state.first_seq
+        if since is not None:
+            # The sequence `since` starts at, asked of a consumer that lapses by itself: an
+            # ordered consumer re-made after a gap starts by sequence, and the server refuses a
+            # start time beside one.
+            probe = await self.js.add_consumer(
+                stream,
+                ConsumerConfig(
+                    deliver_policy=DeliverPolicy.BY_START_TIME,
+                    opt_start_time=since.astimezone(UTC),
+                    ack_policy=AckPolicy.NONE,
+                    inactive_threshold=2.0,
+                ),
+            )
+            start = (probe.delivered.stream_seq if probe.delivered else start - 1) + 1
+            if start > last:
+                return
         sub = await self.js.subscribe(
-            subject, stream=stream, ordered_consumer=True, config=start, pending_msgs_limit=1_000_000
+            subject,
+            stream=stream,
+            ordered_consumer=True,
+            config=ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start),
+            pending_msgs_limit=1_000_000,
         )
         try:
             reading = await sub.consumer_info()
-            if not reading.num_pending and not (reading.delivered and reading.delivered.stream_seq):
-                return  # nothing stored on `subject` from `since` on
+            if not reading.num_pending and not (reading.delivered and reading.delivered.consumer_seq):
+                return  # nothing stored on `subject` from `start` on, and nothing delivered
             while True:
                 try:
                     msg = await sub.next_msg(timeout=idle_wait)
                 except TimeoutError:
-                    return
+                    raise StreamReadStalled(
+                        f"{stream}: nothing came for {idle_wait:g} s before its end (sequence {last}); try again"
+                    ) from None
                 meta = msg.metadata
                 if until is not None and meta.timestamp > until:
                     return

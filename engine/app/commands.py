@@ -618,6 +618,12 @@ async def replay(settings: Settings, args: Any) -> int:
     finally:
         if scratch is not None:
             scratch.cleanup()
+    unlisted = sorted({symbol for result in results.values() for symbol in result["unlisted_symbols"]})
+    if unlisted:
+        Console(stderr=True, highlight=False).print(
+            f"not replayed, the paper venue does not list them (PAPER_EXTRA_MARKETS): {', '.join(unlisted[:20])}"
+            + (f" and {len(unlisted) - 20} more" if len(unlisted) > 20 else "")
+        )
     if args.html:
         from engine.app.report import render_replay_html
 
@@ -658,6 +664,10 @@ async def replay(settings: Settings, args: Any) -> int:
                 str(sum(f["rejected"].values())),
             )  # fmt: skip
         console.print(table)
+        still_open = {s: f["open_at_end"] for s, f in result["strategies"].items() if f["open_at_end"]}
+        if still_open:
+            console.print("  still open at the end, not in net PnL: "
+                          + ", ".join(f"{s} {n}" for s, n in still_open.items()))  # fmt: skip
         if "booked" in result:
             if result["matches_booked"]:
                 console.print("  [green]booked live over the range: the same, strategy by strategy[/]")

@@ -55,6 +55,7 @@ async def claim_layout(bus: NatsBus, settings: Settings) -> None:
     use or has signals or commands waiting."""
     wanted, durable = settings.signal_partitions, settings.worker_durable
     bus.price_history_days = settings.price_history_days
+    bus.price_history_interval = settings.price_history_interval
     current = await bus.signal_partitions()
     if current is not None and current != wanted:
         lock = Lease(bus.js, f"{durable}-layout", settings.worker_lease_seconds, bus.replicas)

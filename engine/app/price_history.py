@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 UNSTORED_LIMIT = 100_000  # bars kept for the next try while NATS is away; the oldest go first
+STORE_CHUNK = 1000
 
 
 class PriceHistoryRecorder:
@@ -37,7 +38,7 @@ class PriceHistoryRecorder:
     def observe(self, symbol: str, price: Decimal) -> None:
         closed = self.maker.observe(symbol, price, self.clock())
         if closed is not None:
-            self.unstored.append(closed)
+            self._keep([closed])
 
     async def keep(self, stopping: asyncio.Event) -> None:
         """Store the bars whose interval has ended, every interval; at the end, the bars still
@@ -46,21 +47,29 @@ class PriceHistoryRecorder:
         while not stopping.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stopping.wait(), self.maker.interval_seconds)
-            self.unstored.extend(self.maker.due(self.clock()))
+            self._keep(self.maker.due(self.clock()))
             await self.store()
-        self.unstored.extend(self.maker.drain())
+        self._keep(self.maker.drain())
         await self.store()
 
+    def _keep(self, bars: list[PriceBar]) -> None:
+        self.unstored.extend(bars)
+        if len(self.unstored) > UNSTORED_LIMIT:  # NATS away for long: the oldest bars go first
+            del self.unstored[: len(self.unstored) - UNSTORED_LIMIT]
+
     async def store(self) -> None:
-        if not self.unstored:
-            return
-        bars, self.unstored = self.unstored, []
-        try:
-            await self.bus.publish_stored(
-                [(f"price_history.{bar.symbol}", encode_bar(bar), bar.msg_id) for bar in bars],
-                stream=PRICE_HISTORY_STREAM,
-            )
-            self.stored += len(bars)
-        except Exception as exc:  # NATS away: tried again next interval; trading goes on
-            self.unstored = (bars + self.unstored)[-UNSTORED_LIMIT:]
-            log.warning("price_history.store_failed", bars=len(bars), error=repr(exc)[:300])
+        """In chunks, each dropped once JetStream has acked it: a backlog after an outage never
+        holds the event publisher's lock for long, and a chunk stored before a failure is not
+        sent again."""
+        while self.unstored:
+            chunk = self.unstored[:STORE_CHUNK]
+            try:
+                await self.bus.publish_stored(
+                    [(f"price_history.{bar.symbol}", encode_bar(bar), bar.msg_id) for bar in chunk],
+                    stream=PRICE_HISTORY_STREAM,
+                )
+            except Exception as exc:  # NATS away: tried again next interval; trading goes on
+                log.warning("price_history.store_failed", bars=len(self.unstored), error=repr(exc)[:300])
+                return
+            del self.unstored[: len(chunk)]
+            self.stored += len(chunk)

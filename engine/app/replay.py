@@ -15,21 +15,23 @@ bars and the funding rates the desk was paid at (EVENTS).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import heapq
 import itertools
 import json
 import math
 import multiprocessing
-from collections import Counter
+import tempfile
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
-from engine.adapters.paper import PaperExchange
+from engine.adapters.paper import PaperExchange, synthetic_markets
 from engine.app.worker import Worker
 from engine.config import Settings, load_settings
 from engine.domain.events import (
@@ -50,7 +52,7 @@ from engine.domain.model import (
     decimal_text,
     load_json_exact,
 )
-from engine.domain.price_history import decode_bar
+from engine.domain.price_history import PricePoint, decode_bar
 
 if TYPE_CHECKING:
     from engine.adapters.nats_bus import NatsBus
@@ -66,6 +68,7 @@ class Record:
     signal: dict[str, Any] | None = None
     tick: dict[str, Any] | None = None
     funding: dict[str, Any] | None = None
+    subject: str | None = None  # the signal's, as published (default: from its payload)
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +97,7 @@ class Figures:
     max_drawdown: Decimal = ZERO
     peak_exposure: Decimal = ZERO  # the most notional open at once, at entry prices
     opened: int = 0
+    open_at_end: int = 0  # slices still open when the recording ends: their PnL is not in net_pnl
     rejected: Counter[str] = field(default_factory=Counter)
     _peak: Decimal = ZERO
     _exposure: Decimal = ZERO
@@ -128,7 +132,7 @@ class Figures:
             "win_rate": None if not self.trades else Decimal(self.wins) / self.trades,
             "tp_hits": self.tp_hits, "sl_hits": self.sl_hits, "net_pnl": self.net_pnl, "fees": self.fees,
             "funding": self.funding, "max_drawdown": self.max_drawdown, "peak_exposure": self.peak_exposure,
-            "opened": self.opened, "rejected": dict(sorted(self.rejected.items())),
+            "opened": self.opened, "open_at_end": self.open_at_end, "rejected": dict(sorted(self.rejected.items())),
         }  # fmt: skip
 
 
@@ -139,12 +143,13 @@ class Outcome:
     strategies: dict[str, Figures]
     equity: list[tuple[datetime, Decimal]]  # (time, net PnL of every strategy), thinned
     records: int
+    unlisted: list[str]  # symbols of the recording the paper venue does not list: not replayed
 
 
 def csv_rows(results: dict[str, Any]) -> list[list[str]]:
     """The results flat: one row a configuration and strategy, every figure in full."""
     head = ["configuration", "in_force", "strategy", "trades", "wins", "win_rate", "tp_hits", "sl_hits", "net_pnl",
-            "fees", "funding", "max_drawdown", "peak_exposure", "opened", "rejected"]  # fmt: skip
+            "fees", "funding", "max_drawdown", "peak_exposure", "opened", "open_at_end", "rejected"]  # fmt: skip
     rows = [head]
     for label, result in results.items():
         for strategy, f in result["strategies"].items():
@@ -174,7 +179,10 @@ def iter_recording(path: str) -> Iterator[Record]:
                 funding = raw.get("funding")
                 if funding is not None and not _is_funding(funding):
                     raise ValueError(f"funding needs a symbol and a finite rate, not {str(funding)[:80]}")
-                yield Record(_time(raw.get("at")), raw.get("signal"), raw.get("tick"), funding)
+                subject = raw.get("subject")
+                if subject is not None and not isinstance(subject, str):
+                    raise ValueError("subject must be a string")
+                yield Record(_time(raw.get("at")), raw.get("signal"), raw.get("tick"), funding, subject)
             except (ValueError, AttributeError, ArithmeticError) as exc:
                 raise ValueError(f"{path}:{n}: not a record: {exc}") from None
 
@@ -260,8 +268,10 @@ async def run_one(records: Iterable[Record], config: Config, base: Settings) -> 
     now = [first.at if first is not None else EPOCH]
     # Funding is the recording's, paid when it says: never the paper venue's own schedule.
     venue = PaperExchange(
-        config.mode, settings.paper_taker_fee, settings.paper_slippage, balance=settings.paper_balance
-    )
+        config.mode, settings.paper_taker_fee, settings.paper_slippage, balance=settings.paper_balance,
+        markets=synthetic_markets(settings.paper_extra_markets),
+    )  # fmt: skip
+    unlisted: set[str] = set()  # symbols of the recording the paper venue does not list
     tally = _Tally()
     worker = Worker(settings, bus=tally, gateway=venue, clock=lambda: now[0])  # type: ignore[arg-type]
     on_price, handle = worker.prices.on_price, worker.signals.handle
@@ -272,19 +282,26 @@ async def run_one(records: Iterable[Record], config: Config, base: Settings) -> 
         if record.tick is not None:
             symbol = str(record.tick.get("symbol"))
             tick = parse_tick(f"prices.{symbol}", json.dumps(record.tick).encode())
-            if not isinstance(tick, str) and venue.market(tick[0]) is not None:
-                await on_price(*tick)
+            if not isinstance(tick, str):
+                if venue.market(tick[0]) is None:
+                    unlisted.add(tick[0])
+                else:
+                    await on_price(*tick)
         if record.signal is not None:  # the worker's own path for a delivery, dead letters included
             payload = record.signal
-            subject = f"signals.{payload.get('strategy_id')}.{payload.get('symbol')}"
+            subject = record.subject or f"signals.{payload.get('strategy_id')}.{payload.get('symbol')}"
             await handle(subject, json.dumps(payload).encode(), None, sequence)
+            if isinstance(payload.get("symbol"), str) and venue.market(payload["symbol"]) is None:
+                unlisted.add(payload["symbol"])
         if record.funding is not None:
             symbol, rate = str(record.funding.get("symbol")), Decimal(str(record.funding.get("rate")))
             if venue.market(symbol) is not None:
                 venue.pay_funding(symbol, rate, record.at)
                 await worker.book_funding()
     await worker.flush()
-    return Outcome(dict(sorted(tally.figures.items())), thin(tally.equity), count)
+    for position in worker.book.positions.values():
+        tally._of(position.strategy_id).open_at_end += 1
+    return Outcome(dict(sorted(tally.figures.items())), thin(tally.equity), count, sorted(unlisted))
 
 
 def _run_in_process(path: str, config: Config, base: Settings) -> Outcome:
@@ -337,8 +354,9 @@ async def replay(
     for config, outcome in zip(configs, outcomes, strict=True):
         assert outcome is not None
         results[str(config)] = {
-            "in_force": config == live,
+            "in_force": dataclasses.replace(config, risk_file=config.risk_file or base.risk_file) == live,
             "records": outcome.records,
+            "unlisted_symbols": outcome.unlisted,
             "strategies": {strategy: f.as_dict() for strategy, f in outcome.strategies.items()},
             "equity": [[at.isoformat().replace("+00:00", "Z"), total] for at, total in outcome.equity],
         }
@@ -351,6 +369,15 @@ class Recorded:
     booked: dict[str, Decimal]  # per strategy: the net PnL booked live on the positions its signals opened
 
 
+Line = tuple[int, int, str]  # (microseconds since the epoch, kind: 0 tick, 1 signal, 2 funding, JSON line)
+MICROSECOND = timedelta(microseconds=1)
+BAR_SLACK = timedelta(minutes=1)  # how late after its interval a bar may be stored and still sort in
+
+
+def _micros(at: datetime) -> int:
+    return (at - EPOCH) // MICROSECOND
+
+
 async def record_from_streams(
     bus: NatsBus,
     path: str,
@@ -358,20 +385,29 @@ async def record_from_streams(
     until: datetime,
     strategies: set[str] | None = None,
     symbols: set[str] | None = None,
-    bar_slack: timedelta = timedelta(days=1),
 ) -> Recorded:
     """Write to `path` the recording NATS keeps for [since, until]: the signals of the SIGNALS
-    stream (at the time the stream stored them), the ticks of the PRICE_HISTORY bars and the
-    funding rates the desk was paid at (EVENTS, `positions.funding.*`). `strategies` and
-    `symbols` narrow what is taken; ticks and funding are kept for every symbol unless
-    `symbols` is given. Returns how many of each were written, and what the desk booked on the
-    positions those signals opened (closes and funding through `until`)."""
-    from engine.adapters.nats_bus import EVENTS_STREAM, PRICE_HISTORY_STREAM, SIGNALS_STREAM
+    stream with their subjects, each at the time the live worker decided it (at the time the
+    stream stored it when no decision was stored); the ticks of the PRICE_HISTORY bars, each
+    symbol's last price before `since` standing at `since`; and the funding rates the desk was
+    paid at (EVENTS). `strategies` and `symbols` narrow what is taken; ticks and funding are kept
+    for every symbol unless `symbols` is given. Returns how many of each were written, and what
+    the desk booked on the positions those signals opened (closes and funding through `until`).
+    Signals, decisions and the booked figures are held in memory; ticks go through a file."""
+    from engine.adapters.nats_bus import EVENTS_STREAM, SIGNALS_STREAM
     from engine.domain.events import decode_event
     from engine.domain.signals import derive_signal_id
 
     counts = Counter[str]()
-    signals: list[tuple[datetime, int, str]] = []
+    # When the live worker decided each signal: that, not when it was stored, is where it stood
+    # among the ticks (a backlog, a worker down for a while).
+    decided: dict[tuple[str, str], deque[datetime]] = {}
+    async for msg in bus.read_stream(EVENTS_STREAM, since, until, subject="decisions.>"):
+        event = decode_event(msg.data)
+        if isinstance(event, SignalDecided):
+            decided.setdefault((event.strategy_id, event.signal_id), deque()).append(event.occurred_at)
+
+    signals: list[Line] = []
     taken: set[tuple[Any, Any]] = set()  # (strategy_id, signal_id) of the signals taken
     async for msg in bus.read_stream(SIGNALS_STREAM, since, until):
         try:
@@ -386,33 +422,21 @@ async def record_from_streams(
             or (symbols is not None and payload.get("symbol") not in symbols)
         ):
             continue
-        at = msg.metadata.timestamp
-        signals.append((at, 1, json.dumps({"at": _stamp(at), "signal": payload}, default=decimal_text)))
         raw_id = payload.get("signal_id")
-        taken.add((payload.get("strategy_id"), raw_id if raw_id is not None else derive_signal_id(payload)))
-    signals.sort(key=lambda t: t[0])  # stream order, unless the server's clock stepped back
+        key = (payload.get("strategy_id"), raw_id if raw_id is not None else derive_signal_id(payload))
+        taken.add(key)
+        times = decided.get(key)  # type: ignore[arg-type]
+        at = times.popleft() if times else msg.metadata.timestamp
+        subject = ".".join(msg.subject.split(".")[:3])  # as published: without a partition token
+        line = json.dumps({"at": _stamp(at), "subject": subject, "signal": payload}, default=decimal_text)
+        signals.append((_micros(at), 1, line))
+    signals.sort()  # by time; at one instant, in stream order
     counts["signals"] = len(signals)
 
-    ticks: list[tuple[datetime, int, str]] = []
-    # A bar is stored once its interval has ended: read past `until` by the slack, and from
-    # before `since` by the slack, keeping only the points inside the range.
-    async for msg in bus.read_stream(PRICE_HISTORY_STREAM, since - bar_slack, until + bar_slack):
-        bar = decode_bar(msg.data)
-        if symbols is not None and bar.symbol not in symbols:
-            continue
-        for point in bar.points:
-            if since <= point.at <= until:
-                tick = {"symbol": bar.symbol, "price": format(point.price, "f")}
-                ticks.append((point.at, 0, json.dumps({"at": _stamp(point.at), "tick": tick})))
-    ticks.sort(key=lambda t: t[0])
-    counts["ticks"] = len(ticks)
-
-    # Funding rates and what the desk booked: the positions the recorded signals opened, their
-    # closes and funding through `until`.
-    funding: dict[tuple[str, datetime], tuple[datetime, int, str]] = {}
+    funding: dict[tuple[str, datetime], Line] = {}
     opened: set[str] = set()
     booked: dict[str, Decimal] = {}
-    async for msg in bus.read_stream(EVENTS_STREAM, since, until + bar_slack, subject="positions.>"):
+    async for msg in bus.read_stream(EVENTS_STREAM, since, until + BAR_SLACK, subject="positions.>"):
         event = decode_event(msg.data)
         if isinstance(event, PositionOpened):
             if (event.strategy_id, event.signal_id) in taken:
@@ -429,14 +453,96 @@ async def record_from_streams(
             paid = {"symbol": event.symbol, "rate": format(event.rate, "f")}
             funding.setdefault(
                 (event.symbol, event.funding_time),
-                (event.funding_time, 2, json.dumps({"at": _stamp(event.funding_time), "funding": paid})),
+                (
+                    _micros(event.funding_time),
+                    2,
+                    json.dumps({"at": _stamp(event.funding_time), "funding": paid}),
+                ),
             )
     counts["funding"] = len(funding)
 
-    # In time order; at one instant, the price first, then the signal, then funding.
-    merged = heapq.merge(ticks, signals, sorted(funding.values()), key=lambda t: (t[0], t[1]))
-    await asyncio.to_thread(_write_lines, path, (line for _, _, line in merged))
+    with tempfile.TemporaryDirectory(prefix="tradeengine-ticks-") as scratch:
+        ticks_path = Path(scratch) / "ticks"
+        counts.update(await _spool_ticks(bus, ticks_path, since, until, symbols))
+        # In time order; at one instant, the price first, then the signal, then funding.
+        await asyncio.to_thread(_merge_into, path, ticks_path, signals, sorted(funding.values()))
     return Recorded(dict(counts), dict(sorted(booked.items())))
+
+
+async def _spool_ticks(
+    bus: NatsBus, spool: Path, since: datetime, until: datetime, symbols: set[str] | None
+) -> Counter[str]:
+    """The bars' points in [since, until] into `spool`, in time order: bars are stored once
+    their interval has ended, so a point is written once the bars stored after it are a
+    minute and two intervals past it. Each symbol's last point before `since` is its price at
+    `since`. A bar stored later than that (a worker cut off from NATS) is written where it is
+    read, and counted as late."""
+    from engine.adapters.nats_bus import PRICE_HISTORY_STREAM
+
+    counts = Counter[str]()
+    waiting: list[Line] = []
+    opening: dict[str, PricePoint] = {}
+    started, written = False, -1
+
+    def tick(symbol: str, point: PricePoint, at: datetime) -> Line:
+        body = {"symbol": symbol, "price": format(point.price, "f")}
+        return (_micros(at), 0, json.dumps({"at": _stamp(at), "tick": body}))
+
+    with _open_spool(spool) as out:
+
+        def write(line: Line) -> None:
+            nonlocal written
+            out.write(f"{line[0]}\t{line[2]}\n")
+            written = max(written, line[0])
+            counts["ticks"] += 1
+
+        def flush(through: int) -> None:
+            nonlocal started
+            if not started and through >= _micros(since):
+                started = True  # the opening prices come before anything else
+                for symbol, point in sorted(opening.items()):
+                    write(tick(symbol, point, since))
+            while started and waiting and waiting[0][0] <= through:
+                write(heapq.heappop(waiting))
+
+        slack = timedelta(days=1)  # a day of bars before `since`: each symbol's opening price
+        async for msg in bus.read_stream(PRICE_HISTORY_STREAM, since - slack, until + slack):
+            bar = decode_bar(msg.data)
+            if bar.start > until:
+                continue
+            if symbols is not None and bar.symbol not in symbols:
+                continue
+            for point in bar.points:
+                if point.at < since:
+                    if bar.symbol not in opening or opening[bar.symbol].at <= point.at:
+                        opening[bar.symbol] = point
+                elif point.at <= until:
+                    line = tick(bar.symbol, point, point.at)
+                    if started and line[0] < written:
+                        counts["late_ticks"] += 1
+                        write(line)
+                    else:
+                        heapq.heappush(waiting, line)
+            lag = 2 * timedelta(seconds=bar.interval_seconds) + BAR_SLACK
+            flush(_micros(msg.metadata.timestamp - lag))
+        flush(_micros(until) + 1)
+    return counts
+
+
+def _open_spool(path: Path) -> IO[str]:
+    return path.open("w")
+
+
+def _merge_into(path: str, ticks: Path, signals: list[Line], funding: list[Line]) -> None:
+    def spooled() -> Iterator[Line]:
+        with ticks.open() as lines:
+            for raw in lines:
+                at, _, line = raw.rstrip("\n").partition("\t")
+                yield int(at), 0, line
+
+    with Path(path).open("w") as out:
+        for _, _, line in heapq.merge(spooled(), signals, funding):
+            out.write(line + "\n")
 
 
 def check_booked(results: dict[str, Any], booked: dict[str, Decimal]) -> bool | None:
@@ -451,12 +557,6 @@ def check_booked(results: dict[str, Any], booked: dict[str, Decimal]) -> bool | 
             result["matches_booked"] = replayed == booked
             return bool(result["matches_booked"])
     return None
-
-
-def _write_lines(path: str, lines: Iterable[str]) -> None:
-    with Path(path).open("w") as out:
-        for line in lines:
-            out.write(line + "\n")
 
 
 def _stamp(at: datetime) -> str:

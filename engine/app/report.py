@@ -412,17 +412,21 @@ def render_replay_html(results: dict[str, Any], source: str, generated_at: datet
     totals = []
     for label, result in results.items():
         figures = result["strategies"].values()
-        totals.append((label, result["in_force"], *(sum((f[k] for f in figures), Decimal(0)) for k in
-                       ("net_pnl", "fees", "funding")), sum(f["trades"] for f in figures),
-                       sum(sum(f["rejected"].values()) for f in figures)))  # fmt: skip
+        money = (sum((f[k] for f in figures), Decimal(0)) for k in ("net_pnl", "fees", "funding"))
+        counts = (sum(f["trades"] for f in figures), sum(f["open_at_end"] for f in figures),
+                  sum(sum(f["rejected"].values()) for f in figures))  # fmt: skip
+        totals.append((label, result["in_force"], *money, *counts))
     rows = "".join(
         f"<tr><td>{'* ' if live else ''}{e(label)}</td><td>{e(fmt(net, 2))}</td><td>{e(fmt(fees, 2))}</td>"
-        f"<td>{e(fmt(funding, 2))}</td><td>{trades}</td><td>{rejected}</td></tr>"
-        for label, live, net, fees, funding, trades, rejected in sorted(totals, key=lambda t: -t[2])
+        f"<td>{e(fmt(funding, 2))}</td><td>{trades}</td><td>{still_open}</td><td>{rejected}</td></tr>"
+        for label, live, net, fees, funding, trades, still_open, rejected in sorted(
+            totals, key=lambda t: -t[2]
+        )
     )
     table = (
         f'<table id="configurations"><thead><tr><th>configuration</th><th>net PnL ({QUOTE})</th><th>fees</th>'
-        f"<th>funding</th><th>trades</th><th>rejected</th></tr></thead><tbody>{rows}</tbody></table>"
+        "<th>funding</th><th>trades</th><th>open at the end</th><th>rejected</th></tr></thead>"
+        f"<tbody>{rows}</tbody></table>"
     )
     curves = [(label, r) for label, r in results.items() if r["equity"]]
     chart = "<p>No configuration closed a trade.</p>"

@@ -1,10 +1,11 @@
 """The price history replays are made of (issue #18): ticks sampled into bars of a fixed
 interval, one bar per symbol and interval.
 
-A bar keeps what TP/SL on ticks needs from its interval: the first and the last tick, the first
-highest and the first lowest, each with its own time, in the order they came (at most four
-points). Replayed, a bar's points fire the same levels the interval's ticks fired, in the same
-order; an interval with at most four ticks replays exactly. Pure: ticks and times in, bars out.
+A bar keeps every tick of its interval while there are at most four; past that, what TP/SL on
+ticks needs: the first and the last tick, the first highest and the first lowest, each with its
+own time, in the order they came. Replayed, a bar's points reach the levels the interval's ticks
+reached, in the same order; an interval with at most four ticks replays exactly. Pure: ticks and
+times in, bars out.
 """
 
 from __future__ import annotations
@@ -35,7 +36,9 @@ class PriceBar:
     symbol: str
     start: UtcTime
     interval_seconds: int
-    points: tuple[PricePoint, ...]  # in time order: open, the first high and low, close
+    points: tuple[
+        PricePoint, ...
+    ]  # in time order: every tick up to four; else open, first high and low, close
     ticks: int  # ticks the bar was made of
 
     @property
@@ -47,18 +50,34 @@ class PriceBar:
 Tick = tuple[int, datetime, Decimal]  # (its number within the bar, time, price)
 
 
+RAW_TICKS = 4  # a bar keeps every tick up to this many, then the first, extremes and last
+
+
 @dataclass(slots=True)
 class _Building:
     start: datetime
     end: datetime
-    first: Tick
-    high: Tick  # the first highest
-    low: Tick  # the first lowest
-    last: Tick
+    # Every tick while there are at most RAW_TICKS; then [first, first high, first low, last].
+    kept: list[Tick]
     ticks: int
 
+    def add(self, tick: Tick) -> None:
+        kept = self.kept
+        if self.ticks < RAW_TICKS:
+            kept.append(tick)
+        else:
+            if self.ticks == RAW_TICKS:  # the fifth tick: from here on only what TP/SL needs
+                kept[:] = [kept[0], max(kept, key=_price), min(kept, key=_price), kept[-1]]
+            price = tick[2]
+            if price > kept[1][2]:
+                kept[1] = tick
+            elif price < kept[2][2]:
+                kept[2] = tick
+            kept[3] = tick
+        self.ticks += 1
+
     def bar(self, symbol: str, interval_seconds: int) -> PriceBar:
-        kept = sorted({t[0]: t for t in (self.first, self.high, self.low, self.last)}.values())
+        kept = sorted({t[0]: t for t in self.kept}.values())
         return PriceBar(
             symbol,
             self.start,
@@ -66,6 +85,10 @@ class _Building:
             tuple(PricePoint(at, price) for _, at, price in kept),
             self.ticks,
         )
+
+
+def _price(tick: Tick) -> Decimal:
+    return tick[2]
 
 
 class BarMaker:
@@ -90,18 +113,11 @@ class BarMaker:
             if at < building.start:
                 at = building.start  # a clock stepping back: the tick joins the open bar
             if at < building.end:  # most ticks: their symbol's bar is open
-                tick = (building.ticks, at, price)
-                building.ticks += 1
-                if price > building.high[2]:
-                    building.high = tick
-                elif price < building.low[2]:
-                    building.low = tick
-                building.last = tick
+                building.add((building.ticks, at, price))
                 return None
         closed = None if building is None else building.bar(symbol, self.interval_seconds)
         start = self.bar_start(at)
-        tick = (0, at, price)
-        self._open[symbol] = _Building(start, start + self._step, tick, tick, tick, tick, 1)
+        self._open[symbol] = _Building(start, start + self._step, [(0, at, price)], 1)
         return closed
 
     def due(self, now: datetime) -> list[PriceBar]:

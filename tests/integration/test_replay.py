@@ -157,3 +157,44 @@ async def test_a_restart_whose_re_create_failed_resumes_where_it_started(
         assert [jetstream_sequences(m)[0] for m in again][:1] == [4]
     finally:
         await bus.close()
+
+
+async def test_reading_a_stream_by_time_and_subject(nats_server: EmbeddedNats) -> None:
+    """`read_stream` (tradeengine replay's reader): from a time, through a time, on a subject;
+    a stream that does not exist holds nothing; and it leaves no consumer behind."""
+    from datetime import UTC, datetime, timedelta
+
+    bus = await NatsBus.connect(nats_server.url, "read-stream-test")
+    try:
+        assert [m async for m in bus.read_stream("PRICE_HISTORY")] == []  # none made yet
+        await bus.ensure_streams()
+        await bus.publish_events([decision(n) for n in range(5)])
+        middle = datetime.now(UTC)
+        await bus.publish_events([decision(n) for n in range(5, 3005)])
+        whole = [m async for m in bus.read_stream(EVENTS_STREAM)]
+        assert [m.metadata.sequence.stream for m in whole] == list(range(1, 3006))
+        later = [m async for m in bus.read_stream(EVENTS_STREAM, since=middle)]
+        assert [m.metadata.sequence.stream for m in later] == list(range(6, 3006))
+        cut = whole[99].metadata.timestamp
+        through = [m async for m in bus.read_stream(EVENTS_STREAM, since=middle, until=cut)]
+        assert through and through[-1].metadata.timestamp <= cut < whole[len(through) + 5].metadata.timestamp
+        assert [m async for m in bus.read_stream(EVENTS_STREAM, subject="positions.>")] == []
+        assert [
+            m async for m in bus.read_stream(EVENTS_STREAM, since=datetime.now(UTC) + timedelta(hours=1))
+        ] == []
+        assert len([m async for m in bus.read_stream(EVENTS_STREAM, subject="decisions.BTCUSDT")]) == 3005
+
+        async def ours() -> list[str]:
+            return [c.name async for c in _consumers(bus)]
+
+        deadline = asyncio.get_running_loop().time() + 15
+        while await ours():  # the probes lapse by themselves, the readers are removed at once
+            assert asyncio.get_running_loop().time() < deadline, await ours()
+            await asyncio.sleep(0.2)
+    finally:
+        await bus.close()
+
+
+async def _consumers(bus: NatsBus) -> Any:
+    for info in await bus.js.consumers_info(EVENTS_STREAM):
+        yield info

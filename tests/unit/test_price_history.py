@@ -1,6 +1,7 @@
 """Bars of the price history (issue #18): whatever ticks come, each symbol's interval gives one
-bar whose points are its first and last tick and its first highest and lowest, in the order they
-came, so a replay of the bars reaches every level the ticks reached, in the same order."""
+bar whose points are its ticks while there are at most four, else its first and last tick and its
+first highest and lowest, in the order they came, so a replay of the bars reaches every level the
+ticks reached, in the same order."""
 
 from __future__ import annotations
 
@@ -58,6 +59,8 @@ def test_one_bar_per_symbol_and_interval_keeping_the_extremes_in_order(
         assert first_high in points and first_low in points
         assert int(bar.start.timestamp()) % interval == 0
         assert decode_bar(encode_bar(bar)) == bar
+        if len(mine) <= 4:
+            assert points == mine  # a quiet interval is kept whole
     if len(seen) and all(gap >= 1000 * interval for _, gap, _ in seq):
         assert len(bars) == len(seen)  # one tick an interval: every tick kept, exactly
 
@@ -70,3 +73,41 @@ def test_a_bar_is_due_once_its_interval_has_ended_and_its_id_names_it() -> None:
     assert bar == PriceBar("BTCUSDT", T0, 10, (PricePoint(T0 + timedelta(seconds=3), Decimal("100")),), 1)
     assert bar.msg_id == f"bar:BTCUSDT:10:{int(T0.timestamp())}"
     assert maker.drain() == []
+
+
+async def test_the_recorder_stores_in_chunks_and_keeps_what_failed_for_the_next_try() -> None:
+    """An in-memory sink stands for JetStream: a failed store keeps the bars, a later one stores
+    each chunk once, and a stored chunk is not sent again after a failure."""
+    import asyncio
+
+    from engine.app.price_history import STORE_CHUNK, PriceHistoryRecorder
+
+    class Sink:
+        def __init__(self) -> None:
+            self.stored: list[str] = []
+            self.fail_after: int | None = 0  # chunks accepted before the next failure
+
+        async def publish_stored(self, messages: list[tuple[str, bytes, str]], stream: str) -> None:
+            assert stream == "PRICE_HISTORY" and len(messages) <= STORE_CHUNK
+            if self.fail_after == 0:
+                self.fail_after = None
+                raise ConnectionError("NATS away")
+            if self.fail_after is not None:
+                self.fail_after -= 1
+            self.stored += [msg_id for _, _, msg_id in messages]
+
+    now = [T0]
+    sink = Sink()
+    recorder = PriceHistoryRecorder(sink, 1, lambda: now[0])  # type: ignore[arg-type]
+    for n in range(2 * STORE_CHUNK + 10):  # one tick a second: each closes the bar before it
+        now[0] = T0 + timedelta(seconds=n)
+        recorder.observe("BTCUSDT", Decimal(100 + n % 7))
+    await recorder.store()  # NATS away: nothing stored, nothing lost
+    assert sink.stored == [] and len(recorder.unstored) == 2 * STORE_CHUNK + 9
+    sink.fail_after = 1  # one chunk goes through, then NATS is away again
+    await recorder.store()
+    assert len(sink.stored) == STORE_CHUNK and len(recorder.unstored) == STORE_CHUNK + 9
+    stopping = asyncio.Event()
+    stopping.set()
+    await recorder.keep(stopping)  # the end: what is left, and the bar still open
+    assert len(sink.stored) == len(set(sink.stored)) == 2 * STORE_CHUNK + 10 and recorder.unstored == []

@@ -114,3 +114,28 @@ def test_a_bad_funding_line_is_named(tmp_path: Path) -> None:
         ValueError, match=r"bad.jsonl:1: not a record: funding needs a symbol and a finite rate"
     ):
         list(iter_recording(str(bad)))
+
+
+async def test_subjects_unlisted_symbols_open_slices_and_the_risk_file_in_force(tmp_path: Path) -> None:
+    """A recorded subject is the one the worker judges (a payload naming another strategy is
+    dead-lettered, as live); a symbol the paper venue does not list is named, not replayed; the
+    slices still open at the end are counted; with RISK_FILE set, the grid's configuration
+    without a risk file of its own is the one in force."""
+    lines = [
+        {"at": "2026-11-30T12:00:00Z", "tick": {"symbol": "BTCUSDT", "price": "45000"}},
+        {"at": "2026-11-30T12:00:01Z", "subject": "signals.A.BTCUSDT",
+         "signal": {"strategy_id": "B", "symbol": "BTCUSDT", "action": "buy", "quantity": "0.01", "signal_id": "x"}},
+        {"at": "2026-11-30T12:00:02Z", "subject": "signals.A.BTCUSDT",
+         "signal": {"strategy_id": "A", "symbol": "BTCUSDT", "action": "buy", "quantity": "0.01", "signal_id": "y"}},
+        {"at": "2026-11-30T12:00:03Z", "tick": {"symbol": "NOPEUSDT", "price": "1"}},
+    ]  # fmt: skip
+    path = tmp_path / "rec.jsonl"
+    path.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    risk = tmp_path / "risk.toml"
+    risk.write_text("[default]\nmax_positions = 5\n")
+    settings = load_settings(risk_file=str(risk))
+    (result,) = (await replay(str(path), grid(["accumulate"], ["hedge"], ["0.6"]), settings)).values()
+    assert result["in_force"]
+    assert result["strategies"]["B"]["rejected"] == {"dead:identity_mismatch": 1}
+    assert result["strategies"]["A"]["opened"] == 1 and result["strategies"]["A"]["open_at_end"] == 1
+    assert result["unlisted_symbols"] == ["NOPEUSDT"]
