@@ -18,6 +18,7 @@ import random
 import tempfile
 import time
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 
 from bench.common import machine
@@ -63,6 +64,48 @@ def write_recording(path: Path, signals: int, ticks: int, seed: int = 18) -> Non
                 sent_signals += 1
 
 
+async def from_streams(signals: int, bars: int, tmp: Path) -> tuple[float, dict[str, int]]:
+    """Seconds `record_from_streams` takes to read `signals` signals and `bars` four-point bars
+    back from a private nats-server into a recording."""
+    from engine.adapters.embedded_nats import EmbeddedNats, free_port
+    from engine.adapters.nats_bus import PRICE_HISTORY_STREAM, NatsBus
+    from engine.app.replay import record_from_streams
+    from engine.domain.price_history import PriceBar, PricePoint, encode_bar
+
+    server = EmbeddedNats(free_port(), tmp / "nats").start()
+    try:
+        bus = await NatsBus.connect(server.url, "bench-replay")
+        bus.price_history_days = 30
+        await bus.ensure_streams()
+        for n in range(0, signals, 1000):
+            await asyncio.gather(*(
+                bus.js.publish(f"signals.s{i % 8}.BTCUSDT", json.dumps({
+                    "strategy_id": f"s{i % 8}", "symbol": "BTCUSDT", "action": "buy", "quantity": "0.001",
+                    "confidence": "0.9", "signal_id": f"b-{i}"}).encode())
+                for i in range(n, min(n + 1000, signals))
+            ))  # fmt: skip
+        start = datetime.now(UTC) - timedelta(seconds=10 * bars)
+        batch = []
+        for i in range(bars):
+            at = start + timedelta(seconds=10 * i)
+            points = tuple(PricePoint(at + timedelta(seconds=k), Decimal(45000 + k)) for k in range(4))
+            bar = PriceBar(SYMBOLS[i % 5], at, 10, points, 4)
+            batch.append((f"price_history.{bar.symbol}", encode_bar(bar), bar.msg_id))
+            if len(batch) == 1000:
+                await bus.publish_stored(batch, stream=PRICE_HISTORY_STREAM)
+                batch = []
+        if batch:
+            await bus.publish_stored(batch, stream=PRICE_HISTORY_STREAM)
+        started = time.perf_counter()
+        recorded = await record_from_streams(bus, str(tmp / "from-streams.jsonl"), start, datetime.now(UTC))
+        seconds = time.perf_counter() - started
+        await bus.close()
+        assert recorded.counts["signals"] == signals, recorded.counts
+        return seconds, recorded.counts
+    finally:
+        server.stop()
+
+
 async def run(signals: int, ticks: int, configs: int) -> dict[str, float]:
     settings = load_settings(exchange="paper", http_port=None)
     with tempfile.TemporaryDirectory() as scratch:
@@ -100,6 +143,9 @@ def main() -> None:
     args = parser.parse_args()
     configure_logging(None, "WARNING")  # as the command does: the replay's decisions are figures
     figures = asyncio.run(run(args.signals, args.ticks, args.grid))
+    with tempfile.TemporaryDirectory() as scratch:
+        bars = args.ticks // 4
+        seconds, counts = asyncio.run(from_streams(args.signals, bars, Path(scratch)))
     print(f"machine: {machine()}")
     print(f"recording: {args.signals:,} signals, {args.ticks:,} ticks, 5 symbols, 8 strategies")
     print(f"one configuration: {figures['single_s']:.1f} s, {figures['records_per_s']:,.0f} records/s, "
@@ -108,6 +154,10 @@ def main() -> None:
           f"{os.cpu_count()} processes {figures['parallel_s']:.1f} s (x{figures['speedup']:.2f}), same figures")  # fmt: skip
     print(f"extrapolated at this rate and mix, 1M signals + 10M ticks per configuration: about "
           f"{11_000_000 / figures['records_per_s'] / 60:.0f} min")  # fmt: skip
+    rate = (counts["signals"] + bars) / seconds
+    print(f"reading them from NATS (record_from_streams): {counts['signals']:,} signals and {bars:,} bars "
+          f"({counts['ticks']:,} ticks) in {seconds:.1f} s, {rate:,.0f} messages/s; 1M signals + 2.5M bars: about "
+          f"{3_500_000 / rate / 60:.0f} min")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -431,9 +431,11 @@ class NatsBus:
             reading = await sub.consumer_info()
             if not reading.num_pending and not (reading.delivered and reading.delivered.consumer_seq):
                 return  # nothing stored on `subject` from `start` on, and nothing delivered
+            messages = sub.messages  # not next_msg: two tasks a message (about 20 % slower)
             while True:
                 try:
-                    msg = await sub.next_msg(timeout=idle_wait)
+                    async with asyncio.timeout(idle_wait):
+                        msg = await anext(messages)
                 except TimeoutError:
                     raise StreamReadStalled(
                         f"{stream}: nothing came for {idle_wait:g} s before its end (sequence {last}); try again"
