@@ -158,10 +158,10 @@ def _parser() -> argparse.ArgumentParser:
         "Without RECORDING, the signals of the SIGNALS stream, the PRICE_HISTORY bars and the funding rates "
         "the desk was paid at, over --since/--until. A RECORDING is JSON lines: {\"at\": ISO time, \"signal\": "
         "payload}, {\"at\": ..., \"tick\": {\"symbol\": S, \"price\": P}} or {\"at\": ..., \"funding\": "
-        "{\"symbol\": S, \"rate\": R}}. Runs the real worker parts on the paper venue, once per "
+        "{\"symbol\": S, \"rate\": R}}; or CSV (.csv) with at, type and the fields as columns. Runs the real worker parts on the paper venue, once per "
         "configuration; nothing reaches a venue, a consumer or MySQL.",
     )  # fmt: skip
-    rp.add_argument("recording", nargs="?", help="JSON lines, in order (default: read the streams)")
+    rp.add_argument("recording", nargs="?", help="JSON lines or CSV, in order (default: read the streams)")
     rp.add_argument(
         "--since",
         type=_utc_time,

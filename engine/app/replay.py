@@ -15,6 +15,7 @@ bars and the funding rates the desk was paid at (EVENTS).
 from __future__ import annotations
 
 import asyncio
+import csv
 import dataclasses
 import heapq
 import itertools
@@ -168,23 +169,64 @@ def _time(raw: Any) -> datetime:
 
 
 def iter_recording(path: str) -> Iterator[Record]:
-    """The records of a JSON-lines recording, read as they are needed (a month of ticks need
-    not fit in memory); a line that is not a record is an error naming it."""
+    """The records of a recording (JSON lines, or CSV when the name ends in `.csv`), read as
+    they are needed (a month of ticks need not fit in memory); a line that is not a record is an
+    error naming it."""
+    if path.lower().endswith(".csv"):
+        yield from _iter_csv(path)
+        return
     with Path(path).open() as lines:
         for n, line in enumerate(lines, 1):
             if not line.strip():
                 continue
             try:
-                raw = json.loads(line)
-                funding = raw.get("funding")
-                if funding is not None and not _is_funding(funding):
-                    raise ValueError(f"funding needs a symbol and a finite rate, not {str(funding)[:80]}")
-                subject = raw.get("subject")
-                if subject is not None and not isinstance(subject, str):
-                    raise ValueError("subject must be a string")
-                yield Record(_time(raw.get("at")), raw.get("signal"), raw.get("tick"), funding, subject)
+                yield _record(json.loads(line))
             except (ValueError, AttributeError, ArithmeticError) as exc:
                 raise ValueError(f"{path}:{n}: not a record: {exc}") from None
+
+
+CSV_KINDS = ("signal", "tick", "funding")
+
+
+def _iter_csv(path: str) -> Iterator[Record]:
+    """A CSV recording: a header naming the columns, then a row a record. `at` and `type`
+    (signal, tick or funding) in every row; a tick's `symbol` and `price`; funding's `symbol`
+    and `rate`; a signal's fields by their own names (`strategy_id`, `symbol`, `action`,
+    `quantity`, `confidence`, `take_profit_pct`, ...), empty cells left out, every value as the
+    text it is (amounts as decimal strings)."""
+    with Path(path).open(newline="") as lines:
+        rows = csv.DictReader(lines)
+        if rows.fieldnames is None or not {"at", "type"} <= set(rows.fieldnames):
+            raise ValueError(f"{path}:1: a CSV recording's header names at least `at` and `type`")
+        for row in rows:
+            try:
+                kind = row.get("type")
+                if kind not in CSV_KINDS:
+                    raise ValueError(f"type must be one of {', '.join(CSV_KINDS)}, not {kind!r}")
+                given = {
+                    k: v for k, v in row.items() if k not in ("at", "type") and k and v not in (None, "")
+                }
+                if kind == "tick":
+                    raw: dict[str, Any] = {
+                        "tick": {"symbol": given.get("symbol"), "price": given.get("price")}
+                    }
+                elif kind == "funding":
+                    raw = {"funding": {"symbol": given.get("symbol"), "rate": given.get("rate")}}
+                else:
+                    raw = {"signal": given}
+                yield _record({"at": row.get("at"), **raw})
+            except (ValueError, AttributeError, ArithmeticError) as exc:
+                raise ValueError(f"{path}:{rows.line_num}: not a record: {exc}") from None
+
+
+def _record(raw: dict[str, Any]) -> Record:
+    funding = raw.get("funding")
+    if funding is not None and not _is_funding(funding):
+        raise ValueError(f"funding needs a symbol and a finite rate, not {str(funding)[:80]}")
+    subject = raw.get("subject")
+    if subject is not None and not isinstance(subject, str):
+        raise ValueError("subject must be a string")
+    return Record(_time(raw.get("at")), raw.get("signal"), raw.get("tick"), funding, subject)
 
 
 def _is_funding(raw: Any) -> bool:

@@ -139,3 +139,35 @@ async def test_subjects_unlisted_symbols_open_slices_and_the_risk_file_in_force(
     assert result["strategies"]["B"]["rejected"] == {"dead:identity_mismatch": 1}
     assert result["strategies"]["A"]["opened"] == 1 and result["strategies"]["A"]["open_at_end"] == 1
     assert result["unlisted_symbols"] == ["NOPEUSDT"]
+
+
+async def test_a_csv_recording_gives_what_the_same_json_lines_give(tmp_path: Path) -> None:
+    import pytest
+
+    from engine.app.replay import iter_recording
+
+    source = recording(tmp_path / "rec.jsonl", funding_rate="0.001")
+    as_csv(Path(source), tmp_path / "rec.csv")
+    configs = grid(["accumulate", "strongest_wins"], ["hedge"], ["0.6", "0.8"])
+    from_csv = await replay(str(tmp_path / "rec.csv"), configs, load_settings())
+    assert to_json(from_csv) == to_json(await replay(source, configs, load_settings()))
+    (tmp_path / "bad.csv").write_text("at,type,symbol,price\n2026-11-30T12:00:00Z,trade,BTCUSDT,1\n")
+    with pytest.raises(
+        ValueError, match=r"bad.csv:2: not a record: type must be one of signal, tick, funding"
+    ):
+        list(iter_recording(str(tmp_path / "bad.csv")))
+
+
+def as_csv(source: Path, target: Path) -> None:
+    """The same recording as CSV: a column per field."""
+    import csv
+
+    columns = ["at", "type", "strategy_id", "symbol", "action", "quantity", "confidence", "take_profit",
+               "signal_id", "timestamp", "price", "rate"]  # fmt: skip
+    with target.open("w", newline="") as out:
+        writer = csv.DictWriter(out, columns)
+        writer.writeheader()
+        for line in source.read_text().splitlines():
+            raw = json.loads(line)
+            kind = next(k for k in ("signal", "tick", "funding") if k in raw)
+            writer.writerow({"at": raw["at"], "type": kind, **raw[kind]})
