@@ -67,12 +67,16 @@ async def migrate(settings: Settings) -> int:
     return 0
 
 
+LINE_EVERY = 30.0  # seconds between progress lines off a terminal
+
+
 class Steps:
     """Progress of long work on stderr: a bar on a terminal, one line a step otherwise (a log,
     a pipe), so stdout stays the command's answer."""
 
     def __init__(self, what: str) -> None:
         self.what, self.started = what, time.monotonic()
+        self.said = self.started  # when `advance` last printed a line
         self.out = Console(stderr=True, highlight=False)
         self.bar: Progress | None = None
         self.task: TaskID | None = None
@@ -94,6 +98,19 @@ class Steps:
         else:
             self.out.print(
                 f"{self.what}: {name} ({done + 1} of {total}, {time.monotonic() - self.started:.1f} s)"
+            )
+
+    def advance(self, done: int, total: int, note: str) -> None:
+        """Work counted in units (records, rows): the bar moves; off a terminal, a line every
+        LINE_EVERY seconds."""
+        if self.bar is not None:
+            if self.task is None:
+                self.task = self.bar.add_task(self.what, total=total)
+            self.bar.update(self.task, completed=done, total=total, description=f"{self.what}: {note}")
+        elif time.monotonic() - self.said >= LINE_EVERY:
+            self.said = time.monotonic()
+            self.out.print(
+                f"{self.what}: {done:,} of {total:,} ({note}, {time.monotonic() - self.started:.1f} s)"
             )
 
     def __exit__(self, *exc: object) -> None:
@@ -553,6 +570,11 @@ async def _report_prices(settings: Settings) -> dict[str, Decimal]:
         await bus.close()
 
 
+def _count_lines(path: str) -> int:
+    with Path(path).open("rb") as lines:
+        return sum(1 for _ in lines)
+
+
 async def replay(settings: Settings, args: Any) -> int:
     """`tradeengine replay`: the grid's figures side by side."""
     import os
@@ -608,8 +630,22 @@ async def replay(settings: Settings, args: Any) -> int:
                 + (f"; kept in {path}" if args.save_recording else "")
             )
         jobs = args.jobs or os.cpu_count() or 1
+        lines = await asyncio.to_thread(_count_lines, path)
         with Steps("replay") as steps:
-            results = await replaying.replay(path, configs, settings, jobs=jobs, progress=steps.step)
+            finished = [0]
+
+            def config_done(name: str, done: int, total: int) -> None:
+                finished[0] = done + 1
+                if steps.bar is None:
+                    steps.step(name, done, total)
+
+            def records_done(done: int) -> None:
+                note = f"{finished[0]} of {len(configs)} configurations done"
+                steps.advance(done, lines * len(configs), note)
+
+            results = await replaying.replay(
+                path, configs, settings, jobs=jobs, progress=config_done, records_done=records_done
+            )
         if not args.recording:
             replaying.check_booked(results, recorded.booked)
     except (OSError, ValueError) as exc:  # a recording's bad line, an unreadable file

@@ -61,6 +61,8 @@ if TYPE_CHECKING:
 EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
 EQUITY_POINTS = 1000  # a configuration's equity curve is thinned to about this many points
 Progress = Callable[[str, int, int], None]  # (what finished, how many before it, of how many)
+RecordsDone = Callable[[int], None]  # records done so far, over every configuration
+COUNT_EVERY = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -294,8 +296,11 @@ def thin(points: list[tuple[datetime, Decimal]], most: int = EQUITY_POINTS) -> l
     return kept if kept[-1] is points[-1] else [*kept, points[-1]]
 
 
-async def run_one(records: Iterable[Record], config: Config, base: Settings) -> Outcome:
-    """The recording through one configuration; per strategy, what it would have made."""
+async def run_one(
+    records: Iterable[Record], config: Config, base: Settings, counted: Callable[[int], None] | None = None
+) -> Outcome:
+    """The recording through one configuration; per strategy, what it would have made.
+    `counted` hears how many records are done, every COUNT_EVERY and at the end."""
     settings = base.model_copy(
         update={
             "same_direction_conflict_resolution": config.policy,
@@ -320,6 +325,8 @@ async def run_one(records: Iterable[Record], config: Config, base: Settings) -> 
     count = 0
     for sequence, record in enumerate(itertools.chain([first] if first else [], records), 1):
         count = sequence
+        if counted is not None and not sequence % COUNT_EVERY:
+            counted(sequence)
         now[0] = record.at
         if record.tick is not None:
             symbol = str(record.tick.get("symbol"))
@@ -343,15 +350,29 @@ async def run_one(records: Iterable[Record], config: Config, base: Settings) -> 
     await worker.flush()
     for position in worker.book.positions.values():
         tally._of(position.strategy_id).open_at_end += 1
+    if counted is not None:
+        counted(count)
     return Outcome(dict(sorted(tally.figures.items())), thin(tally.equity), count, sorted(unlisted))
 
 
-def _run_in_process(path: str, config: Config, base: Settings) -> Outcome:
+_DONE: Any = None  # in a process of the pool: records done per configuration, shared with the parent
+
+
+def _share(done: Any) -> None:
+    global _DONE
+    _DONE = done
+
+
+def _run_in_process(path: str, config: Config, base: Settings, index: int) -> Outcome:
     """One configuration in a process of its own: the recording read again from the file."""
     from engine.logs import configure_logging
 
     configure_logging(base.log_format, "WARNING")  # the replay's decisions are figures, not logs
-    return asyncio.run(run_one(iter_recording(path), config, base))
+
+    def counted(n: int) -> None:
+        _DONE[index] = n
+
+    return asyncio.run(run_one(iter_recording(path), config, base, counted))
 
 
 async def replay(
@@ -360,10 +381,12 @@ async def replay(
     base: Settings | None = None,
     jobs: int = 1,
     progress: Progress | None = None,
+    records_done: RecordsDone | None = None,
 ) -> dict[str, Any]:
     """Every configuration's figures, in grid order; the configuration in force (the
     settings') marked. `source` is a recording's path or its records; with a path and `jobs`
-    above 1, configurations run in that many processes at once."""
+    above 1, configurations run in that many processes at once. `progress` hears of each
+    configuration done; `records_done`, about every second, of the records done in all."""
     base = base or load_settings()
     live = Config(
         base.same_direction_conflict_resolution, base.position_mode, base.min_confidence, base.risk_file
@@ -382,16 +405,32 @@ async def replay(
         loop = asyncio.get_running_loop()
         # spawn: a fresh interpreter per process, nothing of this one's event loop or threads
         context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(min(jobs, len(configs)), mp_context=context) as pool:
+        counts = context.Array("q", len(configs), lock=False)
+        with ProcessPoolExecutor(
+            min(jobs, len(configs)), mp_context=context, initializer=_share, initargs=(counts,)
+        ) as pool:
 
             async def one(i: int, config: Config) -> None:
-                finished(i, await loop.run_in_executor(pool, _run_in_process, source, config, base))
+                finished(i, await loop.run_in_executor(pool, _run_in_process, source, config, base, i))
 
-            await asyncio.gather(*(one(i, config) for i, config in enumerate(configs)))
+            running = asyncio.gather(*(one(i, config) for i, config in enumerate(configs)))
+            while not running.done():
+                await asyncio.wait([running], timeout=1.0)
+                if records_done is not None:
+                    records_done(sum(counts))
+            await running
     else:
+        counted: list[int] = []
+
+        def count(n: int) -> None:
+            if records_done is not None:
+                records_done(sum(counted) + n)
+
         for i, config in enumerate(configs):
             records = iter_recording(source) if isinstance(source, str) else source
-            finished(i, await run_one(records, config, base))
+            ran = await run_one(records, config, base, count)
+            counted.append(ran.records)
+            finished(i, ran)
     results: dict[str, Any] = {}
     for config, outcome in zip(configs, outcomes, strict=True):
         assert outcome is not None
