@@ -173,6 +173,8 @@ class Settings(BaseSettings):
     partition_lease_seconds: Annotated[float, Field(ge=2, le=600)] = 10.0
     max_deliver: Annotated[int, Field(ge=1, le=100)] = 5
     attribution_durable: str = "tradeengine-attribution"
+    # Attribution consumers side by side (1: one, as before), each writing its symbols' events.
+    attribution_partitions: Annotated[int, Field(ge=1, le=64)] = 1
     fetch_batch: Annotated[int, Field(ge=1, le=10_000)] = 256
 
     @field_validator("allowed_strategies", "allowed_symbols", mode="before")

@@ -85,9 +85,11 @@ class MysqlStore:
         create_database: bool = True,
         connect_timeout: float = 5.0,
         read_timeout: float | None = 60.0,
+        connections: int = 4,
     ) -> MysqlStore:
-        """A pool whose connections give up on a silent server: `connect_timeout` to connect,
-        `read_timeout` for each answer (a half-open connection otherwise waits for ever)."""
+        """A pool of up to `connections` whose connections give up on a silent server:
+        `connect_timeout` to connect, `read_timeout` for each answer (a half-open connection
+        otherwise waits for ever)."""
         if create_database:
             await ensure_database(target, connect_timeout)
         pool = await asyncmy.create_pool(
@@ -100,7 +102,7 @@ class MysqlStore:
             db=target.database,
             autocommit=False,
             minsize=1,
-            maxsize=4,
+            maxsize=connections,
             init_command="SET time_zone = '+00:00'",
             ssl=target.ssl_context(),
         )
@@ -396,4 +398,5 @@ async def _fold_strategy_stats(
             # A close whose open was quarantined has no entry notional: no percentage, no error.
             r[12] += pnl_percent(pnl, entry_price, quantity).quantize(_DB_QUANTUM)  # DECIMAL(36,18)
             r[13] += seconds or zero
-    return [tuple(r) for r in stats.values()]
+    # In one order: consumers writing side by side (ATTRIBUTION_PARTITIONS) lock these rows alike.
+    return [tuple(r) for r in sorted(stats.values(), key=lambda r: str(r[0]))]

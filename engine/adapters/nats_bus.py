@@ -459,9 +459,12 @@ class NatsBus:
         return info.ack_floor.stream_seq if info.ack_floor else 0
 
     async def durable_consumer(
-        self, stream: str, durable: str, subject: str, max_ack_pending: int = 4096
+        self, stream: str, durable: str, subject: str, max_ack_pending: int = 4096, start_at: int = 0
     ) -> DurableConsumer:
+        """Our durable consumer, at its ack floor; one not made yet starts at stream sequence
+        `start_at` (0: the stream's start)."""
         consumer = DurableConsumer(self, stream, durable, subject, max_ack_pending)
+        consumer._started_at = start_at
         await consumer.restart()
         return consumer
 

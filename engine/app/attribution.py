@@ -11,6 +11,7 @@ from typing import Any
 import asyncmy.errors
 import structlog
 from nats.aio.msg import Msg
+from nats.js.errors import NotFoundError
 
 from engine import metrics
 from engine.adapters.mysql_projection import ProjectedBatch, project_cooperatively
@@ -20,6 +21,7 @@ from engine.adapters.nats_bus import EVENTS_STREAM, NatsBus
 from engine.adapters.nats_consumers import DurableConsumer, jetstream_sequences
 from engine.config import Settings
 from engine.domain.events import Event, decode_event
+from engine.domain.partitions import event_symbol, lane_name, partition_of
 
 log = structlog.get_logger(__name__)
 # MySQL errors that say the server, the connection or the schema is not usable now, whatever
@@ -46,15 +48,33 @@ def is_outage(exc: BaseException) -> bool:
     return False
 
 
+LAGS: dict[str, int] = {}  # per consumer of this process: events not yet in MySQL
+
 # A batch as received, decoded and rendered as SQL by the reader, for the writer.
 Decoded = tuple[list[Msg], list[tuple[Event, int | None]], ProjectedBatch]
 
 
 class AttributionConsumer:
-    def __init__(self, settings: Settings, bus: NatsBus, store: MysqlStore) -> None:
+    """One consumer of EVENTS. With ATTRIBUTION_PARTITIONS > 1, one of several: it writes the
+    events of its partition's symbols (those of no symbol: partition 0), acks every event, and
+    so keeps each position's events in order while the others write theirs beside it."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        bus: NatsBus,
+        store: MysqlStore,
+        partition: int | None = None,
+        start_at: int = 0,
+    ) -> None:
         self.settings = settings
         self.bus = bus
         self.store = store
+        self.partition, self.partitions = partition, settings.attribution_partitions
+        self.durable = lane_name(settings.attribution_durable, partition)
+        self.role = "attribution" if partition is None else self.durable
+        self.start_at = start_at  # where a durable not made yet starts (0: the stream's start)
+        self.persisted = 0  # events of its share written (or found written) since it started
         self.ready = asyncio.Event()
         self._stopping = asyncio.Event()
         self._ping: asyncio.Future[bool] | None = None
@@ -62,13 +82,18 @@ class AttributionConsumer:
         self._undecodable: list[
             tuple[str, bytes, int, str]
         ] = []  # to quarantine with the batch  # monotonic time the batch being written came
-        metrics.ATTRIBUTION_STALLED.set_function(self.stalled_seconds)
 
     def stop(self) -> None:
         self._stopping.set()
 
     def details(self) -> dict[str, Any]:
         return {"attribution_stalled_seconds": round(self.stalled_seconds(), 1)}
+
+    def mine(self, subject: str) -> bool:
+        if self.partition is None:
+            return True
+        symbol = event_symbol(subject)
+        return partition_of(symbol, self.partitions) == self.partition if symbol else self.partition == 0
 
     def stalled_seconds(self) -> float:
         """How long the batch being written has waited for MySQL (0 when none is): a projection
@@ -93,23 +118,29 @@ class AttributionConsumer:
     async def report_lag(self, every: float = 5.0) -> None:
         while not self._stopping.is_set():
             with contextlib.suppress(Exception):
-                info = await self.bus.js.consumer_info(EVENTS_STREAM, self.settings.attribution_durable)
-                metrics.CONSUMER_PENDING.labels("attribution").set(info.num_pending)
-                metrics.CONSUMER_ACK_PENDING.labels("attribution").set(info.num_ack_pending)
-                metrics.CONSUMER_REDELIVERED.labels("attribution").set(info.num_redelivered)
-                metrics.ATTRIBUTION_LAG.set(info.num_pending + info.num_ack_pending)
+                info = await self.bus.js.consumer_info(EVENTS_STREAM, self.durable)
+                metrics.CONSUMER_PENDING.labels(self.role).set(info.num_pending)
+                metrics.CONSUMER_ACK_PENDING.labels(self.role).set(info.num_ack_pending)
+                metrics.CONSUMER_REDELIVERED.labels(self.role).set(info.num_redelivered)
+                LAGS[self.durable] = info.num_pending + info.num_ack_pending
+                metrics.ATTRIBUTION_LAG.set(sum(LAGS.values()))  # of every consumer of this process
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), every)
 
-    async def run(self) -> None:
+    async def prepare(self) -> None:
+        """The stream and the schema, before any consumer of the role starts."""
         await self.bus.ensure_streams(only=(EVENTS_STREAM,))
         if self.settings.migrate_on_start:
             await self.store.migrate()
         else:
             await self.store.check_migrated()
-        sub = await self.bus.durable_consumer(EVENTS_STREAM, self.settings.attribution_durable, ">")
+
+    async def run(self, prepared: bool = False) -> None:
+        if not prepared:
+            await self.prepare()
+        sub = await self.bus.durable_consumer(EVENTS_STREAM, self.durable, ">", start_at=self.start_at)
         self.ready.set()
-        log.info("attribution.ready", database=self.store.target.database)
+        log.info("attribution.ready", database=self.store.target.database, consumer=self.durable)
         lag = asyncio.create_task(self.report_lag())
         # Receiving, decoding and rendering the next batch's SQL overlaps with MySQL writing this
         # one; batches are still written and acked one at a time, in stream order.
@@ -153,7 +184,10 @@ class AttributionConsumer:
 
     def decode(self, msgs: list[Msg]) -> list[tuple[Event, int | None]]:
         batch: list[tuple[Event, int | None]] = []
+        mine = self.mine
         for msg in msgs:
+            if not mine(msg.subject):
+                continue  # another consumer's symbol: acked with the batch, written by that one
             sequence = jetstream_sequences(msg)[0]
             signer = self.bus.signer
             if signer is not None and not signer.trusts(msg.subject, msg.data, msg.headers):
@@ -204,6 +238,7 @@ class AttributionConsumer:
                     delay = min(delay * 2, 5.0)
         finally:
             self._writing_since = None
+        self.persisted += len(batch)
         if msgs:
             await msgs[-1].ack()  # AckPolicy.ALL: acknowledges the whole batch
         metrics.ATTRIBUTION_BATCH.observe(len(batch))
@@ -235,3 +270,78 @@ class AttributionConsumer:
             return await self._write_or_quarantine(batch[:middle]) + await self._write_or_quarantine(
                 batch[middle:]
             )
+
+
+class AttributionConsumers:
+    """The attribution role: one consumer, or ATTRIBUTION_PARTITIONS of them side by side on
+    one pool of MySQL connections. A new layout's consumers start where the consumers of the
+    layout before it had all got to (events already written are recognised and skipped)."""
+
+    def __init__(self, settings: Settings, bus: NatsBus, store: MysqlStore) -> None:
+        self.settings, self.bus, self.store = settings, bus, store
+        count = settings.attribution_partitions
+        self.consumers = [
+            AttributionConsumer(settings, bus, store, None if count == 1 else k) for k in range(count)
+        ]
+        self.ready = asyncio.Event()  # every consumer is
+        metrics.ATTRIBUTION_STALLED.set_function(self.stalled_seconds)
+
+    def stalled_seconds(self) -> float:
+        return max(c.stalled_seconds() for c in self.consumers)
+
+    def stop(self) -> None:
+        for consumer in self.consumers:
+            consumer.stop()
+
+    def details(self) -> dict[str, Any]:
+        return {"attribution_stalled_seconds": round(self.stalled_seconds(), 1)}
+
+    async def checks(self) -> dict[str, bool]:
+        found: dict[str, bool] = {}
+        for consumer in self.consumers:
+            for name, ok in (await consumer.checks()).items():
+                found[name] = found.get(name, True) and ok
+        return found
+
+    async def run(self) -> None:
+        consumers = self.consumers
+        await consumers[0].prepare()  # the schema once, before the consumers start side by side
+        start_at = await layout_floor(
+            self.bus, self.settings.attribution_durable, [c.durable for c in consumers]
+        )
+        for consumer in consumers:
+            consumer.start_at = start_at
+        tasks = [asyncio.create_task(c.run(prepared=True)) for c in consumers]
+        all_ready = asyncio.create_task(self._all_ready())
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                task.result()  # one failed: the role fails (and the others stop below)
+        finally:
+            self.ready.clear()
+            all_ready.cancel()
+            self.stop()
+            await asyncio.gather(*tasks, all_ready, return_exceptions=True)
+
+    async def _all_ready(self) -> None:
+        await asyncio.gather(*(c.ready.wait() for c in self.consumers))
+        self.ready.set()
+
+
+async def layout_floor(bus: NatsBus, base: str, durables: list[str]) -> int:
+    """Where consumers of this layout not made yet start: after what every attribution consumer
+    of another layout had acked (0, the stream's start, when there is none)."""
+    floors = []
+    try:
+        found = await bus.js.consumers_info(EVENTS_STREAM)
+    except NotFoundError:
+        found = []
+    except Exception as exc:  # not allowed to list them: from the stream's start, written ones skipped
+        log.warning("attribution.layout_floor_unknown", error=repr(exc)[:300])
+        found = []
+    for info in found:
+        name = info.name or ""
+        if name in durables or not (name == base or name.startswith(f"{base}-p")):
+            continue
+        floors.append(info.ack_floor.stream_seq if info.ack_floor else 0)
+    return min(floors) + 1 if floors else 0

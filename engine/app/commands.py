@@ -306,7 +306,14 @@ async def status(settings: Settings, as_json: bool = False) -> int:
         workers = {
             "worker" if p is None else f"worker-p{p}": lane_name(settings.worker_durable, p) for p in lanes
         }
-        lag = await desk.streams_view(bus, workers | {"attribution": settings.attribution_durable})
+        shares = (
+            [None] if settings.attribution_partitions == 1 else list(range(settings.attribution_partitions))
+        )
+        attribution = {
+            "attribution" if p is None else f"attribution-p{p}": lane_name(settings.attribution_durable, p)
+            for p in shares
+        }
+        lag = await desk.streams_view(bus, workers | attribution)
         owners = await desk.owners_view(bus, settings.worker_durable, settings.signal_partitions)
     finally:
         await bus.close()

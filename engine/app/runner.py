@@ -165,16 +165,17 @@ async def run_roles(settings: Settings, roles: frozenset[str]) -> None:
             running.append(Worker(settings, bus, gateway))
         if "attribution" in roles:
             from engine.adapters.mysql_store import MysqlStore  # the worker never loads asyncmy
-            from engine.app.attribution import AttributionConsumer
+            from engine.app.attribution import AttributionConsumers
 
             store = await MysqlStore.open(
                 mysql_target(settings),
                 create_database=settings.migrate_on_start,
                 connect_timeout=settings.mysql_connect_timeout,
                 read_timeout=settings.mysql_read_timeout,
+                connections=max(4, settings.attribution_partitions + 2),  # a writer each, and the probes
             )
             cleanups.append(store.close)
-            running.append(AttributionConsumer(settings, bus, store))
+            running.append(AttributionConsumers(settings, bus, store))
         if settings.http_port:
             from engine.adapters.http import start_http
 

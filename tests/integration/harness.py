@@ -18,7 +18,7 @@ from engine.adapters.gateway import ExchangeGateway
 from engine.adapters.mysql_store import MysqlStore
 from engine.adapters.nats_bus import EVENTS_STREAM, NatsBus
 from engine.adapters.paper import PaperExchange
-from engine.app.attribution import AttributionConsumer
+from engine.app.attribution import AttributionConsumers
 from engine.app.runner import build_gateway
 from engine.app.worker import Worker
 from engine.config import MysqlTarget, Settings, load_settings
@@ -93,7 +93,7 @@ class Pipeline:
         self.worker: Worker | None = None
         self.worker_bus: NatsBus | None = None
         self.worker_task: asyncio.Task[None] | None = None
-        self.attribution: AttributionConsumer | None = None
+        self.attribution: AttributionConsumers | None = None
         self.attribution_task: asyncio.Task[None] | None = None
         self.store: MysqlStore | None = None
         self.attribution_bus: NatsBus | None = None
@@ -160,8 +160,9 @@ class Pipeline:
             MysqlTarget.parse(self.settings.mysql_url),
             connect_timeout=self.settings.mysql_connect_timeout,
             read_timeout=self.settings.mysql_read_timeout,
+            connections=max(4, self.settings.attribution_partitions + 2),
         )
-        self.attribution = AttributionConsumer(self.settings, self.attribution_bus, self.store)
+        self.attribution = AttributionConsumers(self.settings, self.attribution_bus, self.store)
         self.attribution_task = asyncio.create_task(self.attribution.run())
         await self._until_ready(self.attribution.ready, self.attribution_task)
 

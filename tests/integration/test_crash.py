@@ -28,7 +28,7 @@ from nats.js.api import DeliverPolicy
 from engine.adapters.embedded_nats import EmbeddedNats, free_port, port_is_open
 from engine.adapters.mysql_store import MysqlStore
 from engine.adapters.nats_bus import NatsBus
-from engine.app.attribution import AttributionConsumer
+from engine.app.attribution import AttributionConsumers
 from engine.config import MysqlTarget, load_settings
 from engine.domain.book import PositionBook
 from engine.domain.events import Event, PositionClosed, PositionOpened, SignalDecided, decode_event
@@ -259,12 +259,14 @@ async def _all_events(url: str) -> list[Event]:
 
 
 async def _project_and_compare(
-    nats_url: str, mysql_url: str, stored: list[Event], signals: int = SIGNALS
+    nats_url: str, mysql_url: str, stored: list[Event], signals: int = SIGNALS, consumers: int = 1
 ) -> None:
-    settings = load_settings(nats_url=nats_url, mysql_url=mysql_url)
+    """The attribution role (`consumers` side by side) writes every stored event once: MySQL
+    holds what EVENTS holds; with several consumers, each wrote its own share."""
+    settings = load_settings(nats_url=nats_url, mysql_url=mysql_url, attribution_partitions=consumers)
     bus = await NatsBus.connect(nats_url, "crash-attribution")
-    store = await MysqlStore.open(MysqlTarget.parse(mysql_url))
-    consumer = AttributionConsumer(settings, bus, store)
+    store = await MysqlStore.open(MysqlTarget.parse(mysql_url), connections=consumers + 2)
+    consumer = AttributionConsumers(settings, bus, store)
     task = asyncio.create_task(consumer.run())
     try:
         await asyncio.wait_for(consumer.ready.wait(), 30)
@@ -286,6 +288,8 @@ async def _project_and_compare(
         assert await count("SELECT COUNT(*) FROM position_closes") == closes
         assert await count("SELECT COUNT(*) FROM strategy_positions") == opens
         assert await count("SELECT COUNT(*) FROM signal_decisions") == decisions == signals
+        shares = [one.persisted for one in consumer.consumers]
+        assert len(shares) == consumers and sum(shares) == len(stored) and all(shares), shares
     finally:
         consumer.stop()
         await asyncio.wait_for(task, 15)

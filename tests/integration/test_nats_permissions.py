@@ -295,3 +295,82 @@ async def test_a_partitioned_worker_under_its_user_holds_its_partitions_and_snap
             output = process.communicate()[0].decode()
     assert "worker.snapshot_saved" in output, output[-3000:]
     assert "snapshot_failed" not in output and "Permissions Violation" not in server.log_file.read_text()
+
+
+async def test_two_attribution_consumers_run_under_the_attribution_user(
+    secured: tuple[EmbeddedNats, Path], worker: subprocess.Popen[bytes], mysql_url: str, tmp_path: Path
+) -> None:
+    """ATTRIBUTION_PARTITIONS=2 under deploy/nats/nats.conf: the attribution user may list the
+    EVENTS consumers (where a new layout starts) and run both of its durables."""
+    import urllib.request
+
+    from engine.adapters.embedded_nats import free_port
+    from engine.adapters.mysql_store import MysqlStore
+    from engine.config import MysqlTarget
+
+    server, certs = secured
+    analyst = await _client(server, certs, "analyst", "analyst-pw")
+    try:  # the worker makes the streams; the attribution user may only read EVENTS
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                await analyst.jetstream().stream_info("EVENTS")
+                break
+            except Exception:
+                assert worker.poll() is None and time.monotonic() < deadline, "the worker never came up"
+                await asyncio.sleep(0.2)
+    finally:
+        await analyst.close()
+    port = free_port()
+    env = _env(server, certs, "attribution", "attribution-pw", MYSQL_URL=mysql_url, ATTRIBUTION_PARTITIONS="2",
+               HTTP_PORT=str(port))  # fmt: skip
+    log = (tmp_path / "attribution.log").open("wb")
+    process = subprocess.Popen([sys.executable, "-m", "engine.cli", "attribution"], env=env, stdout=log,
+                               stderr=subprocess.STDOUT)  # fmt: skip
+    alpha = await _client(server, certs, "strat-alpha", "alpha-pw")
+    store = await MysqlStore.open(MysqlTarget.parse(mysql_url))
+
+    def ready() -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as resp:
+                return int(resp.status) == 200
+        except Exception:
+            return False
+
+    async def decided() -> bool:
+        async with store.pool.acquire() as conn, conn.cursor() as cur:
+            await cur.execute("SELECT COUNT(*) FROM signal_decisions WHERE signal_id = 'attr-1'")
+            (n,) = await cur.fetchone()
+            await conn.commit()
+            return int(n) == 1
+
+    try:
+        deadline = time.monotonic() + 60
+        while not await asyncio.to_thread(ready):
+            assert process.poll() is None and time.monotonic() < deadline, (
+                tmp_path / "attribution.log"
+            ).read_text()[-3000:]
+            await asyncio.sleep(0.2)
+        payload = {"strategy_id": "strat-alpha", "symbol": "BTCUSDT", "action": "hold", "signal_id": "attr-1"}
+        await alpha.jetstream().publish("signals.strat-alpha.BTCUSDT", json.dumps(payload).encode())
+        deadline = time.monotonic() + 30
+        while not await decided():
+            assert process.poll() is None and time.monotonic() < deadline, (
+                tmp_path / "attribution.log"
+            ).read_text()[-3000:]
+            await asyncio.sleep(0.2)
+        text = (tmp_path / "attribution.log").read_text()
+        violations = [line for line in server.log_file.read_text().splitlines()
+                      if "user:attribution" in line and "Violation" in line]  # fmt: skip
+        assert violations == []
+        assert text.count('"event": "attribution.ready"') == 2, text[-3000:]
+    finally:
+        process.send_signal(2)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
+        await alpha.close()
+        await store.close()

@@ -289,7 +289,7 @@ async def test_a_killed_worker_s_partitions_are_taken_over_and_nothing_is_lost_o
     shown = json.loads(status.stdout)
     assert [o["partition"] for o in shown["owners"]] == list(range(PARTITIONS))
     assert {o["holder"]["pid"] for o in shown["owners"]} <= survivors
-    await _project_and_compare(nats_urls.url, mysql_url, stored, SIGNALS)
+    await _project_and_compare(nats_urls.url, mysql_url, stored, SIGNALS, consumers=2)
     print(
         f"partitions run on {'a 3-node cluster, a node killed' if cluster else 'one server'}: {SIGNALS} signals over {len(MARKETS)} symbols and {PARTITIONS} partitions, "
         f"3 workers, 1 killed holding {sorted(orphans)}: taken over in {takeover:.2f}s; "
