@@ -23,6 +23,7 @@ from nats.js.api import DeliverPolicy
 
 from engine.adapters.embedded_nats import EmbeddedNats, free_port
 from engine.domain.events import ControlApplied, SignalDead, SignalDecided, decode_event
+from tests.integration.processes import interrupt
 from tests.integration.test_nats_auth import make_certificates
 
 pytestmark = pytest.mark.integration
@@ -365,12 +366,7 @@ async def test_two_attribution_consumers_run_under_the_attribution_user(
         assert violations == []
         assert text.count('"event": "attribution.ready"') == 2, text[-3000:]
     finally:
-        process.send_signal(2)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        await asyncio.to_thread(interrupt, process, 20)
         log.close()
         await alpha.close()
         await store.close()
