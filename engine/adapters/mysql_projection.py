@@ -100,7 +100,9 @@ def _projection(
         ids = sorted({e.strategy_position_id for e in closed})
         yield
         statements.append(
-            "UPDATE position_contributions c JOIN strategy_positions sp"  # nosec B608  # ids rendered by SqlLiterals (asyncmy escaping, tested)
+            # By the slices' own index (migration 009): a scan would lock every contribution,
+            # those another attribution consumer is writing included.
+            "UPDATE position_contributions c FORCE INDEX (ix_contribution_position) JOIN strategy_positions sp"  # nosec B608  # ids rendered by SqlLiterals (asyncmy escaping, tested)
             " ON sp.strategy_position_id = c.strategy_position_id"
             " SET c.status = sp.status, c.contribution_pnl = sp.realized_pnl,"
             " c.exit_price = IF(sp.closed_quantity > 0, sp.exit_notional / sp.closed_quantity, NULL)"
