@@ -1,5 +1,5 @@
 """Crash test (issues #3, #14): a worker trading through ccxt on the emulator (its own process) is
-killed with SIGKILL at random points of a 300-signal run (6 kills in CI) with prices moving through TPs and
+killed with SIGKILL at random points of a 240-signal run (4 kills in CI) with prices moving through TPs and
 SLs, and restarted, again and again; orders go in parts (the venue's largest market order is
 set below a signal's size); each round one order request reaches the venue late (or,
 past its receive window, never). CRASH_SIGNALS / CRASH_KILLS make the run longer. Afterwards: every signal decided exactly once, no order
@@ -39,8 +39,8 @@ from tests.integration.processes import Spawned, emulator_worker_env, kill
 from tests.integration.processes import move_prices as step_prices
 
 pytestmark = pytest.mark.integration
-SIGNALS = int(os.environ.get("CRASH_SIGNALS", "300"))
-KILLS = int(os.environ.get("CRASH_KILLS", "6"))
+SIGNALS = int(os.environ.get("CRASH_SIGNALS", "240"))
+KILLS = int(os.environ.get("CRASH_KILLS", "4"))
 SEED = int(os.environ.get("CRASH_SEED", "20261125"))
 MARKETS = {"BTCUSDT": ("45000", "0.002"), "ETHUSDT": ("3000", "0.03"), "SOLUSDT": ("150", "0.5")}
 # The venue's largest market order, set below a signal's size: every open goes in parts, so the

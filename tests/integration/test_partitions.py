@@ -58,7 +58,7 @@ from tests.integration.test_crash import (
 
 pytestmark = pytest.mark.integration
 PARTITIONS = 6
-SIGNALS = int(os.environ.get("PARTITION_SIGNALS", "300"))
+SIGNALS = int(os.environ.get("PARTITION_SIGNALS", "240"))
 LISTED = {"BTCUSDT": ("45000", "0.002"), "ETHUSDT": ("3000", "0.03"), "SOLUSDT": ("150", "0.5"),
           "BNBUSDT": ("600", "0.1"), "XRPUSDT": ("0.6", "20")}  # fmt: skip
 MARKETS = LISTED | {f"T{i:03d}USDT": ("10", "1") for i in range(20)}
