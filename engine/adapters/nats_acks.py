@@ -41,7 +41,7 @@ class AckCollector:
     async def start(self) -> None:
         await self.nc.subscribe(f"{self.prefix}.>", cb=self._on_ack, pending_msgs_limit=1_000_000)
 
-    def expect(self, count: int, stream: str = "EVENTS") -> _AckBatch:
+    def expect(self, count: int, stream: str) -> _AckBatch:
         batch = _AckBatch(
             next(self._ids), self.prefix, count, asyncio.get_running_loop().create_future(),
             f'"stream":"{stream}"'.encode(),

@@ -48,8 +48,6 @@ def is_outage(exc: BaseException) -> bool:
     return False
 
 
-LAGS: dict[str, int] = {}  # per consumer of this process: events not yet in MySQL
-
 # A batch as received, decoded and rendered as SQL by the reader, for the writer.
 Decoded = tuple[list[Msg], list[tuple[Event, int | None]], ProjectedBatch]
 
@@ -65,7 +63,6 @@ class AttributionConsumer:
         bus: NatsBus,
         store: MysqlStore,
         partition: int | None = None,
-        start_at: int = 0,
     ) -> None:
         self.settings = settings
         self.bus = bus
@@ -73,7 +70,8 @@ class AttributionConsumer:
         self.partition, self.partitions = partition, settings.attribution_partitions
         self.durable = lane_name(settings.attribution_durable, partition)
         self.role = "attribution" if partition is None else self.durable
-        self.start_at = start_at  # where a durable not made yet starts (0: the stream's start)
+        self.start_at = 0  # where its durable starts if not made yet (0: the stream's start)
+        self.lag = 0  # events stored in EVENTS, not yet acked by it
         self.persisted = 0  # events of its share written (or found written) since it started
         self.ready = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -85,9 +83,6 @@ class AttributionConsumer:
 
     def stop(self) -> None:
         self._stopping.set()
-
-    def details(self) -> dict[str, Any]:
-        return {"attribution_stalled_seconds": round(self.stalled_seconds(), 1)}
 
     def mine(self, subject: str) -> bool:
         if self.partition is None:
@@ -122,8 +117,7 @@ class AttributionConsumer:
                 metrics.CONSUMER_PENDING.labels(self.role).set(info.num_pending)
                 metrics.CONSUMER_ACK_PENDING.labels(self.role).set(info.num_ack_pending)
                 metrics.CONSUMER_REDELIVERED.labels(self.role).set(info.num_redelivered)
-                LAGS[self.durable] = info.num_pending + info.num_ack_pending
-                metrics.ATTRIBUTION_LAG.set(sum(LAGS.values()))  # of every consumer of this process
+                self.lag = info.num_pending + info.num_ack_pending
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), every)
 
@@ -285,6 +279,7 @@ class AttributionConsumers:
         ]
         self.ready = asyncio.Event()  # every consumer is
         metrics.ATTRIBUTION_STALLED.set_function(self.stalled_seconds)
+        metrics.ATTRIBUTION_LAG.set_function(lambda: sum(c.lag for c in self.consumers))
 
     def stalled_seconds(self) -> float:
         return max(c.stalled_seconds() for c in self.consumers)

@@ -302,18 +302,10 @@ async def status(settings: Settings, as_json: bool = False) -> int:
             if isinstance(event, ControlApplied):  # a refused command's event lists the halts too
                 if latest is None or seq > latest[0]:
                     latest = (seq, event)
-        lanes = [None] if settings.signal_partitions == 1 else list(range(settings.signal_partitions))
-        workers = {
-            "worker" if p is None else f"worker-p{p}": lane_name(settings.worker_durable, p) for p in lanes
-        }
-        shares = (
-            [None] if settings.attribution_partitions == 1 else list(range(settings.attribution_partitions))
+        consumers = _consumers("worker", settings.worker_durable, settings.signal_partitions) | _consumers(
+            "attribution", settings.attribution_durable, settings.attribution_partitions
         )
-        attribution = {
-            "attribution" if p is None else f"attribution-p{p}": lane_name(settings.attribution_durable, p)
-            for p in shares
-        }
-        lag = await desk.streams_view(bus, workers | attribution)
+        lag = await desk.streams_view(bus, consumers)
         owners = await desk.owners_view(bus, settings.worker_durable, settings.signal_partitions)
     finally:
         await bus.close()
@@ -575,6 +567,12 @@ async def _report_prices(settings: Settings) -> dict[str, Decimal]:
         return {symbol: price for symbol, (price, _) in (await desk.last_prices(bus)).items()}
     finally:
         await bus.close()
+
+
+def _consumers(role: str, durable: str, partitions: int) -> dict[str, str]:
+    """A role's consumers by the names `status` shows: one, or one a partition."""
+    lanes = [None] if partitions == 1 else list(range(partitions))
+    return {role if p is None else f"{role}-p{p}": lane_name(durable, p) for p in lanes}
 
 
 def _count_lines(path: str) -> int:

@@ -33,7 +33,6 @@ class PriceHistoryRecorder:
         self.bus, self.clock = bus, clock
         self.maker = BarMaker(interval_seconds)
         self.unstored: list[PriceBar] = []
-        self.stored = 0
 
     def observe(self, symbol: str, price: Decimal) -> None:
         closed = self.maker.observe(symbol, price, self.clock())
@@ -72,4 +71,3 @@ class PriceHistoryRecorder:
                 log.warning("price_history.store_failed", bars=len(self.unstored), error=repr(exc)[:300])
                 return
             del self.unstored[: len(chunk)]
-            self.stored += len(chunk)

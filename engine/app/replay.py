@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
 from engine.adapters.paper import PaperExchange, synthetic_markets
 from engine.app.worker import Worker
@@ -322,9 +322,8 @@ async def run_one(
     tally = _Tally()
     worker = Worker(settings, bus=tally, gateway=venue, clock=lambda: now[0])  # type: ignore[arg-type]
     on_price, handle = worker.prices.on_price, worker.signals.handle
-    count = 0
+    sequence = 0
     for sequence, record in enumerate(itertools.chain([first] if first else [], records), 1):
-        count = sequence
         if counted is not None and not sequence % COUNT_EVERY:
             counted(sequence)
         now[0] = record.at
@@ -351,8 +350,8 @@ async def run_one(
     for position in worker.book.positions.values():
         tally._of(position.strategy_id).open_at_end += 1
     if counted is not None:
-        counted(count)
-    return Outcome(dict(sorted(tally.figures.items())), thin(tally.equity), count, sorted(unlisted))
+        counted(sequence)
+    return Outcome(dict(sorted(tally.figures.items())), thin(tally.equity), sequence, sorted(unlisted))
 
 
 _DONE: Any = None  # in a process of the pool: records done per configuration, shared with the parent
@@ -439,7 +438,7 @@ async def replay(
             "records": outcome.records,
             "unlisted_symbols": outcome.unlisted,
             "strategies": {strategy: f.as_dict() for strategy, f in outcome.strategies.items()},
-            "equity": [[at.isoformat().replace("+00:00", "Z"), total] for at, total in outcome.equity],
+            "equity": [[_stamp(at), total] for at, total in outcome.equity],
         }
     return results
 
@@ -569,7 +568,8 @@ async def _spool_ticks(
         body = {"symbol": symbol, "price": format(point.price, "f")}
         return (_micros(at), 0, json.dumps({"at": _stamp(at), "tick": body}))
 
-    with _open_spool(spool) as out:
+    # Small sequential writes, between reads that wait on NATS: not worth a thread each.
+    with spool.open("w") as out:
 
         def write(line: Line) -> None:
             nonlocal written
@@ -608,10 +608,6 @@ async def _spool_ticks(
             flush(_micros(msg.metadata.timestamp - lag))
         flush(_micros(until) + 1)
     return counts
-
-
-def _open_spool(path: Path) -> IO[str]:
-    return path.open("w")
 
 
 def _merge_into(path: str, ticks: Path, signals: list[Line], funding: list[Line]) -> None:

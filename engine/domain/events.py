@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 import orjson
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainSerializer, TypeAdapter
 
-from engine.domain.model import Action, CloseReason, Outcome, PositionSide, decimal_text, load_json_exact
+from engine.domain.model import Action, CloseReason, Outcome, PositionSide, json_default, load_json_exact
 
 SCHEMA_VERSION = 1
 MAX_PRICE = Decimal(10) ** 9  # as for signals' amounts: prices times quantities fit DECIMAL(36,18)
@@ -344,18 +344,12 @@ def event_subject(event: Event) -> str:
             return f"risk.{event.command}"
 
 
-def _encode_default(value: Any) -> str:
-    if isinstance(value, Decimal):
-        return decimal_text(value)
-    raise TypeError(f"{type(value).__name__} is not JSON")
-
-
 def encode_event(event: Event) -> bytes:
     """The event's JSON: what pydantic writes (a test compares them), at less cost (2.6 vs
     3.6 µs for a decision, measured). orjson refuses integers beyond 64 bits, which a
     strategy's metadata may hold: pydantic writes those."""
     try:
-        return orjson.dumps(event, default=_encode_default, option=orjson.OPT_UTC_Z)
+        return orjson.dumps(event, default=json_default, option=orjson.OPT_UTC_Z)
     except orjson.JSONEncodeError:
         return event_adapter(type(event)).dump_json(event)
 

@@ -58,6 +58,13 @@ def decimal_text(value: Decimal) -> str:
     return text if "E" not in text and "e" not in text else format(value, "f")
 
 
+def json_default(value: object) -> str:
+    """orjson's `default` for what it cannot write itself: decimals, as `decimal_text`."""
+    if isinstance(value, Decimal):
+        return decimal_text(value)
+    raise TypeError(f"{type(value).__name__} is not JSON")
+
+
 _DECIMALS: dict[Decimal, Decimal] = {}
 _DECIMAL_CACHE_LIMIT = 1 << 16
 

@@ -18,7 +18,7 @@ import orjson
 from pydantic import TypeAdapter
 
 from engine.domain.events import Amount, UtcTime
-from engine.domain.model import decimal_text
+from engine.domain.model import json_default
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -36,9 +36,8 @@ class PriceBar:
     symbol: str
     start: UtcTime
     interval_seconds: int
-    points: tuple[
-        PricePoint, ...
-    ]  # in time order: every tick up to four; else open, first high and low, close
+    # In time order: every tick while there are at most four; else open, first high and low, close.
+    points: tuple[PricePoint, ...]
     ticks: int  # ticks the bar was made of
 
     @property
@@ -134,14 +133,8 @@ _BAR = TypeAdapter(PriceBar)
 
 
 def encode_bar(bar: PriceBar) -> bytes:
-    return orjson.dumps(bar, default=_decimal, option=orjson.OPT_UTC_Z)
+    return orjson.dumps(bar, default=json_default, option=orjson.OPT_UTC_Z)
 
 
 def decode_bar(data: bytes) -> PriceBar:
     return _BAR.validate_json(data)
-
-
-def _decimal(value: object) -> str:
-    if isinstance(value, Decimal):
-        return decimal_text(value)
-    raise TypeError(f"{type(value).__name__} is not JSON")

@@ -27,7 +27,7 @@ from engine.domain.model import (
     PositionSide,
     StrategyId,
     StrategyPositionId,
-    decimal_text,
+    json_default,
 )
 from engine.domain.risk import DayTally, Halt, HaltCause, RiskLimits, Scope
 from engine.domain.state import EngineState
@@ -46,13 +46,7 @@ def _T(value: str | None) -> datetime | None:
 def to_json(data: dict[str, Any]) -> bytes:
     """`dump`'s data as JSON: decimals as their text, times ISO-8601, written by orjson in C
     (100,000 positions make no string of their own on the way)."""
-    return orjson.dumps(data, default=_decimal_text)
-
-
-def _decimal_text(value: Any) -> str:
-    if isinstance(value, Decimal):
-        return decimal_text(value)
-    raise TypeError(f"{type(value).__name__} is not JSON")
+    return orjson.dumps(data, default=json_default)
 
 
 def json_pieces(state: EngineState, chunk: int = 5_000) -> Iterator[bytes]:

@@ -66,13 +66,13 @@ async def test_two_consumers_write_their_own_symbols_and_a_new_layout_starts_at_
         )
         await second.mysql_caught_up()
         total = await second.stored_event_count()
-        shares = [consumer.persisted for consumer in second.attribution.consumers]
+        consumers = second.attribution.consumers
 
         async def all_written() -> bool:
-            shares[:] = [consumer.persisted for consumer in second.attribution.consumers]
-            return sum(shares) == total - floor
+            return sum(c.persisted for c in consumers) == total - floor
 
         await eventually_async(all_written, what="each event of the new layout written once")
+        shares = [c.persisted for c in consumers]
         assert all(shares), shares  # both wrote their share
         rows = await second.query(
             "SELECT strategy_id, total_positions, closed_positions, total_pnl FROM strategy_stats ORDER BY strategy_id"

@@ -19,7 +19,8 @@ from engine.app.attribution import is_outage
 from engine.domain.book import PositionBook
 from engine.domain.dead_letters import dead_letter
 from engine.domain.decide import Accepted, Refused, Rules, amount, decide
-from engine.domain.events import _encode_default, encode_event, parse_tick
+from engine.domain.events import encode_event, parse_tick
+from engine.domain.model import json_default
 from engine.domain.signals import MalformedSignal, Signal, json_too_deep, parse_signal, text_problem
 from tests.helpers import make_signal
 
@@ -58,7 +59,7 @@ def store_of(data: bytes, headers: dict[str, str] | None = None) -> bytes:
         return encode_event(dead_letter(SUBJECT, data, headers, parsed, 7, NOW))
     assert isinstance(parsed, Signal)
     # As events write it: every decimal in full (decimal_text), metadata included.
-    return orjson.dumps(parsed.model_dump(), default=_encode_default)
+    return orjson.dumps(parsed.model_dump(), default=json_default)
 
 
 @settings(max_examples=400, deadline=None)

@@ -87,9 +87,9 @@ def test_metadata_beyond_64_bit_integers_still_encodes() -> None:
 
 @given(st.decimals(allow_nan=False, allow_infinity=False))
 def test_amounts_are_written_in_plain_notation_whatever_their_exponent(value: Decimal) -> None:
-    from engine.domain.events import _encode_default
+    from engine.domain.model import json_default
 
-    assert _encode_default(value) == format(value, "f")
+    assert json_default(value) == format(value, "f")
 
 
 GOOD = {"strategy_id": "s1", "symbol": "BTCUSDT", "action": "buy", "quantity": "0.01"}
