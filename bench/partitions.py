@@ -12,6 +12,7 @@ paper venue listing 500 more markets:
   history (the snapshot is the worker's own, taken after a first whole replay).
 
     python -m bench.partitions [--signals N] [--symbols S] [--partitions P] [--kills K] [--history 100000,1000000]
+                               [--parts burst,takeover,restart]
 """
 
 from __future__ import annotations
@@ -262,6 +263,16 @@ async def restart(history: int, tmp: Path) -> tuple[float, float]:
         server.stop()
 
 
+async def bursts(args: argparse.Namespace, tmp: Path) -> None:
+    print(f"burst: {args.signals:,} preloaded signals over {args.symbols} symbols, drained by")
+    base_rate, base_cpu = await burst(1, 1, args.signals, args.symbols, tmp)
+    print(f"  1 worker, no partitions    : {base_rate:7.0f} signals/s  {base_cpu * 1e6:6.0f} CPU-µs/signal")
+    for workers in (1, 2, 3):
+        rate, cpu = await burst(workers, args.partitions, args.signals, args.symbols, tmp)
+        print(f"  {workers} worker(s), {args.partitions} partitions : {rate:7.0f} signals/s  "
+              f"{cpu * 1e6:6.0f} CPU-µs/signal  (rate x{rate / base_rate:.2f}, CPU x{cpu / base_cpu:.2f})")  # fmt: skip
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--signals", type=int, default=10_000)
@@ -269,23 +280,18 @@ async def main() -> None:
     parser.add_argument("--partitions", type=int, default=6)
     parser.add_argument("--kills", type=int, default=5)
     parser.add_argument("--history", default="100000,1000000")
+    parser.add_argument("--parts", default="burst,takeover,restart", help="which benches to run")
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
     print(f"# workers over partitions — {machine()}")
     with tempfile.TemporaryDirectory() as tmp:
-        print(f"burst: {args.signals:,} preloaded signals over {args.symbols} symbols, drained by")
-        base_rate, base_cpu = await burst(1, 1, args.signals, args.symbols, Path(tmp))
-        print(
-            f"  1 worker, no partitions    : {base_rate:7.0f} signals/s  {base_cpu * 1e6:6.0f} CPU-µs/signal"
-        )
-        for workers in (1, 2, 3):
-            rate, cpu = await burst(workers, args.partitions, args.signals, args.symbols, Path(tmp))
-            print(f"  {workers} worker(s), {args.partitions} partitions : {rate:7.0f} signals/s  "
-                  f"{cpu * 1e6:6.0f} CPU-µs/signal  (rate x{rate / base_rate:.2f}, CPU x{cpu / base_cpu:.2f})")  # fmt: skip
-        if args.kills:
+        if "burst" in parts:
+            await bursts(args, Path(tmp))
+        if args.kills and "takeover" in parts:
             times = await takeover(args.partitions, args.kills, args.symbols, Path(tmp))
             print(f"takeover, 3 workers, {args.partitions} partitions, {args.kills} SIGKILLs (kill to the "
                   f"orphaned partitions' probes decided): p50 {median(times):.2f} s, max {max(times):.2f} s")  # fmt: skip
-        for history in (int(h) for h in args.history.split(",") if h):
+        for history in (int(h) for h in args.history.split(",") if h and "restart" in parts):
             whole, snapshot = await restart(history, Path(tmp))
             print(f"restart with {history:,} events of history: whole replay {whole:5.1f} s, "
                   f"from the snapshot {snapshot:4.1f} s (spawn to ready)")  # fmt: skip

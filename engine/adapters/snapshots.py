@@ -4,11 +4,14 @@ events, and one without a valid signature is not loaded."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import zlib
 from collections.abc import Iterable
 from typing import Any
 
 import orjson
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, ObjectStoreConfig, StorageType
 from nats.js.client import JetStreamContext
 from nats.js.errors import NotFoundError
 from nats.js.object_store import ObjectStore
@@ -18,6 +21,7 @@ from engine.adapters.leases import with_replicas
 
 BUCKET = "tradeengine_snapshots"
 MAGIC = b"tradeengine-snapshot"
+FETCH_CHUNKS = 64  # 8 MiB of 128 KiB chunks a request
 
 
 class SnapshotStore:
@@ -34,8 +38,6 @@ class SnapshotStore:
                 if self.replicas > 1:
                     await with_replicas(self.js, f"OBJ_{BUCKET}", self.replicas)
             except NotFoundError:
-                from nats.js.api import ObjectStoreConfig, StorageType
-
                 self._store = await self.js.create_object_store(
                     BUCKET, ObjectStoreConfig(bucket=BUCKET, storage=StorageType.FILE, replicas=self.replicas)
                 )
@@ -71,11 +73,37 @@ class SnapshotStore:
     async def load(self) -> tuple[int, str, dict[str, Any]] | None:
         """(stream sequence it covers, the stream's creation time, the state as data), or None
         if there is none yet."""
+        blob = await self._read()
+        return None if blob is None else self.decode(blob)
+
+    async def _read(self) -> bytes | None:
+        """The object's bytes, read by a pull consumer of its own. nats-py's `get` joins the
+        chunks one `+=` at a time and paces them through a push consumer: 0.8-1.9 s for a 24 MB
+        snapshot (a million decided signals), against 0.07 s this way."""
+        store = await self._bucket()
         try:
-            found = await (await self._bucket()).get(self.name)
+            info = await store.get_info(self.name)
         except NotFoundError:
             return None
-        return self.decode(found.data or b"")
+        if not info.size:
+            return b""
+        sub = await self.js.pull_subscribe(
+            f"$O.{BUCKET}.C.{info.nuid}",
+            stream=f"OBJ_{BUCKET}",
+            config=ConsumerConfig(ack_policy=AckPolicy.NONE, deliver_policy=DeliverPolicy.ALL),
+        )
+        chunks: list[bytes] = []
+        try:
+            while len(chunks) < (info.chunks or 0):
+                batch = await sub.fetch(min(FETCH_CHUNKS, (info.chunks or 0) - len(chunks)), timeout=10)
+                chunks.extend(msg.data for msg in batch)
+        finally:
+            await sub.unsubscribe()
+        blob = b"".join(chunks)
+        expected = base64.urlsafe_b64decode((info.digest or "").partition("=")[2])
+        if len(blob) != info.size or hashlib.sha256(blob).digest() != expected:
+            raise ValueError(f"snapshot {self.name}: {len(blob)} bytes read do not match its digest")
+        return blob
 
     async def save(self, seq: int, body: bytes, stream: str) -> int:
         blob = self.encode(seq, stream, body)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import sys
+from array import array
 from dataclasses import dataclass, field
 from decimal import Decimal
 
@@ -16,11 +18,12 @@ from engine.domain.events import PositionClosed, PositionOpened, SignalDecided
 from engine.domain.model import ZERO, CloseReason, Outcome
 
 _EXECUTED_ONLY = -1
+_KEY_BYTES = 16
 
 
 @functools.lru_cache(maxsize=1024)  # a signal's key is asked for 3-5 times while it is decided
 def _key(strategy_id: str, signal_id: str) -> bytes:
-    return hashlib.blake2b(f"{strategy_id}\x1f{signal_id}".encode(), digest_size=16).digest()
+    return hashlib.blake2b(f"{strategy_id}\x1f{signal_id}".encode(), digest_size=_KEY_BYTES).digest()
 
 
 @dataclass(slots=True)
@@ -33,6 +36,27 @@ class SignalLedger:
 
     def __len__(self) -> int:
         return len(self._signals)
+
+    def packed(self) -> tuple[bytes, bytes]:
+        """The decided signals as two byte strings (their keys end to end, their sequences as
+        little-endian int64): a million of them pack in tens of milliseconds, where a list of
+        pairs took seconds to write and to read back (a snapshot's restart, issue #16)."""
+        sequences = array("q", self._signals.values())
+        if sys.byteorder == "big":
+            sequences.byteswap()
+        return b"".join(self._signals), sequences.tobytes()
+
+    def unpack(self, keys: bytes, sequences: bytes) -> None:
+        """Take the decided signals `packed` gave; ValueError if the two do not fit together."""
+        numbers = array("q")
+        numbers.frombytes(sequences)
+        if sys.byteorder == "big":
+            numbers.byteswap()
+        if len(keys) != _KEY_BYTES * len(numbers):
+            raise ValueError(f"{len(keys)} bytes of keys for {len(numbers)} sequences")
+        self._signals = dict(
+            zip((keys[i : i + _KEY_BYTES] for i in range(0, len(keys), _KEY_BYTES)), numbers, strict=True)
+        )
 
     def decided_at(self, strategy_id: str, signal_id: str) -> int | bool | None:
         """The decided message's stream sequence (None if unknown), or False if undecided."""

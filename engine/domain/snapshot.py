@@ -8,6 +8,7 @@ shape does; a snapshot of another format is ignored and the whole stream replaye
 
 from __future__ import annotations
 
+import base64
 import itertools
 import sys
 from collections import deque
@@ -32,7 +33,7 @@ from engine.domain.model import (
 from engine.domain.risk import DayTally, Halt, HaltCause, RiskLimits, Scope
 from engine.domain.state import EngineState
 
-FORMAT = 1
+FORMAT = 2  # 2: the ledger's decided signals packed (base64 of bytes), not a list of pairs
 
 
 def _D(value: str | None) -> Decimal | None:
@@ -82,6 +83,7 @@ def dump(state: EngineState, with_positions: bool = True) -> dict[str, Any]:
         for ep in book.exchange.values()
     ]  # fmt: skip
     ledger = state.ledger
+    keys, sequences = ledger.packed()
     journal = state.journal
     submitted = event_adapter(OrderSubmitted)
     risk = state.risk
@@ -90,7 +92,8 @@ def dump(state: EngineState, with_positions: bool = True) -> dict[str, Any]:
         **({"positions": list(_position_rows(state))} if with_positions else {}),
         "exchange": exchange,
         "ledger": {
-            "signals": [[k.hex(), v] for k, v in ledger._signals.items()],
+            "keys": base64.b64encode(keys).decode(),
+            "sequences": base64.b64encode(sequences).decode(),
             "closed": [[k.hex(), v] for k, v in ledger._closed.items()],
         },
         "journal": {
@@ -155,7 +158,7 @@ def load(
         book.strategy_open[sp.strategy_id] = book.strategy_open.get(sp.strategy_id, 0) + 1
         book.triggers.arm(sp.symbol, sp.side, sp.id, sp.take_profit, sp.stop_loss)
     ledger = data["ledger"]
-    state.ledger._signals = {bytes.fromhex(k): v for k, v in ledger["signals"]}
+    state.ledger.unpack(base64.b64decode(ledger["keys"]), base64.b64decode(ledger["sequences"]))
     state.ledger._closed = {bytes.fromhex(k): Decimal(v) for k, v in ledger["closed"]}
     journal = data["journal"]
     submitted = event_adapter(OrderSubmitted)

@@ -242,18 +242,45 @@ async def test_a_partitioned_worker_under_its_user_holds_its_partitions_and_snap
     secured: tuple[EmbeddedNats, Path],
 ) -> None:
     """deploy/nats/nats.conf as shipped lets the worker lay SIGNALS out in partitions, lease
-    them, count its peers and store snapshots; ops sees who holds what."""
+    them, count its peers, store snapshots and load them on the next start; ops sees who holds
+    what."""
     server, certs = secured
     env = _env(server, certs, "worker", "worker-pw", SIGNAL_PARTITIONS="2", SNAPSHOT_EVERY_EVENTS="1",
                PARTITION_LEASE_SECONDS="2")  # fmt: skip
-    process = subprocess.Popen(
-        [sys.executable, "-m", "engine.cli", "worker"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
     alpha = await _client(server, certs, "strat-alpha", "alpha-pw")
     ops = await _client(server, certs, "ops", "ops-pw")
+    ops_env = _env(server, certs, "ops", "ops-pw", SIGNAL_PARTITIONS="2")
+
+    async def until_held_and_drained(pid: int) -> None:
+        deadline = time.monotonic() + 60
+        while True:
+            shown = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "engine.cli", "status", "--json", env=ops_env,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+            out, err = await asyncio.wait_for(shown.communicate(), 60)
+            assert shown.returncode == 0, (out + err).decode()
+            view = json.loads(out)
+            held = [o["holder"]["pid"] for o in view["owners"] if o["holder"]]
+            lag = [view["consumers"].get(f"worker-p{p}") for p in range(2)]
+            if held == [pid] * 2 and all(c and c["pending"] == c["ack_pending"] == 0 for c in lag):
+                return
+            assert time.monotonic() < deadline, view
+            await asyncio.sleep(0.3)
+
+    def stopped(process: subprocess.Popen[bytes]) -> str:
+        process.send_signal(2)
+        try:
+            return process.communicate(timeout=20)[0].decode()
+        except subprocess.TimeoutExpired:
+            process.kill()
+            return process.communicate()[0].decode()
+
+    def worker() -> subprocess.Popen[bytes]:
+        command = [sys.executable, "-m", "engine.cli", "worker"]
+        return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+    process = worker()
     try:
         js = alpha.jetstream()
         deadline = time.monotonic() + 30
@@ -269,32 +296,16 @@ async def test_a_partitioned_worker_under_its_user_holds_its_partitions_and_snap
             signal = {"strategy_id": "strat-alpha", "symbol": symbol, "action": "buy", "quantity": "0.01",
                       "price": "100", "confidence": "0.9", "signal_id": f"p-{n}"}  # fmt: skip
             await js.publish(f"signals.strat-alpha.{symbol}", json.dumps(signal).encode())
-        ops_env = _env(server, certs, "ops", "ops-pw", SIGNAL_PARTITIONS="2")
-        deadline = time.monotonic() + 60
-        while True:
-            shown = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "engine.cli", "status", "--json", env=ops_env,
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-            )  # fmt: skip
-            out, err = await asyncio.wait_for(shown.communicate(), 60)
-            assert shown.returncode == 0, (out + err).decode()
-            view = json.loads(out)
-            held = [o["holder"]["pid"] for o in view["owners"] if o["holder"]]
-            lag = [view["consumers"].get(f"worker-p{p}") for p in range(2)]
-            if held == [process.pid] * 2 and all(c and c["pending"] == c["ack_pending"] == 0 for c in lag):
-                break
-            assert time.monotonic() < deadline, view
-            await asyncio.sleep(0.3)
+        await until_held_and_drained(process.pid)
+        output = stopped(process)
+        assert "worker.snapshot_saved" in output, output[-3000:]
+        process = worker()  # the next start loads what the first saved
+        await until_held_and_drained(process.pid)
     finally:
         await alpha.close()
         await ops.close()
-        process.send_signal(2)
-        try:
-            output = process.communicate(timeout=20)[0].decode()
-        except subprocess.TimeoutExpired:
-            process.kill()
-            output = process.communicate()[0].decode()
-    assert "worker.snapshot_saved" in output, output[-3000:]
+        output = stopped(process)
+    assert "worker.snapshot_loaded" in output and "snapshot_unusable" not in output, output[-3000:]
     assert "snapshot_failed" not in output and "Permissions Violation" not in server.log_file.read_text()
 
 

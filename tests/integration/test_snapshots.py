@@ -100,3 +100,38 @@ async def test_a_snapshot_of_another_stream_is_not_loaded(make_pipeline: Any) ->
         await pipeline.client.jetstream().delete_stream("EVENTS")
         await pipeline.start_worker()
         assert pipeline.worker.recovered == (0, 0) and not pipeline.worker.book.positions
+
+
+async def test_a_snapshot_of_many_chunks_reads_back_whole_and_a_changed_chunk_is_refused(
+    nats_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store reads the object's chunks itself, a few requests at a time, and checks them
+    against the digest the object was written with."""
+    import nats
+
+    from engine.adapters import snapshots
+
+    monkeypatch.setattr(snapshots, "FETCH_CHUNKS", 3)
+    body = random.Random(7).randbytes(1_300_000)  # 10 chunks of 128 KiB: 4 requests
+    client = await nats.connect(nats_server.url)
+    try:
+        js = client.jetstream()
+        store = SnapshotStore(js, "many-chunks", None)
+        await store.save(42, body, "stream-made-at")
+        blob = store.encode(42, "stream-made-at", body)
+        assert await store._read() == blob
+
+        info = await (await store._bucket()).get_info("many-chunks")
+        chunks = f"$O.{snapshots.BUCKET}.C.{info.nuid}"
+        stream = f"OBJ_{snapshots.BUCKET}"
+        size = 128 * 1024  # nats-py's chunk size
+        assert info.chunks == -(-len(blob) // size) == 10
+        changed = bytearray(blob)
+        changed[size * 5] ^= 1  # one bit of the sixth chunk, the object's size kept
+        await js.purge_stream(stream, subject=chunks)
+        for start in range(0, len(changed), size):
+            await js.publish(chunks, bytes(changed[start : start + size]))
+        with pytest.raises(ValueError, match="do not match its digest"):
+            await store._read()
+    finally:
+        await client.close()

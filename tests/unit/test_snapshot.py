@@ -9,6 +9,7 @@ from datetime import timedelta
 from decimal import Decimal
 
 import orjson
+import pytest
 
 from engine.domain import snapshot
 from engine.domain.events import SignalDecided
@@ -147,3 +148,23 @@ def test_a_snapshot_that_kept_no_days_tally_is_refused_under_a_days_loss_limit()
         assert "day's tally" in str(exc)
     else:
         raise AssertionError("loaded a snapshot without the tally a limit needs")
+
+
+def test_the_ledger_packs_to_bytes_and_back_and_refuses_parts_that_do_not_fit() -> None:
+    state = EngineState()
+    for n in range(1_000):  # sequences past 32 bits and the executed-only mark among them
+        state.ledger.apply(
+            SignalDecided(
+                event_id=f"e{n}", occurred_at=NOW, signal_id=f"s{n}", strategy_id="a", symbol="BTCUSDT",
+                action=Action.HOLD, outcome=Outcome.IGNORED, reason_code="hold", reason="",
+                signal_sequence=n * 2**33 or None,
+            )
+        )  # fmt: skip
+    state.ledger._signals[b"x" * 16] = -1
+    copy = EngineState()
+    copy.ledger.unpack(*state.ledger.packed())
+    assert copy.ledger._signals == state.ledger._signals
+    assert copy.ledger.decided_at("a", "s7") == 7 * 2**33
+    keys, sequences = state.ledger.packed()
+    with pytest.raises(ValueError, match="bytes of keys"):
+        copy.ledger.unpack(keys[:-1], sequences)
