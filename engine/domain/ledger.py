@@ -11,6 +11,7 @@ import functools
 import hashlib
 import sys
 from array import array
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from decimal import Decimal
 
@@ -54,9 +55,12 @@ class SignalLedger:
             numbers.byteswap()
         if len(keys) != _KEY_BYTES * len(numbers):
             raise ValueError(f"{len(keys)} bytes of keys for {len(numbers)} sequences")
-        self._signals = dict(
-            zip((keys[i : i + _KEY_BYTES] for i in range(0, len(keys), _KEY_BYTES)), numbers, strict=True)
-        )
+        starts = range(0, len(keys), _KEY_BYTES)
+        self.restore(zip((keys[i : i + _KEY_BYTES] for i in starts), numbers, strict=True))
+
+    def restore(self, decided: Iterable[tuple[bytes, int]]) -> None:
+        """Take the decided signals as (key, sequence) pairs."""
+        self._signals = dict(decided)
 
     def decided_at(self, strategy_id: str, signal_id: str) -> int | bool | None:
         """The decided message's stream sequence (None if unknown), or False if undecided."""

@@ -34,6 +34,7 @@ from engine.domain.risk import DayTally, Halt, HaltCause, RiskLimits, Scope
 from engine.domain.state import EngineState
 
 FORMAT = 2  # 2: the ledger's decided signals packed (base64 of bytes), not a list of pairs
+READS = (1, 2)  # 1 is still read: the first start after an upgrade needs no whole replay
 
 
 def _D(value: str | None) -> Decimal | None:
@@ -127,8 +128,8 @@ def load(
     data: dict[str, Any], limits: RiskLimits | None = None, started_at: datetime | None = None
 ) -> EngineState:
     """The state a snapshot holds; ValueError if it is not one this version reads."""
-    if data.get("format") != FORMAT:
-        raise ValueError(f"snapshot format {data.get('format')!r}, this version reads {FORMAT}")
+    if data.get("format") not in READS:
+        raise ValueError(f"snapshot format {data.get('format')!r}, this version reads {READS}")
     if limits is not None and limits.watches_daily_loss and not data.get("tally_kept"):
         raise ValueError("the snapshot kept no day's tally, and a day's-loss limit needs one")
     state = EngineState(limits, started_at)
@@ -158,7 +159,10 @@ def load(
         book.strategy_open[sp.strategy_id] = book.strategy_open.get(sp.strategy_id, 0) + 1
         book.triggers.arm(sp.symbol, sp.side, sp.id, sp.take_profit, sp.stop_loss)
     ledger = data["ledger"]
-    state.ledger.unpack(base64.b64decode(ledger["keys"]), base64.b64decode(ledger["sequences"]))
+    if data["format"] == 1:
+        state.ledger.restore((bytes.fromhex(k), v) for k, v in ledger["signals"])
+    else:
+        state.ledger.unpack(base64.b64decode(ledger["keys"]), base64.b64decode(ledger["sequences"]))
     state.ledger._closed = {bytes.fromhex(k): Decimal(v) for k, v in ledger["closed"]}
     journal = data["journal"]
     submitted = event_adapter(OrderSubmitted)

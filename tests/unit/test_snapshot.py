@@ -168,3 +168,23 @@ def test_the_ledger_packs_to_bytes_and_back_and_refuses_parts_that_do_not_fit() 
     keys, sequences = state.ledger.packed()
     with pytest.raises(ValueError, match="bytes of keys"):
         copy.ledger.unpack(keys[:-1], sequences)
+
+
+def test_a_snapshot_of_the_format_before_is_still_read() -> None:
+    """Format 1 kept the ledger as [hex key, sequence] pairs: the first start after an upgrade
+    loads it rather than replaying the whole stream."""
+    state = EngineState()
+    state.ledger.apply(
+        SignalDecided(
+            event_id="e", occurred_at=NOW, signal_id="s1", strategy_id="a", symbol="BTCUSDT",
+            action=Action.HOLD, outcome=Outcome.IGNORED, reason_code="hold", reason="", signal_sequence=12,
+        )
+    )  # fmt: skip
+    data = orjson.loads(snapshot.to_json(snapshot.dump(state)))
+    keys, _ = state.ledger.packed()
+    data["format"] = 1
+    data["ledger"] = {"signals": [[keys.hex(), 12]], "closed": data["ledger"]["closed"]}
+    assert snapshot.load(data).ledger.decided_at("a", "s1") == 12
+    data["format"] = 0
+    with pytest.raises(ValueError, match="format 0"):
+        snapshot.load(data)
