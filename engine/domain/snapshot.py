@@ -2,8 +2,9 @@
 
 A snapshot is the state after every event up to a stream sequence, so a start loads it and
 replays only the events after that sequence. JSON-able values only (decimals as strings, times
-ISO-8601): nothing in it can run code, whoever wrote the bytes. `FORMAT` changes whenever the
-shape does; a snapshot of another format is ignored and the whole stream replayed.
+ISO-8601, the dedupe ledger as base64 of packed bytes): nothing in it can run code, whoever
+wrote the bytes. `FORMAT` changes whenever the shape does; a snapshot of a format not in
+`READS` is ignored and the whole stream replayed.
 """
 
 from __future__ import annotations
@@ -162,7 +163,10 @@ def load(
     if data["format"] == 1:
         state.ledger.restore((bytes.fromhex(k), v) for k, v in ledger["signals"])
     else:
-        state.ledger.unpack(base64.b64decode(ledger["keys"]), base64.b64decode(ledger["sequences"]))
+        state.ledger.unpack(
+            base64.b64decode(ledger["keys"], validate=True),
+            base64.b64decode(ledger["sequences"], validate=True),
+        )
     state.ledger._closed = {bytes.fromhex(k): Decimal(v) for k, v in ledger["closed"]}
     journal = data["journal"]
     submitted = event_adapter(OrderSubmitted)
