@@ -129,8 +129,9 @@ def load(
     data: dict[str, Any], limits: RiskLimits | None = None, started_at: datetime | None = None
 ) -> EngineState:
     """The state a snapshot holds; ValueError if it is not one this version reads."""
-    if data.get("format") not in READS:
-        raise ValueError(f"snapshot format {data.get('format')!r}, this version reads {READS}")
+    shape = data.get("format")
+    if type(shape) is not int or shape not in READS:  # not True or 1.0, which equal 1
+        raise ValueError(f"snapshot format {shape!r}, this version reads {READS}")
     if limits is not None and limits.watches_daily_loss and not data.get("tally_kept"):
         raise ValueError("the snapshot kept no day's tally, and a day's-loss limit needs one")
     state = EngineState(limits, started_at)
@@ -160,7 +161,7 @@ def load(
         book.strategy_open[sp.strategy_id] = book.strategy_open.get(sp.strategy_id, 0) + 1
         book.triggers.arm(sp.symbol, sp.side, sp.id, sp.take_profit, sp.stop_loss)
     ledger = data["ledger"]
-    if data["format"] == 1:
+    if shape == 1:
         state.ledger.restore((bytes.fromhex(k), v) for k, v in ledger["signals"])
     else:
         state.ledger.unpack(

@@ -284,6 +284,9 @@ async def test_a_killed_worker_s_partitions_are_taken_over_and_nothing_is_lost_o
         ):
             assert event.signal_sequence > last_seen.get(event.symbol, 0), event
             last_seen[event.symbol] = event.signal_sequence
+    # a takeover loads the snapshots the holders before it saved (3 replicas on the cluster)
+    logs = {n: (desk.tmp / f"worker-{n}.log").read_text(errors="replace") for n in desk.workers}
+    assert not [n for n, text in logs.items() if "snapshot_unusable" in text or "pull_failed" in text]
     foreign = [e for e in stored if isinstance(e, PositionReconciled) and e.kind != "protective_stop"]
     assert not foreign, f"a partition booked a foreign position: {foreign}"
     book_and_venue_agree(stored, state)

@@ -106,8 +106,10 @@ async def test_a_snapshot_of_many_chunks_reads_back_whole_and_a_changed_chunk_is
     nats_server: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The store reads the object's chunks itself, a few requests at a time, and checks them
-    against the digest the object was written with."""
+    against the digest the object was written with; when its own read fails it falls back to
+    nats-py's, which checks the digest too."""
     import nats
+    from nats.js.errors import DigestMismatchError
 
     from engine.adapters import snapshots
 
@@ -119,9 +121,16 @@ async def test_a_snapshot_of_many_chunks_reads_back_whole_and_a_changed_chunk_is
         store = SnapshotStore(js, "many-chunks", None)
         await store.save(42, body, "stream-made-at")
         blob = store.encode(42, "stream-made-at", body)
-        assert await store._read() == blob
-
         info = await (await store._bucket()).get_info("many-chunks")
+        assert await store._pull(info) == blob
+
+        async def refused(_: Any) -> bytes:
+            raise TimeoutError("as a NATS user without the pull permission sees it")
+
+        with monkeypatch.context() as patched:
+            patched.setattr(store, "_pull", refused)
+            assert await store._read() == blob  # nats-py's read
+
         chunks = f"$O.{snapshots.BUCKET}.C.{info.nuid}"
         stream = f"OBJ_{snapshots.BUCKET}"
         size = 128 * 1024  # nats-py's chunk size
@@ -132,6 +141,8 @@ async def test_a_snapshot_of_many_chunks_reads_back_whole_and_a_changed_chunk_is
         for start in range(0, len(changed), size):
             await js.publish(chunks, bytes(changed[start : start + size]))
         with pytest.raises(ValueError, match="do not match its digest"):
-            await store._read()
+            await store._pull(info)
+        with pytest.raises(DigestMismatchError):
+            await store.load()  # and the fallback refuses it too: the worker replays the stream
     finally:
         await client.close()

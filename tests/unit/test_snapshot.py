@@ -166,6 +166,8 @@ def test_the_ledger_packs_to_bytes_and_back_and_refuses_parts_that_do_not_fit() 
     assert copy.ledger._signals == state.ledger._signals
     assert copy.ledger.decided_at("a", "s7") == 7 * 2**33
     keys, sequences = state.ledger.packed()
+    assert sequences[8:16] == (2**33).to_bytes(8, "little", signed=True)  # little-endian on any host
+    assert sequences[-8:] == (-1).to_bytes(8, "little", signed=True)
     with pytest.raises(ValueError, match="bytes of keys"):
         copy.ledger.unpack(keys[:-1], sequences)
 
