@@ -66,6 +66,7 @@ from engine.domain.state import EngineState
 log = structlog.get_logger(__name__)
 REPLAY_PROGRESS_EVERY = 50_000  # events between progress lines while recovering
 SNAPSHOT_AFTER_START_SECONDS = 30.0
+SNAPSHOT_LOAD_ATTEMPTS = 3  # a snapshot that timed out is asked for again before the stream is replayed whole
 ORDER_HISTORY_REACH = timedelta(days=6, hours=20)
 STALE_PRICE_LIMIT = 600.0  # seconds: a tick this old still stands in when the venue gives no price
 LATE_LOOKUP_EVERY = 1.0  # seconds between lookups of an order whose request may still arrive
@@ -519,11 +520,20 @@ class Worker:
     async def _load_snapshot(self) -> int:
         """Take the last snapshot's state; the stream sequence it covers (0: none usable)."""
         try:
-            found = await self._snapshot_store().load()
+            for attempt in range(1, SNAPSHOT_LOAD_ATTEMPTS + 1):
+                try:
+                    found = await self._snapshot_store().load()
+                    info = await self.bus.js.stream_info(EVENTS_STREAM)
+                    break
+                except TimeoutError:
+                    # A NATS node dying under a takeover: ask again rather than replay the
+                    # whole stream, which takes minutes after months of trading.
+                    if attempt == SNAPSHOT_LOAD_ATTEMPTS:
+                        raise
+                    log.warning("worker.snapshot_load_timed_out", attempt=attempt)
             if found is None:
                 return 0
             seq, stream, data = found
-            info = await self.bus.js.stream_info(EVENTS_STREAM)
             created = info.created.isoformat() if info.created else "-"
             if stream != created or seq > info.state.last_seq or info.state.first_seq > seq + 1:
                 # Another stream (deleted and made again), or events gone past the snapshot.
