@@ -306,6 +306,7 @@ async def test_a_partitioned_worker_under_its_user_holds_its_partitions_and_snap
         await ops.close()
         output = stopped(process)
     assert "worker.snapshot_loaded" in output and "snapshot_unusable" not in output, output[-3000:]
+    assert "snapshots.pull_failed" not in output, output[-3000:]  # the fast read, not the fallback
     assert "snapshot_failed" not in output and "Permissions Violation" not in server.log_file.read_text()
 
 
