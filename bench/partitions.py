@@ -291,7 +291,8 @@ async def main() -> None:
             times = await takeover(args.partitions, args.kills, args.symbols, Path(tmp))
             print(f"takeover, 3 workers, {args.partitions} partitions, {args.kills} SIGKILLs (kill to the "
                   f"orphaned partitions' probes decided): p50 {median(times):.2f} s, max {max(times):.2f} s")  # fmt: skip
-        for history in (int(h) for h in args.history.split(",") if h and "restart" in parts):
+        histories = [int(h) for h in args.history.split(",") if h] if "restart" in parts else []
+        for history in histories:
             whole, snapshot = await restart(history, Path(tmp))
             print(f"restart with {history:,} events of history: whole replay {whole:5.1f} s, "
                   f"from the snapshot {snapshot:4.1f} s (spawn to ready)")  # fmt: skip

@@ -90,15 +90,6 @@ class SnapshotStore:
             info = await store.get_info(self.name)
         except NotFoundError:
             return None
-        except TimeoutError:
-            # The first look into a bucket that several lanes created at once on a cluster
-            # went unanswered for the whole timeout, and the next one was answered at once
-            # (seen with 6 lanes starting together on 3 nodes).
-            log.warning("snapshots.info_timed_out", name=self.name, retry=True)
-            try:
-                info = await store.get_info(self.name)
-            except NotFoundError:
-                return None
         if not info.size:
             return b""
         try:

@@ -526,8 +526,10 @@ class Worker:
                     info = await self.bus.js.stream_info(EVENTS_STREAM)
                     break
                 except TimeoutError:
-                    # A NATS node dying under a takeover: ask again rather than replay the
-                    # whole stream, which takes minutes after months of trading.
+                    # Ask again rather than replay the whole stream, which takes minutes after
+                    # months of trading: a NATS node dying under a takeover, or the first look
+                    # into a bucket several lanes created at once on a cluster (unanswered for
+                    # the whole timeout, the next look answered at once; 6 lanes on 3 nodes).
                     if attempt == SNAPSHOT_LOAD_ATTEMPTS:
                         raise
                     log.warning("worker.snapshot_load_timed_out", attempt=attempt)

@@ -265,18 +265,17 @@ async def test_a_killed_worker_s_partitions_are_taken_over_and_nothing_is_lost_o
             await move_prices()
         state = await _quiet_state(http, desk, js)
         # With 3 s leases a node's restart may still move a partition: status once all are held.
-        for _ in range(30):
-            status = subprocess.run(
-                [*CLI, "status", "--json"],
-                env=desk.env,
-                capture_output=True,
-                text=True,
-                timeout=60,
-                check=True,
-            )
-            if all(o["holder"] for o in json.loads(status.stdout)["owners"]):
-                break
-            await asyncio.sleep(1)
+        status = subprocess.CompletedProcess[str]([], 0)
+
+        async def status_all_held() -> bool:
+            nonlocal status
+            status = await asyncio.to_thread(
+                subprocess.run, [*CLI, "status", "--json"], env=desk.env, capture_output=True, text=True,
+                timeout=60, check=True,
+            )  # fmt: skip
+            return all(o["holder"] for o in json.loads(status.stdout)["owners"])
+
+        await eventually_async(status_all_held, timeout=60, what="status with every partition held")
     await nc.close()
 
     assert set(decided) == set(sent)
